@@ -1,0 +1,215 @@
+"""Side-by-side speed benchmark: loraqa against what a user would otherwise run, on the same questions.
+
+Training: TRL `SFTTrainer` + PEFT (prompt-completion data, completion-only loss, fp32) against loraqa's
+default path, plus loraqa ablations (padded rows with full logits, padded rows with answer-only
+logits) that show what each idea contributes. Every training variant runs in a fresh child process so
+that its peak RSS is its own. Evaluation: one-by-one `model.generate` against `generate_answers`, with
+greedy answers compared. The machine's fp32 matmul peak is measured in the same run for an MFU figure.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import platform
+import resource
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import (DataArguments, GenerationSettings, LoraArguments, LoraQATrainingArguments, ModelArguments,
+                     run_metadata, write_json_atomic)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchArguments:
+    train_examples: int = field(default=64, metadata={"help": "Training questions (N); steps = N / batch size."})
+    eval_examples: int = field(default=32, metadata={"help": "Evaluation questions (M)."})
+    output: str = field(default="bench.json", metadata={"help": "Where to write the results."})
+    batch_size: int = field(default=8, metadata={"help": "Questions per training step, for every variant."})
+    max_length: int = field(default=512, metadata={"help": "Maximum tokens per example, for every variant."})
+    ablations: bool = field(default=True, metadata={"help": "Also time loraqa with padded rows (full / answer-only logits)."})
+    reference: bool = field(default=True, metadata={"help": "Run the TRL reference (needs `pip install trl`)."})
+
+
+def matmul_peak_gflops(size: int = 1024, seconds: float = 3.0) -> float:
+    """Measured fp32 matmul throughput of this machine with torch's current threads."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        torch.mm(a, b)
+        count += 1
+    return 2 * size**3 * count / (time.perf_counter() - started) / 1e9
+
+
+def _loraqa_worker(job: dict) -> dict:
+    from .train import train
+
+    with tempfile.TemporaryDirectory() as out:
+        result = train(ModelArguments(model=job["model"], cache_dir=job["cache_dir"]),
+                       LoraArguments(lora_r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"),
+                       DataArguments(max_train_samples=job["n"], max_eval_samples=8, max_length=job["max_length"]),
+                       LoraQATrainingArguments(
+                           output_dir=out, max_steps=job["steps"], per_device_train_batch_size=job["batch_size"],
+                           learning_rate=2e-4, warmup_ratio=0.0, logging_steps=1, eval_strategy="no",
+                           save_strategy="no", disable_tqdm=True, seed=0, packing=job["packing"],
+                           answer_only_logits=job["answer_only_logits"]))
+    s = result.summary
+    return {"examples_per_s": s["train_examples_per_s"], "tokens_per_s": s["train_tokens_per_s"],
+            "runtime_s": s["train_runtime_s"], "mean_train_loss": s["mean_train_loss"],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "processed_tokens": s["processed_tokens"], "logit_positions": s["logit_positions"],
+            "trainable_params": s["trainable_params"]}
+
+
+def _trl_worker(job: dict) -> dict:
+    """The reference a user would write: TRL SFTTrainer + PEFT, fairly configured (fp32 on CPU)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from .assets import squad_file
+    from .data import format_prompt, load_squad, take_subset
+    from .modeling import load_model_and_tokenizer
+
+    model, tokenizer, _ = load_model_and_tokenizer(job["model"], job["cache_dir"])
+    raw = take_subset(load_squad(squad_file("squad", "train", job["cache_dir"])), job["n"], 0)
+    data = Dataset.from_list([{"prompt": format_prompt(r["context"], r["question"]),
+                               "completion": " " + r["answers"]["text"][0]} for r in raw])
+    with tempfile.TemporaryDirectory() as out:
+        config = SFTConfig(output_dir=out, max_steps=job["steps"], per_device_train_batch_size=job["batch_size"],
+                           learning_rate=2e-4, warmup_steps=0, lr_scheduler_type="linear", logging_steps=1,
+                           save_strategy="no", report_to="none", bf16=False, fp16=False, seed=0,
+                           max_length=job["max_length"], packing=False, completion_only_loss=True,
+                           disable_tqdm=True)
+        trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                             peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                    target_modules="all-linear", task_type="CAUSAL_LM"))
+        started = time.perf_counter()
+        output = trainer.train()
+        runtime = time.perf_counter() - started
+    examples = job["steps"] * job["batch_size"]
+    mean_length = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) / len(trainer.train_dataset)
+    return {"examples_per_s": examples / runtime, "tokens_per_s": examples * mean_length / runtime,
+            "runtime_s": runtime, "mean_train_loss": output.training_loss,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _in_child(function, job: dict) -> dict:
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, job).result()
+
+
+def _eval_bench(model_name: str, cache_dir: str, m: int) -> dict:
+    from .assets import squad_file
+    from .data import load_squad, take_subset
+    from .evaluation import one_by_one_answers
+    from .generate import generate_answers
+    from .modeling import load_model_and_tokenizer
+
+    model, tokenizer, _ = load_model_and_tokenizer(model_name, cache_dir)
+    model.eval()
+    records = list(take_subset(load_squad(squad_file("squad", "validation", cache_dir), "validation"), m, 0))
+    settings = GenerationSettings()
+    generate_answers(model, tokenizer, records[:1], settings=settings, progress=False)  # warm-up, stop-token table
+    started = time.perf_counter()
+    ours = generate_answers(model, tokenizer, records, settings=settings, progress=False)
+    ours_s = time.perf_counter() - started
+    started = time.perf_counter()
+    reference = one_by_one_answers(model, tokenizer, records, settings)
+    reference_s = time.perf_counter() - started
+    same = sum(ours[q] == reference[q] for q in reference)
+    return {"questions": len(records), "paragraphs": len({r["context"] for r in records}),
+            "one_by_one_questions_per_s": len(records) / reference_s, "loraqa_questions_per_s": len(records) / ours_s,
+            "speedup": reference_s / ours_s, "greedy_identical": same == len(records), "greedy_identical_count": same,
+            "max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size}
+
+
+def run_bench(model_args: ModelArguments, bench: BenchArguments) -> dict:
+    """Run every variant on the same questions and write `bench.output` (partial results as they come)."""
+    from .assets import fetch
+    from .modeling import resolve_model
+
+    fetch("squad", model_args.cache_dir)
+    resolved = resolve_model(model_args.model, model_args.cache_dir)
+    steps = max(1, bench.train_examples // bench.batch_size)
+    job = {"model": resolved, "cache_dir": model_args.cache_dir, "n": steps * bench.batch_size, "steps": steps,
+           "batch_size": bench.batch_size, "max_length": bench.max_length}
+    result = {"model": model_args.model, "model_resolved": resolved, "settings": vars(bench) | {"steps": steps},
+              "machine": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                          "torch": torch.__version__, "processor": platform.processor() or platform.machine()},
+              **run_metadata()}
+    peak = matmul_peak_gflops()
+    result["machine"]["matmul_peak_gflops"] = peak
+    variants = {"loraqa": {"packing": "shared_context", "answer_only_logits": True}}
+    if bench.ablations:
+        variants["padded_answer_only_logits"] = {"packing": "none", "answer_only_logits": True}
+        variants["padded_full_logits"] = {"packing": "none", "answer_only_logits": False}
+    train = {}
+    for name, options in variants.items():
+        logger.info("training variant %s", name)
+        train[name] = _in_child(_loraqa_worker, {**job, **options})
+        result["train"] = train
+        write_json_atomic(bench.output, result)
+    if bench.reference:
+        logger.info("training reference: TRL SFTTrainer + PEFT")
+        train["reference_trl"] = _in_child(_trl_worker, job)
+    ours = train["loraqa"]
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolved)
+    head = config.vocab_size * config.hidden_size
+    body = _body_params(resolved)
+    flops = 4 * body * ours["processed_tokens"] + 4 * head * ours["logit_positions"]  # fwd + input-grad bwd
+    train["loraqa_achieved_gflops"] = flops / ours["runtime_s"] / 1e9
+    train["loraqa_mfu"] = train["loraqa_achieved_gflops"] / peak
+    if "reference_trl" in train:
+        reference = train["reference_trl"]
+        train.update(reference_examples_per_s=reference["examples_per_s"], loraqa_examples_per_s=ours["examples_per_s"],
+                     speedup=ours["examples_per_s"] / reference["examples_per_s"],
+                     loss_reference=reference["mean_train_loss"], loss_loraqa=ours["mean_train_loss"],
+                     peak_rss_ratio=ours["peak_rss_mb"] / reference["peak_rss_mb"])
+    for name in ("padded_answer_only_logits", "padded_full_logits"):
+        if name in train:
+            train[f"speedup_over_{name}"] = ours["examples_per_s"] / train[name]["examples_per_s"]
+    result["train"] = train
+    write_json_atomic(bench.output, result)
+    logger.info("evaluation: one-by-one generate vs loraqa")
+    result["eval"] = _eval_bench(resolved, model_args.cache_dir, bench.eval_examples)
+    write_json_atomic(bench.output, result)
+    return result
+
+
+def _body_params(resolved: str) -> int:
+    """Parameters outside the embedding/LM head: the per-token matmul work of the transformer body."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolved)
+    embeddings = {id(p) for p in model.get_input_embeddings().parameters()}
+    embeddings |= {id(p) for p in model.get_output_embeddings().parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in embeddings and p.dim() == 2)
+
+
+def summary_lines(result: dict) -> list[str]:
+    train, evaluation = result.get("train", {}), result.get("eval", {})
+    lines = []
+    for name, r in train.items():
+        if isinstance(r, dict):
+            lines.append(f"train {name:28s} {r['examples_per_s']:6.2f} ex/s {r['tokens_per_s']:8.0f} tok/s "
+                         f"loss {r['mean_train_loss']:.4f} peak RSS {r['peak_rss_mb']:.0f} MB")
+    if "speedup" in train:
+        lines.append(f"train speedup over TRL reference: {train['speedup']:.2f}x")
+    if "loraqa_mfu" in train:
+        lines.append(f"train achieved {train['loraqa_achieved_gflops']:.1f} GFLOP/s of "
+                     f"{result['machine']['matmul_peak_gflops']:.1f} peak (MFU {100 * train['loraqa_mfu']:.0f}%)")
+    if evaluation:
+        lines.append(f"eval one-by-one {evaluation['one_by_one_questions_per_s']:.2f} q/s, loraqa "
+                     f"{evaluation['loraqa_questions_per_s']:.2f} q/s, speedup {evaluation['speedup']:.1f}x, "
+                     f"greedy identical {evaluation['greedy_identical_count']}/{evaluation['questions']}")
+    return lines

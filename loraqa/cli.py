@@ -1,0 +1,250 @@
+"""`loraqa SUBCOMMAND ...`: a thin layer over the library: parse, build the config, call, say where output went.
+
+Subcommands: fetch, data-stats, score, train, evaluate, compare, failures, ask, bench, run.
+`train`, `evaluate` and `bench` take transformers-style flags (`--learning_rate`, dash spellings too)
+and `--config run.yaml`; flags override the YAML file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from .assets import ASSET_NAMES, FetchError
+from .config import ConfigError, default_cache_dir
+
+log = logging.getLogger("loraqa")
+
+
+def _fetch(argv):
+    parser = argparse.ArgumentParser(prog="loraqa fetch", description="Fetch verified offline assets.")
+    parser.add_argument("assets", nargs="*", default=list(ASSET_NAMES), choices=ASSET_NAMES,
+                        help=f"assets to fetch (default: all of {', '.join(ASSET_NAMES)})")
+    parser.add_argument("--cache_dir", "--cache-dir", default=default_cache_dir(), help="cache (env LORAQA_CACHE)")
+    args = parser.parse_args(argv)
+    from .assets import fetch
+
+    for name in args.assets:
+        print(f"{name}: {fetch(name, args.cache_dir)}")
+
+
+def _score(argv):
+    parser = argparse.ArgumentParser(prog="loraqa score", description="Official SQuAD v1.1 evaluation.")
+    parser.add_argument("dataset_file", help="SQuAD v1.1 dataset JSON")
+    parser.add_argument("prediction_file", help="JSON object {question id: answer text}")
+    args = parser.parse_args(argv)
+    from .data import SquadFormatError, read_squad_json, squad_references
+    from .metrics import squad_scores
+
+    references = squad_references(read_squad_json(args.dataset_file))
+    try:
+        predictions = json.loads(Path(args.prediction_file).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SquadFormatError(f"{args.prediction_file}: not a readable JSON file ({err})") from None
+    if not isinstance(predictions, dict) or not all(isinstance(v, str) for v in predictions.values()):
+        raise SquadFormatError(f"{args.prediction_file}: expected a JSON object of question id -> answer text")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scores = squad_scores(predictions, references)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    print(json.dumps(scores))
+
+
+def _data_stats(argv):
+    parser = argparse.ArgumentParser(prog="loraqa data-stats", description="Token-length statistics of a SQuAD file.")
+    parser.add_argument("--model", default="smollm2-135m", help="model (or tokenizer folder) whose tokenizer to use")
+    parser.add_argument("--data", default="squad", help="SQuAD JSON, or 'squad' for fetched v1.1")
+    parser.add_argument("--split", default="train", choices=["train", "validation"])
+    parser.add_argument("--max_lengths", "--max-lengths", default="256,384,512,768,1024")
+    parser.add_argument("--cache_dir", "--cache-dir", default=default_cache_dir())
+    parser.add_argument("--output", default=None, help="also write the statistics as JSON here")
+    args = parser.parse_args(argv)
+    from .assets import fetch, squad_file
+    from .config import write_json_atomic
+    from .data import load_squad, token_length_stats
+    from .modeling import load_tokenizer, resolve_model
+
+    source = str(fetch("gpt2-tokenizer", args.cache_dir)) if args.model == "gpt2-tokenizer" else \
+        resolve_model(args.model, args.cache_dir)
+    tokenizer = load_tokenizer(source)
+    dataset = load_squad(squad_file(args.data, args.split, args.cache_dir), args.split)
+    stats = token_length_stats(dataset, tokenizer, [int(x) for x in args.max_lengths.split(",")])
+    stats.update(tokenizer=source, data=args.data, split=args.split)
+    print(f"{stats['n']} questions, tokenizer {source}")
+    print("part      " + "".join(f"{k:>7s}" for k in stats["percentiles"]["total"]))
+    for part, values in stats["percentiles"].items():
+        print(f"{part:10s}" + "".join(f"{v:7d}" for v in values.values()))
+    for max_length, row in stats["max_length"].items():
+        print(f"max_length {max_length:>5s}: {row['truncated']:6d} truncated (context window), {row['dropped']:4d} dropped")
+    if args.output:
+        write_json_atomic(args.output, stats)
+
+
+def _train(argv):
+    from .config import DataArguments, LoraArguments, LoraQATrainingArguments, ModelArguments, parse_config
+    from .train import train
+
+    model_args, lora_args, data_args, training_args = parse_config(
+        (ModelArguments, LoraArguments, DataArguments, LoraQATrainingArguments), argv)
+    result = train(model_args, lora_args, data_args, training_args)
+    if result.summary:
+        s = result.summary
+        print(f"trained {s['model_resolved']} ({s['method']}): {s['trainable_params']:,} of {s['total_params']:,} "
+              f"parameters trainable (x{s['reduction_factor']}), {s['train_examples_per_s']:.2f} examples/s, "
+              f"final validation loss {s['final_validation_loss']}")
+        print(f"run directory: {result.output_dir}")
+
+
+def _evaluate(argv):
+    from .config import GenerationSettings, ModelArguments, parse_config
+    from .evaluation import EvaluateArguments, evaluate, strategy_table
+
+    model_args, eval_args, settings = parse_config((ModelArguments, EvaluateArguments, GenerationSettings), argv)
+    result = evaluate(model_args, eval_args, settings)
+    if "strategies" in result:
+        print(strategy_table(result))
+    else:
+        print(f"EM {result['exact_match']:.2f} [{result['exact_match_ci'][0]:.2f}, {result['exact_match_ci'][1]:.2f}]  "
+              f"F1 {result['f1']:.2f} [{result['f1_ci'][0]:.2f}, {result['f1_ci'][1]:.2f}]  n={result['n']}  "
+              f"{result['questions_per_s']:.2f} questions/s")
+    print(f"written: {eval_args.output}")
+
+
+def _compare(argv):
+    parser = argparse.ArgumentParser(prog="loraqa compare", description="Paired comparison of two evaluations.")
+    parser.add_argument("a", help="evaluation JSON A (e.g. the baseline)")
+    parser.add_argument("b", help="evaluation JSON B; deltas are B - A")
+    parser.add_argument("--output", default=None, help="also write the comparison JSON here")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from .config import write_json_atomic
+    from .evaluation import compare
+
+    r = compare(args.a, args.b, seed=args.seed)
+    em, f1 = r["exact_match"], r["f1"]
+    print(f"{r['n_common']} common questions")
+    print(f"EM {em['a']:.2f} -> {em['b']:.2f}: delta {em['delta']:+.2f} [{em['delta_ci'][0]:+.2f}, "
+          f"{em['delta_ci'][1]:+.2f}], McNemar p = {em['mcnemar']['p_value']:.3g}")
+    print(f"F1 {f1['a']:.2f} -> {f1['b']:.2f}: delta {f1['delta']:+.2f} [{f1['delta_ci'][0]:+.2f}, "
+          f"{f1['delta_ci'][1]:+.2f}], permutation p = {f1['permutation_p_value']:.3g}")
+    if args.output:
+        write_json_atomic(args.output, r)
+
+
+def _failures(argv):
+    parser = argparse.ArgumentParser(prog="loraqa failures", description="Failure categories as Markdown.")
+    parser.add_argument("evaluation", help="evaluation JSON written by `loraqa evaluate`")
+    parser.add_argument("--data", default=None, help="SQuAD JSON (default: the file the evaluation used)")
+    parser.add_argument("--examples", type=int, default=3, help="examples per category")
+    parser.add_argument("--output", default=None, help="write the Markdown here instead of printing it")
+    args = parser.parse_args(argv)
+    from .evaluation import failure_report
+
+    report = failure_report(args.evaluation, args.data, args.examples)
+    if args.output:
+        Path(args.output).write_text(report)
+        print(f"written: {args.output}")
+    else:
+        print(report)
+
+
+def _ask(argv):
+    parser = argparse.ArgumentParser(prog="loraqa ask", description="Answer questions about a context.")
+    parser.add_argument("--model", default="gpt2")
+    parser.add_argument("--adapter", default=None, help="run directory of a trained adapter")
+    parser.add_argument("--context", default=None, help="the paragraph (asked for when missing)")
+    parser.add_argument("--question", default=None, help="the question (interactive loop when missing)")
+    parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=32)
+    parser.add_argument("--cache_dir", "--cache-dir", default=default_cache_dir())
+    args = parser.parse_args(argv)
+    from .config import GenerationSettings, ModelArguments
+    from .evaluation import answer_question, load_model_for_eval
+
+    model, tokenizer, _ = load_model_for_eval(ModelArguments(args.model, args.cache_dir), args.adapter)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    context = args.context if args.context is not None else input("Context: ")
+    if args.question is not None:
+        print(answer_question(model, tokenizer, context, args.question, settings))
+        return
+    while True:
+        try:
+            question = input("Question (empty to quit): ").strip()
+        except EOFError:
+            return
+        if not question:
+            return
+        print(f"Answer: {answer_question(model, tokenizer, context, question, settings)}")
+
+
+def _bench(argv):
+    from .bench import BenchArguments, run_bench, summary_lines
+    from .config import ModelArguments, parse_config
+
+    model_args, bench_args = parse_config((ModelArguments, BenchArguments), argv)
+    result = run_bench(model_args, bench_args)
+    print("\n".join(summary_lines(result)))
+    print(f"written: {bench_args.output}")
+
+
+def _run(argv):
+    """The main job (`make run`): fetch, fine-tune on a small budget, evaluate baseline and tuned, compare."""
+    from .config import (DataArguments, GenerationSettings, LoraArguments, LoraQATrainingArguments, ModelArguments,
+                         parse_config)
+    from .evaluation import EvaluateArguments, compare, evaluate
+    from .train import train
+
+    model_args, lora_args, data_args, training_args = parse_config(
+        (ModelArguments, LoraArguments, DataArguments, LoraQATrainingArguments),
+        ["--output_dir", "runs/main", "--max_train_samples", "1200", "--max_eval_samples", "64",
+         "--eval_steps", "50", "--save_steps", "50", "--logging_steps", "10"] + argv)
+    result = train(model_args, lora_args, data_args, training_args)
+    out = Path(training_args.output_dir)
+    settings = GenerationSettings()
+    evaluations = {}
+    for name, adapter in (("baseline", None), ("finetuned", str(out))):
+        eval_args = EvaluateArguments(adapter=adapter, max_samples=300, output=str(out / f"eval_{name}.json"))
+        evaluations[name] = evaluate(ModelArguments(result.summary["model_resolved"], model_args.cache_dir),
+                                     eval_args, settings)
+    comparison = compare(str(out / "eval_baseline.json"), str(out / "eval_finetuned.json"))
+    from .config import write_json_atomic
+
+    write_json_atomic(out / "comparison.json", comparison)
+    print(f"\nmodel: {result.summary['model_resolved']}  ({result.summary['train_examples']} training questions, "
+          f"{result.summary['train_runtime_s']:.0f} s)")
+    for name, r in evaluations.items():
+        print(f"{name:10s} EM {r['exact_match']:5.1f} [{r['exact_match_ci'][0]:.1f}, {r['exact_match_ci'][1]:.1f}]"
+              f"  F1 {r['f1']:5.1f} [{r['f1_ci'][0]:.1f}, {r['f1_ci'][1]:.1f}]  on {r['n']} dev questions")
+    f1 = comparison["f1"]
+    print(f"F1 gain {f1['delta']:+.1f} [{f1['delta_ci'][0]:+.1f}, {f1['delta_ci'][1]:+.1f}], "
+          f"permutation p = {f1['permutation_p_value']:.3g}")
+    print(f"results: {out}/")
+
+
+COMMANDS = {"fetch": _fetch, "data-stats": _data_stats, "score": _score, "train": _train, "evaluate": _evaluate,
+            "compare": _compare, "failures": _failures, "ask": _ask, "bench": _bench, "run": _run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        print("\nusage: loraqa {" + ",".join(COMMANDS) + "} [--help]")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .data import SquadFormatError
+    from .modeling import ModelSetupError
+
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except (SquadFormatError, ConfigError, ModelSetupError, FetchError) as err:
+        print(f"loraqa {argv[0]}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Training rows -> batches of tensors.
+
+`QADataCollator` is the plain path: one right-padded row per question. `SharedContextCollator` is the fast
+path: the questions of a batch that share a context become one row holding the context once, followed by
+each question+answer block; a 4D block mask lets every block see only its context and itself, and the
+position ids of every block restart right after the context. Each answer token therefore sees exactly
+what it sees in its own unpacked row, while the context is encoded once per paragraph instead of once
+per question (SQuAD has about 4.6 questions per paragraph). `ContextGroupedSampler` orders questions so
+that a paragraph's questions land in the same batch.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+from .data import IGNORE_INDEX
+
+
+class QADataCollator:
+    """Dynamic right padding to the batch maximum; labels padded with -100, never derived from pad ids.
+
+    >>> QADataCollator(tokenizer)([{"input_ids": [5, 6, 7], "labels": [-100, 7, 2]}, {"input_ids": [5], "labels": [2]}])
+    {'input_ids': tensor([[5, 6, 7], [5, P, P]]), 'attention_mask': tensor([[1, 1, 1], [1, 0, 0]]),
+     'labels': tensor([[-100, 7, 2], [2, -100, -100]])}          # P = tokenizer.pad_token_id
+    Because labels are padded by position, a pad token equal to EOS (GPT-2, SmolLM2) never masks the
+    answer's EOS label.
+    """
+
+    def __init__(self, tokenizer, pad_to_multiple_of: int | None = None):
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; load it through loraqa.modeling.load_tokenizer")
+        self.pad_token_id = tokenizer.pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        length = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = len(features)
+        input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)  # (B, T)
+        attention_mask = torch.zeros((batch, length), dtype=torch.long)
+        labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            input_ids[row, :n] = torch.as_tensor(f["input_ids"])
+            attention_mask[row, :n] = 1
+            labels[row, :n] = torch.as_tensor(f["labels"])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class SharedContextCollator:
+    """Pack a batch into one row: each distinct context once, then its questions' blocks.
+
+    Two questions q1, q2 on context C (C = 3 tokens, blocks of 2) become
+        input_ids     C0 C1 C2 | q1a q1b | q2a q2b
+        position_ids   0  1  2 |  3   4  |  3   4
+        labels        -  -  -  |  -  y1  |  -  y2
+    and `attention_mask` is a (1, 1, T, T) additive mask: 0 where a token may attend (causal, within its
+    own block or to its own context), the dtype's minimum elsewhere. No padding at all.
+    """
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        groups: dict[str, list[dict]] = {}
+        for f in features:
+            groups.setdefault(f["context_key"], []).append(f)
+        ids, positions, labels, group_of, block_of = [], [], [], [], []
+        for g, members in enumerate(groups.values()):
+            n_context = members[0]["context_length"]
+            ids.extend(members[0]["input_ids"][:n_context])
+            positions.extend(range(n_context))
+            labels.extend([IGNORE_INDEX] * n_context)
+            group_of.extend([g] * n_context)
+            block_of.extend([-1] * n_context)
+            for b, f in enumerate(members):
+                block = f["input_ids"][n_context:]
+                ids.extend(block)
+                positions.extend(range(n_context, n_context + len(block)))
+                labels.extend(f["labels"][n_context:])
+                group_of.extend([g] * len(block))
+                block_of.extend([b] * len(block))
+        group = torch.tensor(group_of)
+        block = torch.tensor(block_of)
+        length = len(ids)
+        causal = torch.ones(length, length, dtype=torch.bool).tril_()
+        same_group = group[:, None] == group[None, :]
+        visible = (block[None, :] == -1) | (block[:, None] == block[None, :])  # key is context or own block
+        allowed = causal & same_group & visible  # (T, T)
+        mask = torch.zeros(length, length, dtype=torch.float32).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+        return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
+                "attention_mask": mask[None, None], "labels": torch.tensor([labels])}
+
+
+class ContextGroupedSampler(Sampler[int]):
+    """Shuffle paragraphs (not questions) each epoch and yield each paragraph's questions together.
+
+    Deterministic for a (seed, epoch), so a resumed run sees the same order and skips exactly the
+    batches it already trained on.
+    """
+
+    def __init__(self, context_keys: list[str], seed: int = 0):
+        groups: dict[str, list[int]] = {}
+        for index, key in enumerate(context_keys):
+            groups.setdefault(key, []).append(index)
+        self.groups = list(groups.values())
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self.groups)
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(range(len(self.groups)))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        for g in order:
+            yield from self.groups[g]

@@ -1,0 +1,215 @@
+"""Typed settings for every stage, parsed from CLI flags or a YAML file, and the run-metadata writer.
+
+Configuration flows one way: flags / YAML -> these dataclasses -> code. Field names reuse the names of
+the libraries underneath (`lora_alpha`, `target_modules`, `learning_rate`, `max_new_tokens`) so that
+the hand-off to PEFT, the Trainer and `generate` is field for field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+
+def _help(text: str, **kwargs) -> dict:
+    return {"metadata": {"help": text}, **kwargs}
+
+
+def default_cache_dir() -> str:
+    """Where `loraqa fetch` puts assets: $LORAQA_CACHE, else ./data."""
+    return os.environ.get("LORAQA_CACHE", "data")
+
+
+class ConfigError(ValueError):
+    """A setting out of range; the message names the field and the value."""
+
+
+def _check(condition: bool, name: str, value: Any, rule: str) -> None:
+    if not condition:
+        raise ConfigError(f"{name}={value!r}: {rule}")
+
+
+@dataclass
+class ModelArguments:
+    model: str = field(default="gpt2", **_help(
+        "Model: an alias (gpt2, smollm2-135m), a hub id or a local directory. 'gpt2' falls back to the "
+        "fetched smollm2-135m when the hub is unreachable, and says so."))
+    cache_dir: str = field(default_factory=default_cache_dir, **_help(
+        "Asset cache used by `loraqa fetch` and by aliases (env LORAQA_CACHE)."))
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = field(default=16, **_help("LoRA rank r."))
+    lora_alpha: int = field(default=32, **_help("LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA)."))
+    lora_dropout: float = field(default=0.05, **_help("Dropout on the LoRA input."))
+    target_modules: str = field(default="attention", **_help(
+        "Preset (attention, attention+mlp, all-linear) or comma-separated module names/paths, e.g. "
+        "'attn.c_attn,attn.c_proj'. Names are matched as full path suffixes."))
+    use_rslora: bool = field(default=False, **_help("Rank-stabilised LoRA scaling alpha/sqrt(r)."))
+    full_finetune: bool = field(default=False, **_help("Train every weight instead of LoRA (the control)."))
+
+    def __post_init__(self):
+        _check(self.lora_r >= 1, "lora_r", self.lora_r, "must be >= 1")
+        _check(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "must be > 0")
+        _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout, "must be in [0, 1)")
+        _check(bool(self.target_modules.strip()), "target_modules", self.target_modules, "must not be empty")
+
+
+@dataclass
+class DataArguments:
+    train_file: str = field(default="squad", **_help(
+        "SQuAD-format JSON, the alias 'squad' (fetched v1.1 train) or a hub dataset name."))
+    validation_file: str = field(default="squad", **_help(
+        "SQuAD-format JSON, 'squad' (fetched v1.1 dev) or a hub dataset name; a slice gives the validation loss."))
+    max_train_samples: int | None = field(default=None, **_help("Use a seeded subset of this many training questions."))
+    max_eval_samples: int | None = field(default=200, **_help("Validation-loss questions (a seeded subset)."))
+    max_length: int = field(default=512, **_help(
+        "Maximum prompt+answer tokens; longer examples keep a context window around the answer."))
+    unanswerable: Literal["skip", "eos"] = field(default="skip", **_help(
+        "SQuAD 2.0 questions without an answer: skip them, or train the model to answer with EOS alone."))
+    subset_seed: int = field(default=0, **_help(
+        "Seed of the subset rule: questions ordered by sha1(f'{seed}:{id}'), first N taken (nested across N)."))
+
+    def __post_init__(self):
+        _check(self.max_length >= 32, "max_length", self.max_length, "must be >= 32")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, name, value, "must be >= 1 when given")
+
+
+@dataclass
+class LoraQATrainingArguments(TrainingArguments):
+    """transformers' TrainingArguments with loraqa's defaults and speed options."""
+
+    output_dir: str | None = field(default="runs/latest", **_help("Run directory (adapter, config, metrics, summary)."))
+    learning_rate: float = field(default=2e-4, **_help("Peak learning rate (AdamW)."))
+    per_device_train_batch_size: int = field(default=8, **_help("Questions per step and process."))
+    per_device_eval_batch_size: int = field(default=16, **_help("Questions per validation batch."))
+    num_train_epochs: float = field(default=1.0, **_help("Epochs (ignored when max_steps > 0)."))
+    warmup_ratio: float = field(default=0.03, **_help(
+        "Linear warm-up share of the steps (transformers 5 spells it as a fractional warmup_steps)."))
+    weight_decay: float = field(default=0.0, **_help("AdamW weight decay."))
+    lr_scheduler_type: str = field(default="linear", **_help("Learning-rate schedule."))
+    logging_steps: float = field(default=10, **_help("Log train loss, lr, grad norm, tokens/s every N steps."))
+    eval_strategy: str = field(default="steps", **_help("When to compute the validation loss: no, steps, epoch."))
+    eval_steps: float | None = field(default=100, **_help("Validation loss every N steps."))
+    save_steps: float = field(default=100, **_help("Adapter checkpoint every N steps."))
+    save_total_limit: int | None = field(default=2, **_help("Keep this many checkpoints."))
+    report_to: str | None = field(default="none", **_help("Trainer integrations (loraqa writes metrics.jsonl itself)."))
+    remove_unused_columns: bool = field(default=False, **_help("Must stay False: the collator needs every column."))
+    packing: Literal["shared_context", "none"] = field(default="shared_context", **_help(
+        "shared_context: each paragraph once per step, its questions attending to it through a block mask; "
+        "none: one padded row per question (the usual notebook)."))
+    answer_only_logits: bool = field(default=True, **_help(
+        "Compute LM-head logits only where an answer token is predicted (same loss, less compute)."))
+    torch_threads: int | None = field(default=None, **_help("torch.set_num_threads; default: all cores."))
+
+    def __post_init__(self):
+        _check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+        if self.warmup_ratio and not self.warmup_steps:
+            self.warmup_steps = self.warmup_ratio
+        super().__post_init__()
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = field(default=32, **_help(
+        "Answer token budget (SQuAD v1.1 dev answers: 99th percentile 16 GPT-2 tokens)."))
+    do_sample: bool = field(default=False, **_help("Sample instead of greedy decoding."))
+    top_k: int | None = field(default=None, **_help("Keep the k most likely tokens when sampling."))
+    top_p: float | None = field(default=None, **_help("Nucleus sampling: keep the smallest set with mass >= top_p."))
+    temperature: float = field(default=1.0, **_help("Softmax temperature when sampling."))
+    seed: int = field(default=0, **_help("Sampling seed; a run with the same seed gives the same answers."))
+    batch_size: int = field(default=32, **_help("Questions decoded together."))
+    prefix_cache: bool = field(default=True, **_help(
+        "Encode each paragraph once and decode its questions on top of the cached context."))
+
+    def __post_init__(self):
+        _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
+        _check(self.top_k is None or self.top_k >= 1, "top_k", self.top_k, "must be >= 1")
+        _check(self.top_p is None or 0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
+        _check(self.temperature > 0.0, "temperature", self.temperature, "must be > 0")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+
+    @property
+    def name(self) -> str:
+        """Short label for tables: greedy, top_k=50, top_p=0.9, temperature=0.7."""
+        if not self.do_sample:
+            return "greedy"
+        parts = [f"top_k={self.top_k}" if self.top_k else "", f"top_p={self.top_p}" if self.top_p else "",
+                 f"temperature={self.temperature}" if self.temperature != 1.0 else ""]
+        return ",".join(p for p in parts if p) or "sample"
+
+
+def parse_config(dataclass_types: tuple, args: list[str] | None = None) -> tuple:
+    """Parse `--config run.yaml` (optional) then flags, flags winning, into the given dataclasses."""
+    parser = HfArgumentParser(dataclass_types)
+    parser.add_argument("--config", default=None, help="YAML file of settings; flags override it.")
+    args = list(sys.argv[1:] if args is None else args)
+    known, _ = parser.parse_known_args(args)
+    if known.config:
+        values = yaml.safe_load(Path(known.config).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{known.config}: expected a mapping of setting names to values")
+        destinations = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - destinations)
+        if unknown:
+            raise ConfigError(f"{known.config}: unknown setting(s) {', '.join(unknown)}")
+        parser.set_defaults(**values)
+    parsed = parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)
+    return tuple(p for p in parsed if dataclasses.is_dataclass(p))
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_metadata() -> dict:
+    """Package and library versions, git revision and machine: what makes a result reproducible."""
+    import peft
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {
+        "loraqa_version": __version__,
+        "git_revision": _git_revision(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(),
+                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+    }
+
+
+def to_dict(settings) -> dict:
+    if isinstance(settings, TrainingArguments):
+        return settings.to_dict()
+    return dataclasses.asdict(settings)
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
+    """Write JSON to a temporary sibling, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,253 @@
+"""A model (+ adapter) and a SQuAD file -> evaluation JSON; evaluation JSONs -> comparisons and failure reports.
+
+`evaluate` decodes a seeded subset, scores it with the official metric and writes EM/F1 with bootstrap
+CIs, per-question scores, predictions, answer-quality measures and everything needed to reproduce it.
+`evaluate_strategies` runs the decoding grid (greedy, top-k, nucleus, temperature; sampled ones with
+several seeds) and adds diversity measures. `compare` pairs two evaluations question by question;
+`failure_report` sorts the misses into named categories.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .assets import squad_file
+from .config import GenerationSettings, ModelArguments, run_metadata, to_dict, write_json_atomic
+from .data import SquadFormatError, data_fingerprint, encode_prompt, load_squad, squad_references, take_subset
+from .generate import generate_answers, max_prompt_tokens
+from .metrics import normalize_answer, score_questions
+from .modeling import load_adapter, load_model_and_tokenizer
+from .stats import bootstrap_ci, paired_comparison
+
+
+@dataclass
+class EvaluateArguments:
+    data: str = field(default="squad", metadata={"help": "SQuAD-format JSON, or 'squad' (fetched v1.1 dev)."})
+    adapter: str | None = field(default=None, metadata={"help": "Run directory of a trained adapter (or full model)."})
+    max_samples: int | None = field(default=500, metadata={"help": "Questions to evaluate (seeded paragraph subset)."})
+    subset_seed: int = field(default=0, metadata={"help": "Seed of the subset rule (see data.take_subset)."})
+    output: str = field(default="eval.json", metadata={"help": "Where to write the evaluation JSON."})
+    merge_adapter: bool = field(default=True, metadata={"help": "Merge LoRA into the weights for inference."})
+    strategy_grid: bool = field(default=False, metadata={"help": "Run the decoding-strategy grid instead of one setting."})
+    grid_seeds: int = field(default=3, metadata={"help": "Seeds per sampled strategy in the grid."})
+    torch_threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads; default: all cores."})
+
+
+def _grid(base: GenerationSettings) -> list[GenerationSettings]:
+    """The assignment's strategies: greedy; top-k 10/25/50; nucleus 0.8/0.9/0.95; temperature 0.7/1.0/1.3."""
+    sampled = dict(do_sample=True, top_k=None, top_p=None, temperature=1.0)
+    return ([replace(base, do_sample=False, top_k=None, top_p=None, temperature=1.0)]
+            + [replace(base, **{**sampled, "top_k": k}) for k in (10, 25, 50)]
+            + [replace(base, **{**sampled, "top_p": p}) for p in (0.8, 0.9, 0.95)]
+            + [replace(base, **{**sampled, "temperature": t}) for t in (0.7, 1.0, 1.3)])
+
+
+def load_model_for_eval(model_args: ModelArguments, adapter: str | None, merge: bool = True):
+    """Base model (+ adapter, merged by default) and tokenizer; a full fine-tune run directory loads as is."""
+    if adapter and not (Path(adapter) / "adapter_config.json").exists():
+        if not (Path(adapter) / "config.json").exists():
+            raise SquadFormatError(f"{adapter}: neither an adapter (adapter_config.json) nor a model (config.json)")
+        model_args = replace(model_args, model=adapter)
+        adapter = None
+    model, tokenizer, resolved = load_model_and_tokenizer(model_args.model, model_args.cache_dir)
+    if adapter:
+        model = load_adapter(model, adapter, merge=merge)
+    return model.eval(), tokenizer, resolved
+
+
+def answer_quality(predictions: dict[str, str], records: list[dict]) -> dict:
+    """Mean answer length (words), share of answers found verbatim in the context, share empty."""
+    contexts = {r["id"]: r["context"] for r in records}
+    texts = list(predictions.values())
+    return {"mean_answer_words": float(np.mean([len(t.split()) for t in texts])) if texts else 0.0,
+            "verbatim_in_context": float(np.mean([bool(t) and t in contexts[q] for q, t in predictions.items()]))
+            if texts else 0.0,
+            "empty_answers": float(np.mean([not t for t in texts])) if texts else 0.0}
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Unique n-grams over all n-grams across the answers (word level)."""
+    grams = [tuple(words[i:i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def _score(predictions: dict[str, str], records: list[dict], seed: int) -> dict:
+    per_question = score_questions(predictions, squad_references(records))
+    em = [s.exact_match for s in per_question.values()]
+    f1 = [s.f1 for s in per_question.values()]
+    return {"exact_match": 100 * float(np.mean(em)), "f1": 100 * float(np.mean(f1)), "n": len(em),
+            "exact_match_ci": [100 * x for x in bootstrap_ci(em, seed=seed)],
+            "f1_ci": [100 * x for x in bootstrap_ci(f1, seed=seed)],
+            "per_question": {q: {"exact_match": s.exact_match, "f1": s.f1} for q, s in per_question.items()}}
+
+
+def _decode_and_score(model, tokenizer, records, settings: GenerationSettings) -> dict:
+    started = time.perf_counter()
+    predictions = generate_answers(model, tokenizer, records, settings=settings)
+    seconds = time.perf_counter() - started
+    return {**_score(predictions, records, settings.seed), **answer_quality(predictions, records),
+            "questions_per_s": len(records) / seconds, "generation": to_dict(settings), "predictions": predictions}
+
+
+def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, settings: GenerationSettings) -> dict:
+    """Evaluate one decoding setting (or the grid) and write `eval_args.output` atomically."""
+    if eval_args.torch_threads:
+        torch.set_num_threads(eval_args.torch_threads)
+    data_path = squad_file(eval_args.data, "validation", model_args.cache_dir)
+    dataset = take_subset(load_squad(data_path, "validation"), eval_args.max_samples, eval_args.subset_seed)
+    model, tokenizer, resolved = load_model_for_eval(model_args, eval_args.adapter, eval_args.merge_adapter)
+    records = list(dataset)
+    header = {"model": model_args.model, "model_resolved": resolved, "adapter": eval_args.adapter,
+              "data": data_path, "data_hash": data_fingerprint(dataset), "subset_seed": eval_args.subset_seed,
+              "evaluate_args": to_dict(eval_args), **run_metadata()}
+    if not eval_args.strategy_grid:
+        result = {**header, **_decode_and_score(model, tokenizer, records, settings),
+                  "questions": {r["id"]: {"question": r["question"], "gold": r["answers"]["text"]} for r in records}}
+        write_json_atomic(eval_args.output, result)
+        return result
+    rows = []
+    for strategy in _grid(settings):
+        seeds = range(eval_args.grid_seeds) if strategy.do_sample else [settings.seed]
+        runs = [_decode_and_score(model, tokenizer, records, replace(strategy, seed=s)) for s in seeds]
+        answers_by_seed = [r["predictions"] for r in runs]
+        all_texts = [t for answers in answers_by_seed for t in answers.values()]
+        rows.append({
+            "strategy": strategy.name, "generation": to_dict(strategy), "seeds": list(seeds),
+            **{k: float(np.mean([r[k] for r in runs])) for k in
+               ("exact_match", "f1", "mean_answer_words", "verbatim_in_context", "empty_answers", "questions_per_s")},
+            "exact_match_sd": float(np.std([r["exact_match"] for r in runs])),
+            "f1_sd": float(np.std([r["f1"] for r in runs])),
+            "exact_match_ci": runs[0]["exact_match_ci"], "f1_ci": runs[0]["f1_ci"],
+            "distinct_1": distinct_n(all_texts, 1), "distinct_2": distinct_n(all_texts, 2),
+            "seed_disagreement": float(np.mean([len({a[q] for a in answers_by_seed}) > 1 for q in answers_by_seed[0]]))
+            if len(answers_by_seed) > 1 else 0.0,
+            "runs": [{k: r[k] for k in ("exact_match", "f1", "predictions", "per_question")} for r in runs],
+        })
+        write_json_atomic(eval_args.output, {**header, "n": len(records), "strategies": rows})  # partial results
+    result = {**header, "n": len(records), "strategies": rows}
+    write_json_atomic(eval_args.output, result)
+    return result
+
+
+def strategy_table(result: dict) -> str:
+    """Markdown table of a grid evaluation."""
+    lines = ["| strategy | EM | F1 | F1 95% CI | words | verbatim | distinct-1 | distinct-2 | seeds differ | q/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["strategies"]:
+        lines.append(f"| {r['strategy']} | {r['exact_match']:.1f} ± {r['exact_match_sd']:.1f} | "
+                     f"{r['f1']:.1f} ± {r['f1_sd']:.1f} | [{r['f1_ci'][0]:.1f}, {r['f1_ci'][1]:.1f}] | "
+                     f"{r['mean_answer_words']:.1f} | {r['verbatim_in_context']:.2f} | {r['distinct_1']:.2f} | "
+                     f"{r['distinct_2']:.2f} | {r['seed_disagreement']:.2f} | {r['questions_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def read_evaluation(path: str) -> dict:
+    """An evaluation JSON with per-question scores, or one clear error."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SquadFormatError(f"{path}: not a readable evaluation JSON ({err})") from None
+    if not isinstance(result, dict) or not isinstance(result.get("per_question"), dict):
+        raise SquadFormatError(f"{path}: field 'per_question' is missing (write it with `loraqa evaluate`)")
+    return result
+
+
+def compare(a_path: str, b_path: str, *, seed: int = 0) -> dict:
+    """Paired comparison of two evaluations on their common questions (deltas are B - A)."""
+    a, b = read_evaluation(a_path), read_evaluation(b_path)
+    result = paired_comparison(a["per_question"], b["per_question"], seed=seed)
+    return {"a": a_path, "b": b_path, **result}
+
+
+QUESTION_TYPES = ("how many", "how much", "who", "whom", "whose", "when", "where", "which", "why", "what", "how")
+
+
+def question_type(question: str) -> str:
+    q = question.lower()
+    for word in QUESTION_TYPES:
+        if re.search(rf"\b{word}\b", q):
+            return word
+    return "other"
+
+
+def failure_category(prediction: str, golds: list[str], context: str, em: float, f1: float) -> str:
+    """correct / empty / not in context / extra words / partial overlap / wrong span."""
+    if em >= 1.0:
+        return "correct"
+    if not prediction.strip():
+        return "empty answer"
+    pred_norm = normalize_answer(prediction)
+    if pred_norm not in normalize_answer(context):
+        return "answer not in context"
+    pred_words = f" {pred_norm} "
+    if any(normalize_answer(g) and f" {normalize_answer(g)} " in pred_words for g in golds):
+        return "right answer with extra words"
+    if f1 > 0:
+        return "partial overlap"
+    return "wrong span of the context"
+
+
+def failure_report(eval_path: str, data_path: str | None = None, examples_per_category: int = 3) -> str:
+    """Markdown: counts and examples per failure category, EM/F1 per question type."""
+    result = read_evaluation(eval_path)
+    records = {r["id"]: r for r in load_squad(data_path or result["data"], "validation")}
+    categories: dict[str, list[str]] = defaultdict(list)
+    types: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for qid, score in result["per_question"].items():
+        record = records[qid]
+        prediction = result["predictions"].get(qid, "")
+        category = failure_category(prediction, record["answers"]["text"], record["context"],
+                                    score["exact_match"], score["f1"])
+        categories[category].append(qid)
+        types[question_type(record["question"])].append((score["exact_match"], score["f1"]))
+    n = len(result["per_question"])
+    lines = [f"# Failure analysis: {eval_path}", "",
+             f"{n} questions; EM {result['exact_match']:.1f}, F1 {result['f1']:.1f}.", "",
+             "| category | count | share |", "|---|---|---|"]
+    for category, ids in sorted(categories.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"| {category} | {len(ids)} | {100 * len(ids) / n:.1f}% |")
+    lines += ["", "| question type | count | EM | F1 |", "|---|---|---|---|"]
+    for qtype, scores in sorted(types.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"| {qtype} | {len(scores)} | {100 * np.mean([s[0] for s in scores]):.1f} | "
+                     f"{100 * np.mean([s[1] for s in scores]):.1f} |")
+    for category, ids in categories.items():
+        if category == "correct":
+            continue
+        lines += ["", f"## {category}", ""]
+        for qid in ids[:examples_per_category]:
+            record = records[qid]
+            lines.append(f"- **{record['question'].strip()}** predicted `{result['predictions'].get(qid, '')}`; "
+                         f"gold {' / '.join(f'`{g}`' for g in dict.fromkeys(record['answers']['text']))}")
+    return "\n".join(lines) + "\n"
+
+
+def answer_question(model, tokenizer, context: str, question: str, settings: GenerationSettings) -> str:
+    """One answer, through the same prompt and decoder as evaluation."""
+    qid = hashlib.sha1(f"{context}\n{question}".encode()).hexdigest()
+    return generate_answers(model, tokenizer, [{"id": qid, "context": context, "question": question}],
+                            settings=settings, progress=False)[qid]
+
+
+def one_by_one_answers(model, tokenizer, records: list[dict], settings: GenerationSettings) -> dict[str, str]:
+    """The notebook way: `model.generate` on one prompt at a time (same prompt ids, same stopping rule)."""
+    from .generate import answer_text, stop_token_ids
+
+    stop = stop_token_ids(tokenizer).tolist()
+    limit = max_prompt_tokens(model, settings)
+    answers = {}
+    for r in records:
+        context_ids, question_ids = encode_prompt(tokenizer, r["context"], r["question"], limit)
+        ids = torch.tensor([context_ids + question_ids], device=model.device)
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=settings.max_new_tokens,
+                                 do_sample=False, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+        answers[r["id"]] = answer_text(tokenizer, out[0, ids.shape[1]:].tolist())
+    return answers

@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from conftest import tiny_gpt2, tiny_llama
+from loraqa.collator import ContextGroupedSampler, QADataCollator, SharedContextCollator
+from loraqa.data import IGNORE_INDEX, build_train_dataset, load_squad
+
+
+def test_collator_pads_right_and_keeps_eos_label_when_pad_is_eos(gpt2_tokenizer):
+    eos = gpt2_tokenizer.eos_token_id
+    assert gpt2_tokenizer.pad_token_id == eos  # the classic pad=eos setting
+    batch = QADataCollator(gpt2_tokenizer)([
+        {"input_ids": [5, 6, 7, eos], "labels": [-100, -100, 7, eos]},
+        {"input_ids": [5, eos], "labels": [-100, eos]},
+    ])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, eos], [5, eos, eos, eos]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, 7, eos], [-100, eos, -100, -100]]  # EOS label survives
+    assert all(t.dtype == torch.long for t in batch.values())
+
+
+def test_collator_pad_to_multiple_of(gpt2_tokenizer):
+    batch = QADataCollator(gpt2_tokenizer, pad_to_multiple_of=8)([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}])
+    assert batch["input_ids"].shape == (1, 8) and batch["labels"][0, 3:].eq(IGNORE_INDEX).all()
+
+
+def test_shared_context_collator_docstring_example():
+    features = [{"input_ids": [10, 11, 12, 20, 21], "labels": [-100, -100, -100, -100, 21],
+                 "context_length": 3, "context_key": "c"},
+                {"input_ids": [10, 11, 12, 30, 31], "labels": [-100, -100, -100, -100, 31],
+                 "context_length": 3, "context_key": "c"}]
+    batch = SharedContextCollator()(features)
+    assert batch["input_ids"].tolist() == [[10, 11, 12, 20, 21, 30, 31]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4]]
+    assert batch["labels"].tolist() == [[-100, -100, -100, -100, 21, -100, 31]]
+    allowed = (batch["attention_mask"][0, 0] == 0).int().tolist()
+    assert allowed[5] == [1, 1, 1, 0, 0, 1, 0]  # q2's first token: its context and itself, not q1
+    assert allowed[4] == [1, 1, 1, 1, 1, 0, 0]
+
+
+@pytest.mark.parametrize("make_model, tokenizer_name", [(tiny_gpt2, "gpt2_tokenizer"), (tiny_llama, "smollm2_tokenizer")])
+def test_packed_rows_give_each_answer_token_its_unpacked_logits(request, make_model, tokenizer_name, squad_file):
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    rows, _ = build_train_dataset(load_squad(str(squad_file)), tokenizer, max_length=256)
+    features = [rows[i] for i in range(len(rows))]
+    model = make_model(vocab_size=len(tokenizer))
+    packed = SharedContextCollator()(features)
+    with torch.no_grad():
+        packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                              attention_mask=packed["attention_mask"]).logits[0]  # (T, V)
+        packed_at = packed_logits[packed["labels"][0] != IGNORE_INDEX]
+        separate = []
+        for f in features:
+            logits = model(input_ids=torch.tensor([f["input_ids"]])).logits[0]
+            separate.append(logits[torch.tensor(f["labels"]) != IGNORE_INDEX])
+    # logits at the label positions themselves, in both layouts (the loss uses the position before)
+    assert torch.allclose(packed_at, torch.cat(separate), atol=1e-4)
+    assert len(set(f["context_key"] for f in features)) < len(features)  # some context really was shared
+
+
+def test_context_grouped_sampler_groups_and_is_deterministic():
+    keys = ["a", "b", "a", "c", "b", "a"]
+    sampler = ContextGroupedSampler(keys, seed=3)
+    order = list(sampler)
+    assert sorted(order) == list(range(6))
+    runs = [keys[i] for i in order]
+    assert sum(1 for x, y in zip(runs, runs[1:]) if x != y) == 2  # each context appears as one run
+    assert list(ContextGroupedSampler(keys, seed=3)) == order
+    sampler.set_epoch(1)
+    orders = {tuple(ContextGroupedSampler(keys, seed=s)) for s in range(10)}
+    assert len(orders) > 1

@@ -1,0 +1,87 @@
+import warnings
+
+import pytest
+import torch
+
+from conftest import tiny_gpt2, tiny_llama
+from loraqa.config import LoraArguments
+from loraqa.modeling import ModelSetupError, attach_lora, count_parameters, load_adapter, resolve_target_modules
+
+
+def _lora_layers(peft_model):
+    return sorted({name.split(".lora_A")[0].split("base_model.model.")[1]
+                   for name, _ in peft_model.named_parameters() if ".lora_A" in name})
+
+
+@pytest.mark.parametrize("preset, expected", [
+    ("attention", ["transformer.h.{i}.attn.c_attn", "transformer.h.{i}.attn.c_proj"]),
+    ("attention+mlp", ["transformer.h.{i}.attn.c_attn", "transformer.h.{i}.attn.c_proj",
+                       "transformer.h.{i}.mlp.c_fc", "transformer.h.{i}.mlp.c_proj"]),
+])
+def test_gpt2_presets_hit_exactly_their_layers(preset, expected):
+    model = attach_lora(tiny_gpt2(vocab_size=100), LoraArguments(lora_r=4, target_modules=preset))
+    assert _lora_layers(model) == sorted(e.format(i=i) for i in range(2) for e in expected)
+
+
+def test_gpt2_attention_parameter_count_by_formula():
+    r, d, layers = 4, 32, 2
+    model = attach_lora(tiny_gpt2(vocab_size=100), LoraArguments(lora_r=r, target_modules="attention"))
+    per_layer = r * (d + 3 * d) + r * (d + d)  # c_attn: d -> 3d, attn.c_proj: d -> d
+    counts = count_parameters(model)
+    assert counts["trainable_params"] == layers * per_layer
+    assert counts["total_params"] == count_parameters(tiny_gpt2(vocab_size=100))["total_params"] + layers * per_layer
+    assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
+
+
+def test_llama_presets_and_counts():
+    model = attach_lora(tiny_llama(vocab_size=100), LoraArguments(lora_r=2, target_modules="attention+mlp"))
+    names = {n.rsplit(".", 1)[-1] for n in _lora_layers(model)}
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    d, kv, ff, r = 32, 16, 64, 2  # kv = 2 heads x head_dim 8
+    per_layer = r * ((d + d) * 2 + (d + kv) * 2 + (d + ff) * 3)
+    assert count_parameters(model)["trainable_params"] == 2 * per_layer
+    all_linear = attach_lora(tiny_llama(vocab_size=100), LoraArguments(lora_r=2, target_modules="all-linear"))
+    assert count_parameters(all_linear)["trainable_params"] == 2 * per_layer  # lm_head excluded
+
+
+def test_conv1d_gets_fan_in_fan_out_without_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = attach_lora(tiny_gpt2(vocab_size=100), LoraArguments(lora_r=4))
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]
+    assert model.peft_config["default"].fan_in_fan_out is True
+
+
+def test_bad_targets_and_rank_get_clear_errors():
+    with pytest.raises(ModelSetupError, match=r"'qkv' matches no linear layer .*attn\.c_attn, attn\.c_proj, mlp\.c_fc"):
+        resolve_target_modules(tiny_gpt2(vocab_size=100), "qkv")
+    with pytest.raises(ModelSetupError, match="lora_r=64 exceeds the width 32 of layer"):
+        attach_lora(tiny_gpt2(vocab_size=100), LoraArguments(lora_r=64))
+
+
+def test_lora_starts_as_the_base_model_and_merging_is_exact(tmp_path):
+    ids = torch.randint(0, 100, (2, 12))
+    base = tiny_gpt2(vocab_size=100)
+    with torch.no_grad():
+        expected = base(ids).logits
+    model = attach_lora(tiny_gpt2(vocab_size=100), LoraArguments(lora_r=4, target_modules="attention+mlp"))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)  # B = 0 at init
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+        adapted = model(ids).logits
+    assert not torch.allclose(adapted, expected, atol=1e-3)
+    model.save_pretrained(tmp_path)
+    merged = load_adapter(tiny_gpt2(vocab_size=100), tmp_path, merge=True)
+    unmerged = load_adapter(tiny_gpt2(vocab_size=100), tmp_path, merge=False)
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapted, atol=1e-5)
+        assert torch.allclose(unmerged(ids).logits, adapted, atol=1e-6)
+
+
+def test_adapter_for_another_model_is_rejected(tmp_path):
+    attach_lora(tiny_gpt2(vocab_size=100), LoraArguments(lora_r=4)).save_pretrained(tmp_path)
+    with pytest.raises(ModelSetupError, match="does not fit this llama model|does not match this llama"):
+        load_adapter(tiny_llama(vocab_size=100), tmp_path)
