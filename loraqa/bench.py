@@ -1,13 +1,15 @@
 """Side-by-side speed benchmark: loraqa against what a user would otherwise run, on the same questions.
 
 Training: TRL `SFTTrainer` + PEFT (prompt-completion data, completion-only loss, fp32) against loraqa's
-default path, plus loraqa ablations (padded rows with full logits, padded rows with answer-only
+default path, all fed the same questions in the same (file) order so that their per-step losses can be
+set side by side, plus loraqa ablations (padded rows with full logits, padded rows with answer-only
 logits) that show what each idea contributes. Every training variant runs in a fresh child process so
 that its peak RSS is its own. Evaluation: one-by-one `model.generate` against `generate_answers`, with
 greedy answers compared. The machine's fp32 matmul peak is measured in the same run for an MFU figure.
 """
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -59,10 +61,11 @@ def _loraqa_worker(job: dict) -> dict:
                            output_dir=out, max_steps=job["steps"], per_device_train_batch_size=job["batch_size"],
                            learning_rate=2e-4, warmup_ratio=0.0, logging_steps=1, eval_strategy="no",
                            save_strategy="no", disable_tqdm=True, seed=0, packing=job["packing"],
-                           answer_only_logits=job["answer_only_logits"]))
+                           answer_only_logits=job["answer_only_logits"], train_sampling_strategy="sequential"))
+        losses = [json.loads(line)["loss"] for line in open(f"{out}/metrics.jsonl") if '"loss"' in line]
     s = result.summary
     return {"examples_per_s": s["train_examples_per_s"], "tokens_per_s": s["train_tokens_per_s"],
-            "runtime_s": s["train_runtime_s"], "mean_train_loss": s["mean_train_loss"],
+            "runtime_s": s["train_runtime_s"], "mean_train_loss": s["mean_train_loss"], "step_losses": losses,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "processed_tokens": s["processed_tokens"], "logit_positions": s["logit_positions"],
             "trainable_params": s["trainable_params"]}
@@ -72,6 +75,7 @@ def _trl_worker(job: dict) -> dict:
     """The reference a user would write: TRL SFTTrainer + PEFT, fairly configured (fp32 on CPU)."""
     from datasets import Dataset
     from peft import LoraConfig
+    from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
     from .assets import squad_file
@@ -87,7 +91,8 @@ def _trl_worker(job: dict) -> dict:
                            learning_rate=2e-4, warmup_steps=0, lr_scheduler_type="linear", logging_steps=1,
                            save_strategy="no", report_to="none", bf16=False, fp16=False, seed=0,
                            max_length=job["max_length"], packing=False, completion_only_loss=True,
-                           disable_tqdm=True)
+                           disable_tqdm=True, train_sampling_strategy="sequential")
+        set_seed(0)  # the same LoRA initialisation as loraqa's
         trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
                              peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                                     target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -98,6 +103,7 @@ def _trl_worker(job: dict) -> dict:
     mean_length = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) / len(trainer.train_dataset)
     return {"examples_per_s": examples / runtime, "tokens_per_s": examples * mean_length / runtime,
             "runtime_s": runtime, "mean_train_loss": output.training_loss,
+            "step_losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 

@@ -124,35 +124,90 @@ def _decode_batch(model, tokenizer, prompts, ids, settings: GenerationSettings, 
     logits = model(input_ids=question_input, attention_mask=attention, position_ids=positions,
                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (Q, V)
 
-    # 3. Decode; finished rows leave the batch.
+    # 3. Decode; finished rows leave the batch. Greedy rows verify a draft copied from their own prompt.
     processors = _logits_processors(settings)
     generators = _generators(ids, settings.seed, device) if settings.do_sample else None
-    active = torch.arange(len(prompts), device=device)
-    next_position = positions[:, -1] + 1
+    draft_length = 0 if settings.do_sample else settings.prompt_lookup
+    stop = set(stop_ids.tolist())
+    active = list(range(len(prompts)))
+    next_position = positions[:, -1] + 1  # (A,) position of each row's newest token
     generated: list[list[int]] = [[] for _ in prompts]
-    stop_ids = stop_ids.to(device)
-    for step in range(settings.max_new_tokens):
-        history = None  # the warpers used here ignore input_ids
-        scores = processors(history, logits.float())
-        if settings.do_sample:
-            probs = scores.softmax(-1)
-            tokens = torch.cat([torch.multinomial(probs[i], 1, generator=generators[int(row)])
-                                for i, row in enumerate(active)])
-        else:
-            tokens = scores.argmax(-1)
-        for row, token in zip(active.tolist(), tokens.tolist()):
-            generated[row].append(token)
-        keep = ~torch.isin(tokens, stop_ids)
-        if step == settings.max_new_tokens - 1 or not keep.any():
+    tokens = _choose(processors, logits, generators, active)  # (A,)
+    emitted = [[t] for t in tokens.tolist()]
+    while True:
+        keep = []
+        for i, row in enumerate(active):
+            for token in emitted[i]:
+                generated[row].append(token)
+                if token in stop or len(generated[row]) == settings.max_new_tokens:
+                    break
+            else:
+                keep.append(i)
+        if not keep:
             break
-        if not keep.all():
-            cache.batch_select_indices(keep.nonzero().squeeze(-1))
-            active, tokens, attention, next_position = active[keep], tokens[keep], attention[keep], next_position[keep]
-        attention = torch.cat([attention, attention.new_ones((len(active), 1))], dim=1)
-        logits = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=next_position[:, None],
-                       past_key_values=cache, use_cache=True).logits[:, -1]
-        next_position = next_position + 1
+        if len(keep) < len(active):
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            attention, next_position, tokens = attention[index], next_position[index], tokens[index]
+            active = [active[i] for i in keep]
+        drafts = [_prompt_lookup(prompts[row][0] + prompts[row][1] + generated[row],
+                                 min(draft_length, settings.max_new_tokens - len(generated[row]) - 1))
+                  for row in active]
+        width = 1 + max(len(d) for d in drafts)
+        step_input = torch.full((len(active), width), pad, dtype=torch.long)
+        step_input[:, 0] = tokens
+        for i, draft in enumerate(drafts):
+            step_input[i, 1:1 + len(draft)] = torch.tensor(draft, dtype=torch.long)
+        attention = torch.cat([attention, attention.new_ones((len(active), width))], dim=1)
+        step_positions = next_position[:, None] + torch.arange(width, device=device)  # (A, W)
+        logits = model(input_ids=step_input.to(device), attention_mask=attention, position_ids=step_positions,
+                       past_key_values=cache, use_cache=True).logits  # (A, W, V)
+        if draft_length == 0:
+            tokens = _choose(processors, logits[:, -1], generators, active)
+            emitted = [[t] for t in tokens.tolist()]
+            next_position = next_position + 1
+            continue
+        predicted = logits.argmax(-1).tolist()  # (A, W): greedy continuation after each fed token
+        emitted, accepted = [], []
+        for i, draft in enumerate(drafts):
+            n = 0
+            while n < len(draft) and draft[n] == predicted[i][n]:
+                n += 1
+            emitted.append(draft[:n] + [predicted[i][n]])
+            accepted.append(n)
+            if width - 1 - n > 0:  # rejected draft tokens stay in the cache but are never seen again
+                attention[i, attention.shape[1] - (width - 1 - n):] = 0
+        accepted_t = torch.tensor(accepted, device=device)
+        next_position = next_position + accepted_t + 1
+        tokens = torch.tensor([e[-1] for e in emitted], device=device)
     return [answer_text(tokenizer, tokens) for tokens in generated]
+
+
+def _choose(processors, logits: torch.Tensor, generators, active: list[int]) -> torch.Tensor:
+    """Next token per row: argmax, or a draw from the row's own generator when sampling."""
+    scores = processors(None, logits.float())  # the warpers used here ignore input_ids
+    if generators is None:
+        return scores.argmax(-1)
+    probs = scores.softmax(-1)
+    return torch.cat([torch.multinomial(probs[i], 1, generator=generators[row]) for i, row in enumerate(active)])
+
+
+def _prompt_lookup(history: list[int], length: int, ngram_sizes=(3, 2, 1)) -> list[int]:
+    """Draft the next tokens by finding the latest earlier occurrence of the last n-gram (prompt lookup).
+
+    [5, 6, 7, 8, 9, 6, 7] with length 2 -> [8, 9]: extractive answers mostly copy the context, so drafts
+    are often right, and a verified draft yields several tokens for one forward pass.
+    """
+    if length <= 0:
+        return []
+    for n in ngram_sizes:
+        if len(history) <= n:
+            continue
+        tail = history[-n:]
+        for start in range(len(history) - n - 1, -1, -1):
+            if history[start:start + n] == tail:
+                return history[start + n:start + n + length]
+    return []
 
 
 def generate_answers(model, tokenizer, examples: list[dict], *, settings: GenerationSettings,

@@ -52,7 +52,7 @@ def answer_loss(model, batch: dict[str, torch.Tensor], *, answer_only: bool = Tr
         keep = torch.arange(targets.shape[1], device=labels.device)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if inputs["attention_mask"].dim() == 4:  # the shared-context block mask is additive, in the model's dtype
-        inputs["attention_mask"] = inputs["attention_mask"].to(model.dtype)
+        inputs["attention_mask"] = inputs["attention_mask"].to(next(model.parameters()).dtype)
     logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (B, K, V)
     picked = targets[:, keep]  # (B, K)
     total = F.cross_entropy(logits.flatten(0, 1).float(), picked.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
@@ -61,7 +61,8 @@ def answer_loss(model, batch: dict[str, torch.Tensor], *, answer_only: bool = Tr
 
 
 class QATrainer(Trainer):
-    """Trainer with the answer loss and, for shared-context packing, paragraph-grouped sampling."""
+    """Trainer with the answer loss and, for shared-context packing, paragraph-grouped random sampling
+    (`train_sampling_strategy="sequential"` keeps file order, where a paragraph's questions are adjacent)."""
 
     def __init__(self, *args, answer_only_logits: bool = True, packing: str = "shared_context", **kwargs):
         super().__init__(*args, **kwargs)
@@ -89,7 +90,7 @@ class QATrainer(Trainer):
         return loss.detach(), None, None
 
     def _get_train_sampler(self, train_dataset=None):
-        if self.packing == "shared_context":
+        if self.packing == "shared_context" and self.args.train_sampling_strategy == "random":
             dataset = train_dataset if train_dataset is not None else self.train_dataset
             return ContextGroupedSampler(dataset["context_key"], seed=self.args.seed)
         return super()._get_train_sampler(train_dataset)
@@ -180,6 +181,7 @@ def setup(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataA
     model, tokenizer, resolved = load_model_and_tokenizer(model_args.model, model_args.cache_dir)
     if training_args.resume_from_checkpoint:
         _check_resume(training_args.resume_from_checkpoint, resolved, lora_args.full_finetune)
+    set_seed(training_args.seed)  # LoRA's initial A depends only on the seed, not on what loading consumed
     model = model if lora_args.full_finetune else attach_lora(model, lora_args)
     parameters = count_parameters(model)
     logger.info("trainable params %d of %d (reduction x%s)", parameters["trainable_params"],

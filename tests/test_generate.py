@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from conftest import tiny_gpt2, tiny_llama
+from loraqa.config import ConfigError, GenerationSettings
+from loraqa.data import load_squad
+from loraqa.evaluation import one_by_one_answers
+from loraqa.generate import answer_text, generate_answers, stop_token_ids
+
+
+def _records(squad_file, extra: int = 0):
+    records = list(load_squad(str(squad_file)))
+    for i in range(extra):  # more questions on the first paragraph: prefix sharing and several batches
+        records.append({**records[0], "id": f"extra{i}", "question": f"What happened in minute {i}?"})
+    return records
+
+
+def test_stop_tokens_and_answer_text(gpt2_tokenizer):
+    stops = set(stop_token_ids(gpt2_tokenizer).tolist())
+    assert gpt2_tokenizer.eos_token_id in stops
+    assert gpt2_tokenizer.convert_tokens_to_ids("Ċ") in stops  # "\n"
+    assert gpt2_tokenizer.convert_tokens_to_ids(".Ċ") in stops  # ".\n"
+    assert gpt2_tokenizer.convert_tokens_to_ids("Ġthe") not in stops
+    ids = gpt2_tokenizer(" Denver Broncos.\nQuestion: more").input_ids
+    assert answer_text(gpt2_tokenizer, ids) == "Denver Broncos."
+
+
+def _newline_model(tokenizer):
+    """A GPT-2 whose every next token is '\\n': decoding must stop after the first step."""
+    model = tiny_gpt2(vocab_size=len(tokenizer))
+    newline = tokenizer.convert_tokens_to_ids("Ċ")
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.wte.weight[newline] = 3.0
+        model.transformer.ln_f.bias.copy_(model.transformer.wte.weight[newline])
+    return model
+
+
+def test_decoding_stops_at_newline_without_wasted_steps(gpt2_tokenizer, squad_file):
+    model = _newline_model(gpt2_tokenizer)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    answers = generate_answers(model, gpt2_tokenizer, _records(squad_file), settings=GenerationSettings(), progress=False)
+    assert set(answers.values()) == {""}
+    assert len(calls) == 2  # contexts, then questions; the first generated token already stops every row
+
+
+def test_max_new_tokens_caps_the_steps(gpt2_tokenizer, squad_file):
+    model = tiny_gpt2(vocab_size=len(gpt2_tokenizer))
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    generate_answers(model, gpt2_tokenizer, _records(squad_file), settings=GenerationSettings(max_new_tokens=4),
+                     progress=False)
+    assert len(calls) <= 2 + 3
+
+
+@pytest.mark.parametrize("make_model, tokenizer_name", [(tiny_gpt2, "gpt2_tokenizer"), (tiny_llama, "smollm2_tokenizer")])
+def test_batched_greedy_equals_one_by_one_generate(request, make_model, tokenizer_name, squad_file):
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    model = make_model(vocab_size=len(tokenizer))
+    records = _records(squad_file, extra=6)
+    settings = GenerationSettings(max_new_tokens=6, batch_size=4)
+    reference = one_by_one_answers(model, tokenizer, records, settings)
+    assert len(set(reference.values())) > 1
+    for prefix_cache in (True, False):
+        for batch_size in (1, 4, 16):
+            ours = generate_answers(model, tokenizer, records, progress=False,
+                                    settings=GenerationSettings(max_new_tokens=6, batch_size=batch_size,
+                                                                prefix_cache=prefix_cache))
+            assert ours == reference, (prefix_cache, batch_size)
+
+
+def test_seeded_sampling_is_reproducible_and_batch_invariant(gpt2_tokenizer, squad_file):
+    model = tiny_gpt2(vocab_size=len(gpt2_tokenizer))
+    records = _records(squad_file, extra=4)
+
+    def sample(**kwargs):
+        settings = GenerationSettings(do_sample=True, top_k=50, temperature=1.3, max_new_tokens=5, **kwargs)
+        return generate_answers(model, gpt2_tokenizer, records, settings=settings, progress=False)
+
+    first = sample(seed=1)
+    assert sample(seed=1) == first
+    assert sample(seed=1, batch_size=2, prefix_cache=False) == first
+    assert sample(seed=2) != first
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"top_p": 0.0}, "top_p=0.0: must be in (0, 1]"), ({"top_p": 1.5}, "top_p=1.5"),
+    ({"temperature": -1.0}, "temperature=-1.0: must be > 0"), ({"top_k": 0}, "top_k=0: must be >= 1"),
+    ({"max_new_tokens": 0}, "max_new_tokens=0"),
+])
+def test_decoding_settings_out_of_range(kwargs, message):
+    with pytest.raises(ConfigError) as info:
+        GenerationSettings(**kwargs)
+    assert message in str(info.value)
