@@ -141,7 +141,7 @@ class GenerationSettings:
     batch_size: int = field(default=32, **_help("Questions decoded together."))
     prefix_cache: bool = field(default=True, **_help(
         "Encode each paragraph once and decode its questions on top of the cached context."))
-    prompt_lookup: int = field(default=5, **_help(
+    prompt_lookup: int = field(default=0, **_help(
         "Greedy only: verify up to this many draft tokens copied from the prompt per forward pass "
         "(prompt-lookup decoding; same answers, fewer passes). 0 disables."))
 
