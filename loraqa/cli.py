@@ -199,7 +199,7 @@ def _run(argv):
 
     model_args, lora_args, data_args, training_args = parse_config(
         (ModelArguments, LoraArguments, DataArguments, LoraQATrainingArguments),
-        ["--output_dir", "runs/main", "--max_train_samples", "1200", "--max_eval_samples", "64",
+        ["--output_dir", "runs/main", "--max_train_samples", "3000", "--max_eval_samples", "64",
          "--eval_steps", "50", "--save_steps", "50", "--logging_steps", "10"] + argv)
     result = train(model_args, lora_args, data_args, training_args)
     out = Path(training_args.output_dir)

@@ -141,9 +141,6 @@ class GenerationSettings:
     batch_size: int = field(default=32, **_help("Questions decoded together."))
     prefix_cache: bool = field(default=True, **_help(
         "Encode each paragraph once and decode its questions on top of the cached context."))
-    prompt_lookup: int = field(default=0, **_help(
-        "Greedy only: verify up to this many draft tokens copied from the prompt per forward pass "
-        "(prompt-lookup decoding; same answers, fewer passes). 0 disables."))
 
     def __post_init__(self):
         _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
@@ -151,7 +148,6 @@ class GenerationSettings:
         _check(self.top_p is None or 0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
         _check(self.temperature > 0.0, "temperature", self.temperature, "must be > 0")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
-        _check(self.prompt_lookup >= 0, "prompt_lookup", self.prompt_lookup, "must be >= 0")
 
     @property
     def name(self) -> str:

@@ -5,8 +5,9 @@ training. With `prefix_cache` a batch encodes each distinct context once, copies
 rows of its questions and decodes all of them together; without it every row carries its own context.
 Rows are laid out as  context (right-padded) | question (left-padded) | generated tokens,  with explicit
 position ids, so padding never shifts a position and every row's last column is its next-token
-position. A row stops at EOS or at any token containing a newline; finished rows leave the batch, and
-decoding ends when none is left. Sampling draws from one generator per question seeded by (seed, id),
+position. A row stops at EOS or at any token containing a newline; finished rows leave the batch (once
+half of it is done, as compacting copies the cache), and decoding ends when none is left. New keys and
+values are written into reserved memory instead of being concatenated. Sampling draws from one generator per question seeded by (seed, id),
 so sampled answers do not depend on batch size or batch order.
 """
 from __future__ import annotations
@@ -152,7 +153,7 @@ def _decode_batch(model, tokenizer, prompts, ids, settings: GenerationSettings, 
         context_mask[r, :len(c)] = 1
     context_input, context_mask = context_input.to(device), context_mask.to(device)
     lq = max(len(q) for _, q in prompts)
-    cache = _reserved_cache(model, lc + lq + settings.max_new_tokens * (1 + settings.prompt_lookup))
+    cache = _reserved_cache(model, lc + lq + settings.max_new_tokens)
     model(input_ids=context_input, attention_mask=context_mask, past_key_values=cache, use_cache=True,
           position_ids=torch.arange(lc, device=device).expand(len(context_rows), lc), logits_to_keep=1)
 
@@ -171,63 +172,34 @@ def _decode_batch(model, tokenizer, prompts, ids, settings: GenerationSettings, 
     logits = model(input_ids=question_input, attention_mask=attention, position_ids=positions,
                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (Q, V)
 
-    # 3. Decode; finished rows leave the batch. Greedy rows verify a draft copied from their own prompt.
+    # 3. Decode. Finished rows stay until half the batch is done: compacting copies the whole cache.
     processors = _logits_processors(settings)
     generators = _generators(ids, settings.seed, device) if settings.do_sample else None
-    draft_length = 0 if settings.do_sample else settings.prompt_lookup
     stop = set(stop_ids.tolist())
     active = list(range(len(prompts)))
-    finished: set[int] = set()  # rows done but still in the batch until compaction pays
-    next_position = positions[:, -1] + 1  # (A,) position of each row's newest token
+    finished: set[int] = set()
+    next_position = positions[:, -1] + 1  # (A,) position of the next token fed
     generated: list[list[int]] = [[] for _ in prompts]
     tokens = _choose(processors, logits, generators, active)  # (A,)
-    emitted = [[t] for t in tokens.tolist()]
     while True:
         for i, row in enumerate(active):
-            for token in emitted[i] if row not in finished else ():
-                generated[row].append(token)
-                if token in stop or len(generated[row]) == settings.max_new_tokens:
+            if row not in finished:
+                generated[row].append(int(tokens[i]))
+                if int(tokens[i]) in stop or len(generated[row]) == settings.max_new_tokens:
                     finished.add(row)
-                    break
         keep = [i for i, row in enumerate(active) if row not in finished]
         if not keep:
             break
-        if len(keep) <= len(active) // 2:  # compacting copies the whole cache: only when it halves the batch
+        if len(keep) <= len(active) // 2:
             index = torch.tensor(keep, device=device)
             cache.batch_select_indices(index)
             attention, next_position, tokens = attention[index], next_position[index], tokens[index]
             active = [active[i] for i in keep]
-        drafts = [[] if row in finished else
-                  _prompt_lookup(prompts[row][0] + prompts[row][1] + generated[row],
-                                 min(draft_length, settings.max_new_tokens - len(generated[row]) - 1))
-                  for row in active]
-        width = 1 + max(len(d) for d in drafts)
-        step_input = torch.full((len(active), width), pad, dtype=torch.long)
-        step_input[:, 0] = tokens
-        for i, draft in enumerate(drafts):
-            step_input[i, 1:1 + len(draft)] = torch.tensor(draft, dtype=torch.long)
-        attention = torch.cat([attention, attention.new_ones((len(active), width))], dim=1)
-        step_positions = next_position[:, None] + torch.arange(width, device=device)  # (A, W)
-        logits = model(input_ids=step_input.to(device), attention_mask=attention, position_ids=step_positions,
-                       past_key_values=cache, use_cache=True).logits  # (A, W, V)
-        if draft_length == 0:
-            tokens = _choose(processors, logits[:, -1], generators, active)
-            emitted = [[t] for t in tokens.tolist()]
-            next_position = next_position + 1
-            continue
-        predicted = logits.argmax(-1).tolist()  # (A, W): greedy continuation after each fed token
-        emitted, accepted = [], []
-        for i, draft in enumerate(drafts):
-            n = 0
-            while n < len(draft) and draft[n] == predicted[i][n]:
-                n += 1
-            emitted.append(draft[:n] + [predicted[i][n]])
-            accepted.append(n)
-            if width - 1 - n > 0:  # rejected draft tokens stay in the cache but are never seen again
-                attention[i, attention.shape[1] - (width - 1 - n):] = 0
-        accepted_t = torch.tensor(accepted, device=device)
-        next_position = next_position + accepted_t + 1
-        tokens = torch.tensor([e[-1] for e in emitted], device=device)
+        attention = torch.cat([attention, attention.new_ones((len(active), 1))], dim=1)
+        logits = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=next_position[:, None],
+                       past_key_values=cache, use_cache=True).logits[:, -1]  # (A, V)
+        next_position = next_position + 1
+        tokens = _choose(processors, logits, generators, active)
     return [answer_text(tokenizer, tokens) for tokens in generated]
 
 
@@ -238,24 +210,6 @@ def _choose(processors, logits: torch.Tensor, generators, active: list[int]) -> 
         return scores.argmax(-1)
     probs = scores.softmax(-1)
     return torch.cat([torch.multinomial(probs[i], 1, generator=generators[row]) for i, row in enumerate(active)])
-
-
-def _prompt_lookup(history: list[int], length: int, ngram_sizes=(3, 2, 1)) -> list[int]:
-    """Draft the next tokens by finding the latest earlier occurrence of the last n-gram (prompt lookup).
-
-    [5, 6, 7, 8, 9, 6, 7] with length 2 -> [8, 9]: extractive answers mostly copy the context, so drafts
-    are often right, and a verified draft yields several tokens for one forward pass.
-    """
-    if length <= 0:
-        return []
-    for n in ngram_sizes:
-        if len(history) <= n:
-            continue
-        tail = history[-n:]
-        for start in range(len(history) - n - 1, -1, -1):
-            if history[start:start + n] == tail:
-                return history[start + n:start + n + length]
-    return []
 
 
 def generate_answers(model, tokenizer, examples: list[dict], *, settings: GenerationSettings,

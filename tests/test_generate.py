@@ -94,16 +94,3 @@ def test_decoding_settings_out_of_range(kwargs, message):
         GenerationSettings(**kwargs)
     assert message in str(info.value)
 
-
-def test_prompt_lookup_drafts_and_keeps_greedy_answers(gpt2_tokenizer, squad_file):
-    from loraqa.generate import _prompt_lookup
-
-    assert _prompt_lookup([5, 6, 7, 8, 9, 6, 7], 2) == [8, 9]
-    assert _prompt_lookup([1, 2, 3], 2) == [] and _prompt_lookup([5, 6, 5], 0) == []
-    model = tiny_gpt2(vocab_size=len(gpt2_tokenizer))
-    records = _records(squad_file, extra=3)
-    plain = generate_answers(model, gpt2_tokenizer, records, settings=GenerationSettings(max_new_tokens=8),
-                             progress=False)
-    drafted = generate_answers(model, gpt2_tokenizer, records, progress=False,
-                               settings=GenerationSettings(max_new_tokens=8, prompt_lookup=4))
-    assert drafted == plain
