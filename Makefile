@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 LORAQA := $(VENV)/bin/loraqa
 export LORAQA_CACHE ?= $(CURDIR)/data
 
-.PHONY: install fetch test test-all run bench grid
+.PHONY: install fetch test test-all run bench results
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,5 +32,13 @@ run: fetch
 bench: fetch
 	$(LORAQA) bench --model smollm2-135m --train_examples 64 --eval_examples 64 --output results/bench.json
 
-grid: fetch
-	$(LORAQA) evaluate --model smollm2-135m --max_samples 500 --strategy_grid true --output results/strategies_baseline.json
+# Issue-4 numbers after `make run`: baseline and fine-tuned on a fixed 500-question dev subset, their paired
+# comparison, failure categories, and the decoding-strategy grid (3 seeds per sampled strategy).
+RUN ?= runs/main
+results: fetch
+	$(LORAQA) evaluate --model smollm2-135m --max_samples 500 --output results/eval_baseline_500.json
+	$(LORAQA) evaluate --model smollm2-135m --adapter $(RUN) --max_samples 500 --output results/eval_finetuned_500.json
+	$(LORAQA) compare results/eval_baseline_500.json results/eval_finetuned_500.json --output results/compare_500.json
+	$(LORAQA) failures results/eval_finetuned_500.json --output results/failures_finetuned_500.md
+	$(LORAQA) evaluate --model smollm2-135m --adapter $(RUN) --max_samples 500 --strategy_grid true \
+		--grid_seeds 3 --output results/strategies_finetuned_500.json

@@ -21,13 +21,13 @@ log = logging.getLogger("loraqa")
 
 def _fetch(argv):
     parser = argparse.ArgumentParser(prog="loraqa fetch", description="Fetch verified offline assets.")
-    parser.add_argument("assets", nargs="*", default=list(ASSET_NAMES), choices=ASSET_NAMES,
-                        help=f"assets to fetch (default: all of {', '.join(ASSET_NAMES)})")
+    parser.add_argument("assets", nargs="*", metavar="ASSET",
+                        help=f"assets to fetch: {', '.join(ASSET_NAMES)} (default: all)")
     parser.add_argument("--cache_dir", "--cache-dir", default=default_cache_dir(), help="cache (env LORAQA_CACHE)")
     args = parser.parse_args(argv)
     from .assets import fetch
 
-    for name in args.assets:
+    for name in args.assets or ASSET_NAMES:
         print(f"{name}: {fetch(name, args.cache_dir)}")
 
 
@@ -126,11 +126,13 @@ def _compare(argv):
 
     r = compare(args.a, args.b, seed=args.seed)
     em, f1 = r["exact_match"], r["f1"]
+    at_floor = f1["permutation_p_value"] <= 1 / (f1["permutation_resamples"] + 1)
     print(f"{r['n_common']} common questions")
     print(f"EM {em['a']:.2f} -> {em['b']:.2f}: delta {em['delta']:+.2f} [{em['delta_ci'][0]:+.2f}, "
           f"{em['delta_ci'][1]:+.2f}], McNemar p = {em['mcnemar']['p_value']:.3g}")
     print(f"F1 {f1['a']:.2f} -> {f1['b']:.2f}: delta {f1['delta']:+.2f} [{f1['delta_ci'][0]:+.2f}, "
-          f"{f1['delta_ci'][1]:+.2f}], permutation p = {f1['permutation_p_value']:.3g}")
+          f"{f1['delta_ci'][1]:+.2f}], permutation p = {f1['permutation_p_value']:.3g}"
+          + (f" (the smallest p {f1['permutation_resamples']} resamples can give)" if at_floor else ""))
     if args.output:
         write_json_atomic(args.output, r)
 

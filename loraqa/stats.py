@@ -68,5 +68,6 @@ def paired_comparison(a: dict[str, dict], b: dict[str, dict], *, seed: int = 0) 
         "f1": {"a": 100 * f1_a.mean() if common else None, "b": 100 * f1_b.mean() if common else None,
                "delta": f1_delta.mean() if common else None,
                "delta_ci": bootstrap_ci(f1_delta, seed=seed),
-               "permutation_p_value": paired_permutation_pvalue(f1_b, f1_a, seed=seed)},
+               "permutation_p_value": paired_permutation_pvalue(f1_b, f1_a, seed=seed),
+               "permutation_resamples": 10_000},  # p >= 1/10,001: the smallest value this test can report
     }

@@ -10,6 +10,15 @@ from loraqa.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def test_fetch_is_idempotent_and_names_unknown_assets(capsys):
+    from conftest import CACHE
+
+    assert main(["fetch", "--cache_dir", str(CACHE)]) == 0
+    assert "squad: " in capsys.readouterr().out
+    assert main(["fetch", "wikipedia", "--cache_dir", str(CACHE)]) == 2
+    assert "unknown asset 'wikipedia'" in capsys.readouterr().err
+
+
 def test_score_has_the_official_interface(tmp_path, squad_file, capsys):
     predictions = tmp_path / "pred.json"
     predictions.write_text(json.dumps({"q1": "the Denver Broncos", "q2": "Levi's", "q3": "24-10", "q4": "",
