@@ -291,12 +291,12 @@ def token_length_stats(dataset: datasets.Dataset, tokenizer, max_lengths=(256, 3
     parts["total"] = parts["context"] + parts["question"] + parts["answer"]
     stats = {"n": len(dataset), "percentiles": {
         name: {f"p{p}": int(np.percentile(values, p)) for p in percentiles} for name, values in parts.items()}}
-    budget_base = parts["context"] - header  # body length
+    body_lengths = parts["context"] - header
     spans = np.array(spans)
     stats["max_length"] = {}
     for max_length in max_lengths:
         budget = max_length - header - parts["question"] - parts["answer"]
-        over = budget_base > budget
+        over = body_lengths > budget
         dropped = over & (spans > budget)
         stats["max_length"][str(max_length)] = {"truncated": int((over & ~dropped).sum()), "dropped": int(dropped.sum())}
     return stats
