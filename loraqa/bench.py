@@ -64,9 +64,9 @@ def _loraqa_worker(job: dict) -> dict:
                            answer_only_logits=job["answer_only_logits"], train_sampling_strategy="sequential"))
         losses = [json.loads(line)["loss"] for line in open(f"{out}/metrics.jsonl") if '"loss"' in line]
     s = result.summary
-    examples = job["steps"] * job["batch_size"]  # per second of the wall time around trainer.train(), as for TRL
-    return {"examples_per_s": examples / s["train_runtime_s"],
-            "tokens_per_s": examples / s["train_runtime_s"] * s["train_tokens_per_s"] / s["train_examples_per_s"],
+    examples_per_s = job["steps"] * job["batch_size"] / s["train_runtime_s"]  # wall time of train(), as for TRL
+    tokens_per_example = s["train_tokens_per_s"] / s["train_examples_per_s"]
+    return {"examples_per_s": examples_per_s, "tokens_per_s": examples_per_s * tokens_per_example,
             "runtime_s": s["train_runtime_s"], "mean_train_loss": s["mean_train_loss"], "step_losses": losses,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "processed_tokens": s["processed_tokens"], "logit_positions": s["logit_positions"],
