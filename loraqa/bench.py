@@ -114,7 +114,7 @@ def _in_child(function, job: dict) -> dict:
         return pool.submit(function, job).result()
 
 
-def _eval_bench(model_name: str, cache_dir: str, m: int) -> dict:
+def _eval_bench(model_name: str, cache_dir: str, m: int, peak_gflops: float) -> dict:
     from .assets import squad_file
     from .data import load_squad, take_subset
     from .evaluation import one_by_one_answers
@@ -126,17 +126,25 @@ def _eval_bench(model_name: str, cache_dir: str, m: int) -> dict:
     records = list(take_subset(load_squad(squad_file("squad", "validation", cache_dir), "validation"), m, 0))
     settings = GenerationSettings()
     generate_answers(model, tokenizer, records[:1], settings=settings, progress=False)  # warm-up, stop-token table
+    work: dict = {}
     started = time.perf_counter()
-    ours = generate_answers(model, tokenizer, records, settings=settings, progress=False)
+    ours = generate_answers(model, tokenizer, records, settings=settings, progress=False, stats=work)
     ours_s = time.perf_counter() - started
     started = time.perf_counter()
     reference = one_by_one_answers(model, tokenizer, records, settings)
     reference_s = time.perf_counter() - started
     same = sum(ours[q] == reference[q] for q in reference)
+    # matmul work of loraqa's path: every encoded or fed token through the body, every generated token's logits
+    body, head = _body_params(model), model.get_output_embeddings().weight.numel()
+    flops = 2 * body * (work["prompt_tokens"] + work["generated_tokens"]) + 2 * head * work["generated_tokens"]
+    floor_s = flops / (peak_gflops * 1e9)
     return {"questions": len(records), "paragraphs": len({r["context"] for r in records}),
             "one_by_one_questions_per_s": len(records) / reference_s, "loraqa_questions_per_s": len(records) / ours_s,
             "speedup": reference_s / ours_s, "greedy_identical": same == len(records), "greedy_identical_count": same,
-            "max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size}
+            "max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size, **work,
+            "loraqa_achieved_gflops": flops / ours_s / 1e9, "loraqa_mfu": floor_s / ours_s,
+            "loraqa_questions_per_s_at_peak": len(records) / floor_s,
+            "speedup_at_peak": reference_s / floor_s}
 
 
 def run_bench(model_args: ModelArguments, bench: BenchArguments) -> dict:
@@ -169,11 +177,11 @@ def run_bench(model_args: ModelArguments, bench: BenchArguments) -> dict:
         logger.info("training reference: TRL SFTTrainer + PEFT")
         train["reference_trl"] = _in_child(_trl_worker, job)
     ours = train["loraqa"]
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(resolved)
     head = config.vocab_size * config.hidden_size
-    body = _body_params(resolved)
+    body = _body_params(AutoModelForCausalLM.from_pretrained(resolved))
     flops = 4 * body * ours["processed_tokens"] + 4 * head * ours["logit_positions"]  # fwd + input-grad bwd
     train["loraqa_achieved_gflops"] = flops / ours["runtime_s"] / 1e9
     train["loraqa_mfu"] = train["loraqa_achieved_gflops"] / peak
@@ -189,16 +197,13 @@ def run_bench(model_args: ModelArguments, bench: BenchArguments) -> dict:
     result["train"] = train
     write_json_atomic(bench.output, result)
     logger.info("evaluation: one-by-one generate vs loraqa")
-    result["eval"] = _eval_bench(resolved, model_args.cache_dir, bench.eval_examples)
+    result["eval"] = _eval_bench(resolved, model_args.cache_dir, bench.eval_examples, peak)
     write_json_atomic(bench.output, result)
     return result
 
 
-def _body_params(resolved: str) -> int:
+def _body_params(model) -> int:
     """Parameters outside the embedding/LM head: the per-token matmul work of the transformer body."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(resolved)
     embeddings = {id(p) for p in model.get_input_embeddings().parameters()}
     embeddings |= {id(p) for p in model.get_output_embeddings().parameters()}
     return sum(p.numel() for p in model.parameters() if id(p) not in embeddings and p.dim() == 2)
@@ -220,4 +225,7 @@ def summary_lines(result: dict) -> list[str]:
         lines.append(f"eval one-by-one {evaluation['one_by_one_questions_per_s']:.2f} q/s, loraqa "
                      f"{evaluation['loraqa_questions_per_s']:.2f} q/s, speedup {evaluation['speedup']:.1f}x, "
                      f"greedy identical {evaluation['greedy_identical_count']}/{evaluation['questions']}")
+        lines.append(f"eval achieved {evaluation['loraqa_achieved_gflops']:.1f} GFLOP/s (MFU "
+                     f"{100 * evaluation['loraqa_mfu']:.0f}%); at the matmul peak loraqa's path would answer "
+                     f"{evaluation['loraqa_questions_per_s_at_peak']:.1f} q/s = {evaluation['speedup_at_peak']:.1f}x")
     return lines

@@ -138,7 +138,9 @@ class GenerationSettings:
     top_p: float | None = field(default=None, **_help("Nucleus sampling: keep the smallest set with mass >= top_p."))
     temperature: float = field(default=1.0, **_help("Softmax temperature when sampling."))
     seed: int = field(default=0, **_help("Sampling seed; a run with the same seed gives the same answers."))
-    batch_size: int = field(default=32, **_help("Questions decoded together."))
+    batch_size: int = field(default=128, **_help(
+        "Questions decoded together (whole paragraphs). 128 measured fastest on 2 CPU cores (256 dev questions, "
+        "SmolLM2-135M: 32 -> 7.3, 64 -> 9.3, 128 -> 11.2, 256 -> 10.0 questions/s)."))
     prefix_cache: bool = field(default=True, **_help(
         "Encode each paragraph once and decode its questions on top of the cached context."))
 

@@ -5,7 +5,8 @@ from conftest import tiny_gpt2, tiny_llama
 from loraqa.config import ConfigError, GenerationSettings
 from loraqa.data import load_squad
 from loraqa.evaluation import one_by_one_answers
-from loraqa.generate import answer_text, generate_answers, stop_token_ids
+from loraqa.generate import (PaddedRowsBatch, SharedPrefixBatch, _attention_implementation, answer_text,
+                             generate_answers, stop_token_ids, supports_shared_prefix, SHARED_PREFIX_ATTENTION)
 
 
 def _records(squad_file, extra: int = 0):
@@ -68,6 +69,90 @@ def test_batched_greedy_equals_one_by_one_generate(request, make_model, tokenize
                                     settings=GenerationSettings(max_new_tokens=6, batch_size=batch_size,
                                                                 prefix_cache=prefix_cache))
             assert ours == reference, (prefix_cache, batch_size)
+
+
+def _prompts(vocab_size: int):
+    """Three contexts of different lengths with 3, 1 and 2 questions of different lengths, adjacent by context."""
+    g = torch.Generator().manual_seed(0)
+    contexts = [torch.randint(0, vocab_size, (n,), generator=g).tolist() for n in (9, 4, 13)]
+    questions = [torch.randint(0, vocab_size, (n,), generator=g).tolist() for n in (3, 5, 1, 2, 6, 4)]
+    return [(contexts[c], q) for c, q in zip((0, 0, 0, 1, 2, 2), questions)]
+
+
+@pytest.mark.parametrize("make_model", [tiny_gpt2, tiny_llama])
+@torch.no_grad()
+def test_shared_prefix_logits_equal_full_prompt_rows(make_model):
+    """Every question's next-token logits, at the question and at each decoding step (also after finished rows
+    leave), equal those of its own full prompt on the model's ordinary attention and cache."""
+    model = make_model(vocab_size=100)
+    prompts = _prompts(100)
+    assert supports_shared_prefix(model)
+    reference = PaddedRowsBatch(model, prompts, pad_token_id=0)
+    with _attention_implementation(model, SHARED_PREFIX_ATTENTION):
+        shared = SharedPrefixBatch(model, prompts, max_new_tokens=4)
+        shared.encode_contexts()
+        ours = shared.encode_questions()
+    expected = reference.encode_questions()
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+    tokens = expected.argmax(-1)
+    for keep in (None, torch.tensor([0, 2, 3, 5]), None):
+        if keep is not None:
+            reference.keep(keep)
+            shared.keep(keep)
+            tokens = tokens[keep]
+        with _attention_implementation(model, SHARED_PREFIX_ATTENTION):
+            ours = shared.step(tokens)
+        expected = reference.step(tokens)
+        torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+        tokens = expected.argmax(-1)
+
+
+def test_shared_prefix_work_and_attention_restored(gpt2_tokenizer, squad_file):
+    model = tiny_gpt2(vocab_size=len(gpt2_tokenizer))
+    records = _records(squad_file, extra=3)
+    before = model.config._attn_implementation
+    work = {}
+    generate_answers(model, gpt2_tokenizer, records, settings=GenerationSettings(max_new_tokens=3), progress=False,
+                     stats=work)
+    assert model.config._attn_implementation == before
+    from loraqa.data import encode_prompt
+    from loraqa.generate import max_prompt_tokens
+
+    limit = max_prompt_tokens(model, GenerationSettings(max_new_tokens=3))
+    prompts = [encode_prompt(gpt2_tokenizer, r["context"], r["question"], limit) for r in records]
+    contexts = {tuple(c) for c, _ in prompts}
+    assert work["prompt_tokens"] == sum(map(len, contexts)) + sum(len(q) for _, q in prompts)
+    assert work["batches"] == 1 and len(records) <= work["generated_tokens"] <= 3 * len(records)
+    plain = {}
+    generate_answers(model, gpt2_tokenizer, records, settings=GenerationSettings(max_new_tokens=3, prefix_cache=False),
+                     progress=False, stats=plain)
+    assert plain["prompt_tokens"] == sum(len(c) + len(q) for c, q in prompts)
+
+    def fail(*args):
+        raise RuntimeError("interrupted")
+
+    SharedPrefixBatch.step, original = fail, SharedPrefixBatch.step
+    try:
+        with pytest.raises(RuntimeError, match="interrupted"):
+            generate_answers(model, gpt2_tokenizer, records, settings=GenerationSettings(), progress=False)
+    finally:
+        SharedPrefixBatch.step = original
+    assert model.config._attn_implementation == before
+
+
+def test_sliding_window_models_decode_on_full_prompt_rows(smollm2_tokenizer, squad_file):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                             num_attention_heads=4, num_key_value_heads=2,
+                                             vocab_size=len(smollm2_tokenizer), sliding_window=4096,
+                                             initializer_range=0.5)).eval()
+    assert not supports_shared_prefix(model)
+    records = _records(squad_file)
+    settings = GenerationSettings(max_new_tokens=4)
+    assert generate_answers(model, smollm2_tokenizer, records, settings=settings, progress=False) == \
+        one_by_one_answers(model, smollm2_tokenizer, records, settings)
 
 
 def test_seeded_sampling_is_reproducible_and_batch_invariant(gpt2_tokenizer, squad_file):
