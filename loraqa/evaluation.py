@@ -90,11 +90,12 @@ def _score(predictions: dict[str, str], records: list[dict], seed: int) -> dict:
 
 
 def _decode_and_score(model, tokenizer, records, settings: GenerationSettings) -> dict:
-    started = time.perf_counter()
-    predictions = generate_answers(model, tokenizer, records, settings=settings)
+    started, work = time.perf_counter(), {}
+    predictions = generate_answers(model, tokenizer, records, settings=settings, stats=work)
     seconds = time.perf_counter() - started
     return {**_score(predictions, records, settings.seed), **answer_quality(predictions, records),
-            "questions_per_s": len(records) / seconds, "generation": to_dict(settings), "predictions": predictions}
+            "questions_per_s": len(records) / seconds, "generation_work": work, "generation": to_dict(settings),
+            "predictions": predictions}
 
 
 def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, settings: GenerationSettings) -> dict:

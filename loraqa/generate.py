@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import time
 from collections.abc import Iterator
 
 import torch
@@ -342,12 +343,16 @@ def _batches(prompts: list[tuple[list[int], list[int]]], batch_size: int) -> Ite
 
 
 @torch.no_grad()
-def _decode_batch(batch, ids: list[str], settings: GenerationSettings, stop: set[int], device) -> list[list[int]]:
-    """Generated token ids per row of `batch` (a SharedPrefixBatch or PaddedRowsBatch)."""
+def _decode_batch(batch, ids: list[str], settings: GenerationSettings, stop: set[int], device,
+                  work: dict) -> list[list[int]]:
+    """Generated token ids per row of `batch` (a SharedPrefixBatch or PaddedRowsBatch); adds to `work`."""
     processors = _logits_processors(settings)
     generators = _generators(ids, settings.seed, device) if settings.do_sample else None
+    started = time.perf_counter()
     batch.encode_contexts()
     logits = batch.encode_questions()  # (A, V)
+    work["prefill_s"] += time.perf_counter() - started
+    started = time.perf_counter()
     active = list(range(len(ids)))
     finished: set[int] = set()
     generated: list[list[int]] = [[] for _ in ids]
@@ -360,6 +365,7 @@ def _decode_batch(batch, ids: list[str], settings: GenerationSettings, stop: set
                     finished.add(row)
         keep = [i for i, row in enumerate(active) if row not in finished]
         if not keep:
+            work["decode_s"] += time.perf_counter() - started
             return generated
         # Compacting copies every layer's per-row keys/values; a finished row left in wastes its share of every
         # later step. Compacting once an eighth of the rows are done measured best (vs a half, a quarter, always).
@@ -368,6 +374,7 @@ def _decode_batch(batch, ids: list[str], settings: GenerationSettings, stop: set
             batch.keep(index)
             tokens, active = tokens[index], [active[i] for i in keep]
         tokens = _choose(processors, batch.step(tokens), generators, active)
+        work["decode_steps"] += 1
 
 
 def _choose(processors, logits: torch.Tensor, generators, active: list[int]) -> torch.Tensor:
@@ -384,7 +391,8 @@ def generate_answers(model, tokenizer, examples: list[dict], *, settings: Genera
     """{id: answer} for records with `id`, `context`, `question`, decoded per `settings`.
 
     `stats`, if given, receives the work done: prompt tokens encoded (each batch's distinct contexts once
-    with prefix caching), tokens generated, batches.
+    with prefix caching), tokens generated, batches, decoding steps, and seconds spent encoding prompts
+    (prefill) and decoding.
 
     >>> generate_answers(model, tokenizer, [{"id": "q1", "context": "Paris is in France.",
     ...                                      "question": "Where is Paris?"}], settings=GenerationSettings())
@@ -396,7 +404,8 @@ def generate_answers(model, tokenizer, examples: list[dict], *, settings: Genera
     stop = set(stop_token_ids(tokenizer).tolist())
     shared = settings.prefix_cache and supports_shared_prefix(model)
     answers: dict[str, str] = {}
-    work = {"prompt_tokens": 0, "generated_tokens": 0, "batches": 0}
+    work = {"prompt_tokens": 0, "generated_tokens": 0, "batches": 0, "decode_steps": 0, "prefill_s": 0.0,
+            "decode_s": 0.0}
     bar = tqdm(total=len(examples), desc=f"answering ({settings.name})", disable=not progress, unit="q")
     with _attention_implementation(model, SHARED_PREFIX_ATTENTION) if shared else contextlib.nullcontext():
         for indices in _batches(prompts, settings.batch_size):
@@ -404,7 +413,7 @@ def generate_answers(model, tokenizer, examples: list[dict], *, settings: Genera
             batch_prompts = [prompts[i] for i in indices]
             batch = (SharedPrefixBatch(model, batch_prompts, settings.max_new_tokens) if shared
                      else PaddedRowsBatch(model, batch_prompts, tokenizer.pad_token_id))
-            generated = _decode_batch(batch, ids, settings, stop, model.device)
+            generated = _decode_batch(batch, ids, settings, stop, model.device, work)
             answers.update((qid, answer_text(tokenizer, tokens)) for qid, tokens in zip(ids, generated))
             bar.update(len(indices))
             work["batches"] += 1
