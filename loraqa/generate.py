@@ -15,8 +15,9 @@ attention over the concatenation; the context's keys/values are never copied per
 own KV cache.
 
 A row stops at EOS or at any token containing a newline; finished rows leave the batch once an eighth of
-it is done (compacting copies the per-row keys/values), and decoding ends when none is left. Sampling draws from
-one generator per question seeded by (seed, id), so sampled answers do not depend on batch size or order.
+it is done (compacting copies the per-row keys/values), and decoding ends when none is left. Sampling
+draws from one generator per question seeded by (seed, id), so sampled answers do not depend on batch
+size or order.
 """
 from __future__ import annotations
 
@@ -108,7 +109,8 @@ class SharedPrefixBatch:
     def _place_rows(self):
         """Slot of each active row among its context's rows, for the side-by-side prefix product."""
         counts = torch.bincount(self.group, minlength=len(self.contexts))
-        self.slot = torch.arange(len(self.group), device=self.group.device) - (torch.cumsum(counts, 0) - counts)[self.group]
+        first_row = torch.cumsum(counts, 0) - counts
+        self.slot = torch.arange(len(self.group), device=self.group.device) - first_row[self.group]
         self.slots_per_context = int(counts.max())
 
     # the three kinds of forward pass, each one packed row
@@ -285,12 +287,12 @@ class PaddedRowsBatch:
         positions = (self.attention.cumsum(1) - 1).clamp(min=0)
         self.next_position = positions[:, -1] + 1
         return self.model(input_ids=self.ids, attention_mask=self.attention, position_ids=positions,
-                          past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                          cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.attention = torch.cat([self.attention, self.attention.new_ones((len(tokens), 1))], dim=1)
         logits = self.model(input_ids=tokens[:, None], attention_mask=self.attention,
-                            position_ids=self.next_position[:, None], past_key_values=self.cache,
+                            position_ids=self.next_position[:, None], cache=self.cache,
                             use_cache=True).logits[:, -1]
         self.next_position = self.next_position + 1
         return logits
