@@ -142,7 +142,8 @@ class GenerationSettings:
         "Questions decoded together (whole paragraphs). 128 measured fastest on 2 CPU cores (256 dev questions, "
         "SmolLM2-135M: 32 -> 7.3, 64 -> 9.3, 128 -> 11.2, 256 -> 10.0 questions/s)."))
     prefix_cache: bool = field(default=True, **_help(
-        "Encode each paragraph once and decode its questions on top of the cached context."))
+        "Encode each paragraph once and let its questions attend to its shared keys/values (models using "
+        "transformers' attention interface with global attention); false: every row its full prompt."))
 
     def __post_init__(self):
         _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
