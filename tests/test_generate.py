@@ -37,22 +37,28 @@ def _newline_model(tokenizer):
     return model
 
 
-def test_decoding_stops_at_newline_without_wasted_steps(gpt2_tokenizer, squad_file):
-    model = _newline_model(gpt2_tokenizer)
+def _forward_counter(model) -> list:
     calls = []
     model.register_forward_pre_hook(lambda module, args: calls.append(1))
-    answers = generate_answers(model, gpt2_tokenizer, _records(squad_file), settings=GenerationSettings(), progress=False)
+    return calls
+
+
+def test_decoding_stops_at_newline_without_wasted_steps(gpt2_tokenizer, squad_file):
+    model = _newline_model(gpt2_tokenizer)
+    calls, work = _forward_counter(model), {}
+    answers = generate_answers(model, gpt2_tokenizer, _records(squad_file), settings=GenerationSettings(),
+                               progress=False, stats=work)
     assert set(answers.values()) == {""}
-    assert len(calls) == 2  # contexts, then questions; the first generated token already stops every row
+    assert work["decode_steps"] == 0  # the first generated token (from the question pass) stops every row
+    assert len(calls) == 2  # prefill only: the contexts, then the questions
 
 
 def test_max_new_tokens_caps_the_steps(gpt2_tokenizer, squad_file):
     model = tiny_gpt2(vocab_size=len(gpt2_tokenizer))
-    calls = []
-    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    calls, work = _forward_counter(model), {}
     generate_answers(model, gpt2_tokenizer, _records(squad_file), settings=GenerationSettings(max_new_tokens=4),
-                     progress=False)
-    assert len(calls) <= 2 + 3
+                     progress=False, stats=work)
+    assert work["decode_steps"] <= 3 and len(calls) == 2 + work["decode_steps"]
 
 
 @pytest.mark.parametrize("make_model, tokenizer_name", [(tiny_gpt2, "gpt2_tokenizer"), (tiny_llama, "smollm2_tokenizer")])
