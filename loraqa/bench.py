@@ -213,10 +213,12 @@ def run_bench(model_args: ModelArguments, bench: BenchArguments) -> dict:
 
 
 def _body_params(model) -> int:
-    """Parameters outside the embedding/LM head: the per-token matmul work of the transformer body."""
-    embeddings = {id(p) for p in model.get_input_embeddings().parameters()}
-    embeddings |= {id(p) for p in model.get_output_embeddings().parameters()}
-    return sum(p.numel() for p in model.parameters() if id(p) not in embeddings and p.dim() == 2)
+    """Weights of the linear layers outside the LM head: the per-token matmul work of the transformer body."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    return sum(m.weight.numel() for m in model.modules()
+               if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head)
 
 
 def summary_lines(result: dict) -> list[str]:

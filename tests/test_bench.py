@@ -1,0 +1,30 @@
+from conftest import tiny_gpt2, tiny_llama
+from loraqa.bench import _body_params, summary_lines
+
+
+def test_body_params_count_the_transformer_matrices_only():
+    llama = tiny_llama(vocab_size=100)  # hidden 32, intermediate 64, 4 heads of 8, 2 kv heads, 2 layers
+    per_layer = 32 * 32 + 2 * (32 * 16) + 32 * 32 + 3 * (32 * 64)  # q, k, v, o, gate, up, down
+    assert _body_params(llama) == 2 * per_layer
+    gpt2 = tiny_gpt2(vocab_size=100)  # n_embd 32, 2 layers; embeddings (tokens, positions) are lookups
+    per_block = 32 * 96 + 32 * 32 + 32 * 128 + 128 * 32  # c_attn, attn.c_proj, c_fc, mlp.c_proj
+    assert _body_params(gpt2) == 2 * per_block
+
+
+def test_summary_lines_state_the_side_by_side_ratios():
+    run = {"examples_per_s": 3.0, "tokens_per_s": 600.0, "mean_train_loss": 2.5, "peak_rss_mb": 3000.0}
+    result = {
+        "machine": {"matmul_peak_gflops": 400.0},
+        "train": {"loraqa": run, "reference_trl": {**run, "examples_per_s": 0.5}, "speedup": 6.0,
+                  "loraqa_achieved_gflops": 120.0, "loraqa_mfu": 0.3},
+        "eval": {"one_by_one_questions_per_s": 1.5, "loraqa_questions_per_s": 9.0, "speedup": 6.0,
+                 "greedy_identical_count": 64, "questions": 64, "full_prompt_rows_questions_per_s": 2.0,
+                 "loraqa_achieved_gflops": 130.0, "loraqa_mfu": 0.325, "loraqa_questions_per_s_at_peak": 27.0,
+                 "speedup_at_peak": 18.0},
+    }
+    text = "\n".join(summary_lines(result))
+    assert "train speedup over TRL reference: 6.00x" in text
+    assert "MFU 30%" in text and "MFU 32%" in text
+    assert "speedup 6.0x, greedy identical 64/64" in text
+    assert "full-prompt rows (no shared contexts) 2.00 q/s" in text
+    assert "27.0 q/s = 18.0x" in text
