@@ -113,6 +113,26 @@ def test_shared_prefix_logits_equal_full_prompt_rows(make_model):
         tokens = expected.argmax(-1)
 
 
+@pytest.mark.parametrize("make_model", [tiny_gpt2, tiny_llama])
+@torch.no_grad()
+def test_shared_prefix_runs_in_bfloat16(make_model):
+    """Half-precision models (GPUs) keep their dtype; scores and softmax mass are accumulated in float32."""
+    model = make_model(vocab_size=100).to(torch.bfloat16)
+    prompts = _prompts(100)
+    reference = PaddedRowsBatch(model, prompts, pad_token_id=0)
+    expected = reference.encode_questions()
+    with _attention_implementation(model, SHARED_PREFIX_ATTENTION):
+        shared = SharedPrefixBatch(model, prompts, max_new_tokens=2)
+        shared.encode_contexts()
+        ours = shared.encode_questions()
+        tokens = expected.argmax(-1)
+        ours_step = shared.step(tokens)
+    expected_step = reference.step(tokens)
+    for got, want in ((ours, expected), (ours_step, expected_step)):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0.02 * float(want.abs().max()))
+
+
 def test_shared_prefix_work_and_attention_restored(gpt2_tokenizer, squad_file):
     model = tiny_gpt2(vocab_size=len(gpt2_tokenizer))
     records = _records(squad_file, extra=3)
