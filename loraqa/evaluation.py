@@ -2,9 +2,10 @@
 
 `evaluate` decodes a seeded subset, scores it with the official metric and writes EM/F1 with bootstrap
 CIs, per-question scores, predictions, answer-quality measures and everything needed to reproduce it.
-`evaluate_strategies` runs the decoding grid (greedy, top-k, nucleus, temperature; sampled ones with
-several seeds) and adds diversity measures. `compare` pairs two evaluations question by question;
-`failure_report` sorts the misses into named categories.
+With `strategy_grid` it runs the decoding grid instead (greedy, top-k, nucleus, temperature; sampled ones
+with several seeds; every run decodes from one shared prefill per batch) and adds diversity measures.
+`compare` pairs two evaluations question by question; `failure_report` sorts the misses into named
+categories.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 from .assets import squad_file
 from .config import GenerationSettings, ModelArguments, run_metadata, to_dict, write_json_atomic
 from .data import SquadFormatError, data_fingerprint, encode_prompt, load_squad, squad_references, take_subset
-from .generate import generate_answers, max_prompt_tokens
+from .generate import generate_answer_sets, generate_answers, max_prompt_tokens
 from .metrics import normalize_answer, score_questions
 from .modeling import load_adapter, load_model_and_tokenizer
 from .stats import bootstrap_ci, paired_comparison
@@ -89,10 +90,7 @@ def _score(predictions: dict[str, str], records: list[dict], seed: int) -> dict:
             "per_question": {q: {"exact_match": s.exact_match, "f1": s.f1} for q, s in per_question.items()}}
 
 
-def _decode_and_score(model, tokenizer, records, settings: GenerationSettings) -> dict:
-    started, work = time.perf_counter(), {}
-    predictions = generate_answers(model, tokenizer, records, settings=settings, stats=work)
-    seconds = time.perf_counter() - started
+def _scored(predictions: dict[str, str], records, settings: GenerationSettings, seconds: float, work: dict) -> dict:
     return {**_score(predictions, records, settings.seed), **answer_quality(predictions, records),
             "questions_per_s": len(records) / seconds, "generation_work": work, "generation": to_dict(settings),
             "predictions": predictions}
@@ -110,14 +108,27 @@ def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, settings:
               "data": data_path, "data_hash": data_fingerprint(dataset), "subset_seed": eval_args.subset_seed,
               "evaluate_args": to_dict(eval_args), **run_metadata()}
     if not eval_args.strategy_grid:
-        result = {**header, **_decode_and_score(model, tokenizer, records, settings),
+        started, work = time.perf_counter(), {}
+        predictions = generate_answers(model, tokenizer, records, settings=settings, stats=work)
+        scored = _scored(predictions, records, settings, time.perf_counter() - started, work)
+        result = {**header, **scored,
                   "questions": {r["id"]: {"question": r["question"], "gold": r["answers"]["text"]} for r in records}}
         write_json_atomic(eval_args.output, result)
         return result
+    # every (strategy, seed) run decodes from the same prefill of each batch; a run's questions/s counts that
+    # shared prefill in full, i.e. the rate of the run alone
+    plan = [(strategy, replace(strategy, seed=seed)) for strategy in _grid(settings)
+            for seed in (range(eval_args.grid_seeds) if strategy.do_sample else [settings.seed])]
+    works = [{} for _ in plan]
+    started = time.perf_counter()
+    answer_sets = generate_answer_sets(model, tokenizer, records, [run for _, run in plan], stats=works)
+    header["grid_seconds"] = time.perf_counter() - started
+    scored = [_scored(answers, records, run, work["prefill_s"] + work["decode_s"], work)
+              for (_, run), answers, work in zip(plan, answer_sets, works)]
     rows = []
     for strategy in _grid(settings):
-        seeds = range(eval_args.grid_seeds) if strategy.do_sample else [settings.seed]
-        runs = [_decode_and_score(model, tokenizer, records, replace(strategy, seed=s)) for s in seeds]
+        runs = [r for (s, _), r in zip(plan, scored) if s == strategy]
+        seeds = [run.seed for s, run in plan if s == strategy]
         answers_by_seed = [r["predictions"] for r in runs]
         all_texts = [t for answers in answers_by_seed for t in answers.values()]
         rows.append({
@@ -132,7 +143,6 @@ def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, settings:
             if len(answers_by_seed) > 1 else 0.0,
             "runs": [{k: r[k] for k in ("exact_match", "f1", "predictions", "per_question")} for r in runs],
         })
-        write_json_atomic(eval_args.output, {**header, "n": len(records), "strategies": rows})  # partial results
     result = {**header, "n": len(records), "strategies": rows}
     write_json_atomic(eval_args.output, result)
     return result

@@ -145,6 +145,21 @@ class SharedPrefixBatch:
         self.suffix_lengths = lengths
         return logits
 
+    def prefill(self) -> torch.Tensor:
+        """Contexts, then questions; next-token logits (A, V). The state after it is kept for `rewind`."""
+        self.encode_contexts()
+        logits = self.encode_questions()
+        self._after_prefill = (logits, self.group, self.suffix_lengths,
+                               {layer: (k.clone(), v.clone()) for layer, (k, v) in self.suffix.items()})
+        return logits
+
+    def rewind(self) -> torch.Tensor:
+        """Back to the state right after `prefill` (to decode the batch again with other settings)."""
+        logits, self.group, self.suffix_lengths, suffix = self._after_prefill
+        self.suffix = {layer: (k.clone(), v.clone()) for layer, (k, v) in suffix.items()}
+        self._place_rows()
+        return logits
+
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One new token per active row; next-token logits (A, V)."""
         span = int(self.suffix_lengths.max()) + 1
@@ -278,16 +293,19 @@ class PaddedRowsBatch:
             prompt = context_ids + question_ids
             self.ids[r, width - len(prompt):] = torch.tensor(prompt)
             self.attention[r, width - len(prompt):] = 1
-        self.cache = DynamicCache(config=model.config)
+        self.prompt_attention = self.attention
 
-    def encode_contexts(self):
-        """Contexts are part of every row here; nothing to do before the questions."""
-
-    def encode_questions(self) -> torch.Tensor:
+    def prefill(self) -> torch.Tensor:
+        """The full prompts; next-token logits (A, V)."""
+        self.cache, self.attention = DynamicCache(config=self.model.config), self.prompt_attention
         positions = (self.attention.cumsum(1) - 1).clamp(min=0)
         self.next_position = positions[:, -1] + 1
         return self.model(input_ids=self.ids, attention_mask=self.attention, position_ids=positions,
                           cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    def rewind(self) -> torch.Tensor:
+        """Encode the prompts again (the model's own cache is not rewound)."""
+        return self.prefill()
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.attention = torch.cat([self.attention, self.attention.new_ones((len(tokens), 1))], dim=1)
@@ -345,15 +363,12 @@ def _batches(prompts: list[tuple[list[int], list[int]]], batch_size: int) -> Ite
 
 
 @torch.no_grad()
-def _decode_batch(batch, ids: list[str], settings: GenerationSettings, stop: set[int], device,
-                  work: dict) -> list[list[int]]:
-    """Generated token ids per row of `batch` (a SharedPrefixBatch or PaddedRowsBatch); adds to `work`."""
+def _decode_batch(batch, logits: torch.Tensor, ids: list[str], settings: GenerationSettings, stop: set[int],
+                  device, work: dict) -> list[list[int]]:
+    """Generated token ids per row of a prefilled `batch` (SharedPrefixBatch or PaddedRowsBatch) whose
+    next-token logits are `logits` (A, V); adds to `work`."""
     processors = _logits_processors(settings)
     generators = _generators(ids, settings.seed, device) if settings.do_sample else None
-    started = time.perf_counter()
-    batch.encode_contexts()
-    logits = batch.encode_questions()  # (A, V)
-    work["prefill_s"] += time.perf_counter() - started
     started = time.perf_counter()
     active = list(range(len(ids)))
     finished: set[int] = set()
@@ -400,29 +415,55 @@ def generate_answers(model, tokenizer, examples: list[dict], *, settings: Genera
     ...                                      "question": "Where is Paris?"}], settings=GenerationSettings())
     {'q1': 'France'}
     """
+    return generate_answer_sets(model, tokenizer, examples, [settings], progress=progress,
+                                stats=None if stats is None else [stats])[0]
+
+
+def generate_answer_sets(model, tokenizer, examples: list[dict], settings: list[GenerationSettings], *,
+                         progress: bool = True, stats: list[dict] | None = None) -> list[dict[str, str]]:
+    """One {id: answer} per entry of `settings` (e.g. a decoding-strategy grid), each batch's prompts
+    encoded once and decoded under every setting from the same keys/values. The answers equal separate
+    `generate_answers` calls. The settings may differ in sampling and seed, not in `max_new_tokens`,
+    `batch_size` or `prefix_cache`. `stats[k]` receives run k's work; `prefill_s` is the shared prefill.
+    """
+    first = settings[0]
+    if any((s.max_new_tokens, s.batch_size, s.prefix_cache) != (first.max_new_tokens, first.batch_size,
+                                                                  first.prefix_cache) for s in settings):
+        raise ValueError("generate_answer_sets: settings must share max_new_tokens, batch_size and prefix_cache")
     model.eval()
-    limit = max_prompt_tokens(model, settings)
+    limit = max_prompt_tokens(model, first)
     prompts = [encode_prompt(tokenizer, e["context"], e["question"], limit) for e in examples]
     stop = set(stop_token_ids(tokenizer).tolist())
-    shared = settings.prefix_cache and supports_shared_prefix(model)
-    answers: dict[str, str] = {}
-    work = {"prompt_tokens": 0, "generated_tokens": 0, "batches": 0, "decode_steps": 0, "prefill_s": 0.0,
-            "decode_s": 0.0}
-    bar = tqdm(total=len(examples), desc=f"answering ({settings.name})", disable=not progress, unit="q")
+    shared = first.prefix_cache and supports_shared_prefix(model)
+    answer_sets: list[dict[str, str]] = [{} for _ in settings]
+    works = [{"prompt_tokens": 0, "generated_tokens": 0, "batches": 0, "decode_steps": 0, "prefill_s": 0.0,
+              "decode_s": 0.0} for _ in settings]
+    label = first.name if len(settings) == 1 else f"{len(settings)} settings"
+    bar = tqdm(total=len(examples), desc=f"answering ({label})", disable=not progress, unit="q")
     with _attention_implementation(model, SHARED_PREFIX_ATTENTION) if shared else contextlib.nullcontext():
-        for indices in _batches(prompts, settings.batch_size):
+        for indices in _batches(prompts, first.batch_size):
             ids = [examples[i]["id"] for i in indices]
             batch_prompts = [prompts[i] for i in indices]
-            batch = (SharedPrefixBatch(model, batch_prompts, settings.max_new_tokens) if shared
+            batch = (SharedPrefixBatch(model, batch_prompts, first.max_new_tokens) if shared
                      else PaddedRowsBatch(model, batch_prompts, tokenizer.pad_token_id))
-            generated = _decode_batch(batch, ids, settings, stop, model.device, work)
-            answers.update((qid, answer_text(tokenizer, tokens)) for qid, tokens in zip(ids, generated))
-            bar.update(len(indices))
-            work["batches"] += 1
-            work["generated_tokens"] += sum(len(tokens) for tokens in generated)
             contexts = {tuple(c) for c, _ in batch_prompts} if shared else [c for c, _ in batch_prompts]
-            work["prompt_tokens"] += sum(len(c) for c in contexts) + sum(len(q) for _, q in batch_prompts)
+            prompt_tokens = sum(len(c) for c in contexts) + sum(len(q) for _, q in batch_prompts)
+            started = time.perf_counter()
+            logits = batch.prefill()
+            prefill_s = time.perf_counter() - started
+            for k, (run, answers, work) in enumerate(zip(settings, answer_sets, works)):
+                if k:
+                    started = time.perf_counter()
+                    logits = batch.rewind()
+                    work["prefill_s"] += time.perf_counter() - started
+                generated = _decode_batch(batch, logits, ids, run, stop, model.device, work)
+                answers.update((qid, answer_text(tokenizer, tokens)) for qid, tokens in zip(ids, generated))
+                work["batches"] += 1
+                work["prompt_tokens"] += prompt_tokens
+                work["prefill_s"] += prefill_s
+                work["generated_tokens"] += sum(len(tokens) for tokens in generated)
+            bar.update(len(indices))
     bar.close()
-    if stats is not None:
-        stats.update(work)
-    return answers
+    for target, work in zip(stats or [], works):
+        target.update(work)
+    return answer_sets

@@ -50,6 +50,8 @@ def test_strategy_grid(tmp_path, tiny_gpt2_dir, squad_file):
     assert result["strategies"][0]["seeds"] == [0] and result["strategies"][1]["seeds"] == [0, 1]
     for row in result["strategies"]:
         assert 0.0 <= row["distinct_1"] <= 1.0 and 0.0 <= row["seed_disagreement"] <= 1.0
+    greedy = _evaluate(tiny_gpt2_dir, squad_file, tmp_path / "greedy.json")
+    assert result["strategies"][0]["runs"][0]["predictions"] == greedy["predictions"]  # shared prefill, same answers
 
 
 @pytest.mark.parametrize("prediction, golds, em, f1, expected", [

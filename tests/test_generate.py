@@ -6,7 +6,8 @@ from loraqa.config import ConfigError, GenerationSettings
 from loraqa.data import load_squad
 from loraqa.evaluation import one_by_one_answers
 from loraqa.generate import (PaddedRowsBatch, SharedPrefixBatch, _attention_implementation, answer_text,
-                             generate_answers, stop_token_ids, supports_shared_prefix, SHARED_PREFIX_ATTENTION)
+                             generate_answer_sets, generate_answers, stop_token_ids, supports_shared_prefix,
+                             SHARED_PREFIX_ATTENTION)
 
 
 def _records(squad_file, extra: int = 0):
@@ -96,9 +97,8 @@ def test_shared_prefix_logits_equal_full_prompt_rows(make_model):
     reference = PaddedRowsBatch(model, prompts, pad_token_id=0)
     with _attention_implementation(model, SHARED_PREFIX_ATTENTION):
         shared = SharedPrefixBatch(model, prompts, max_new_tokens=4)
-        shared.encode_contexts()
-        ours = shared.encode_questions()
-    expected = reference.encode_questions()
+        ours = shared.prefill()
+    expected = reference.prefill()
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
     tokens = expected.argmax(-1)
     for keep in (None, torch.tensor([0, 2, 3, 5]), None):
@@ -120,11 +120,10 @@ def test_shared_prefix_runs_in_bfloat16(make_model):
     model = make_model(vocab_size=100).to(torch.bfloat16)
     prompts = _prompts(100)
     reference = PaddedRowsBatch(model, prompts, pad_token_id=0)
-    expected = reference.encode_questions()
+    expected = reference.prefill()
     with _attention_implementation(model, SHARED_PREFIX_ATTENTION):
         shared = SharedPrefixBatch(model, prompts, max_new_tokens=2)
-        shared.encode_contexts()
-        ours = shared.encode_questions()
+        ours = shared.prefill()
         tokens = expected.argmax(-1)
         ours_step = shared.step(tokens)
     expected_step = reference.step(tokens)
@@ -194,6 +193,25 @@ def test_seeded_sampling_is_reproducible_and_batch_invariant(gpt2_tokenizer, squ
     assert sample(seed=1) == first
     assert sample(seed=1, batch_size=2, prefix_cache=False) == first
     assert sample(seed=2) != first
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_answer_sets_share_the_prefill_and_equal_separate_runs(smollm2_tokenizer, squad_file, prefix_cache):
+    model = tiny_llama(vocab_size=len(smollm2_tokenizer))
+    records = _records(squad_file, extra=5)
+    base = GenerationSettings(max_new_tokens=5, batch_size=4, prefix_cache=prefix_cache)
+    sampled = dict(do_sample=True, top_k=20, temperature=1.2)
+    runs = [base, GenerationSettings(**{**vars(base), **sampled, "seed": 1}),
+            GenerationSettings(**{**vars(base), **sampled, "seed": 2}), base]
+    calls, works = _forward_counter(model), [{} for _ in runs]
+    together = generate_answer_sets(model, smollm2_tokenizer, records, runs, progress=False, stats=works)
+    prefills = 2 * works[0]["batches"] if prefix_cache else len(runs) * works[0]["batches"]
+    assert len(calls) == prefills + sum(w["decode_steps"] for w in works)  # prefill once per batch when shared
+    assert together == [generate_answers(model, smollm2_tokenizer, records, settings=run, progress=False)
+                        for run in runs]
+    assert together[0] == together[3] and together[1] != together[2]
+    with pytest.raises(ValueError, match="must share max_new_tokens"):
+        generate_answer_sets(model, smollm2_tokenizer, records, [base, GenerationSettings(max_new_tokens=3)])
 
 
 @pytest.mark.parametrize("kwargs, message", [
