@@ -17,7 +17,7 @@ own KV cache.
 A row stops at EOS or at any token containing a newline; finished rows leave the batch once an eighth of
 it is done (compacting copies the per-row keys/values), and decoding ends when none is left. Sampling
 draws from one generator per question seeded by (seed, id), so sampled answers do not depend on batch
-size or order.
+size or order. `generate_answer_sets` decodes several settings (a strategy grid) from one prefill per batch.
 """
 from __future__ import annotations
 
@@ -115,14 +115,14 @@ class SharedPrefixBatch:
 
     # the three kinds of forward pass, each one packed row
 
-    def encode_contexts(self):
+    def _encode_contexts(self):
         device = self.group.device
         ids = torch.tensor([t for c in self.contexts for t in c], device=device)[None]
         positions = torch.cat([torch.arange(len(c), device=device) for c in self.contexts])[None]
         self._mode = "contexts"
         self.model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1, shared_prefix=self)
 
-    def encode_questions(self) -> torch.Tensor:
+    def _encode_questions(self) -> torch.Tensor:
         """All questions back to back; logits at each question's last token, (A, V)."""
         device = self.group.device
         lengths = torch.tensor([len(q) for q in self.questions], device=device)
@@ -147,8 +147,8 @@ class SharedPrefixBatch:
 
     def prefill(self) -> torch.Tensor:
         """Contexts, then questions; next-token logits (A, V). The state after it is kept for `rewind`."""
-        self.encode_contexts()
-        logits = self.encode_questions()
+        self._encode_contexts()
+        logits = self._encode_questions()
         self._after_prefill = (logits, self.group, self.suffix_lengths,
                                {layer: (k.clone(), v.clone()) for layer, (k, v) in self.suffix.items()})
         return logits
@@ -288,12 +288,11 @@ class PaddedRowsBatch:
         self.model, device = model, model.device
         width = max(len(c) + len(q) for c, q in prompts)
         self.ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long, device=device)
-        self.attention = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+        self.prompt_attention = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
         for r, (context_ids, question_ids) in enumerate(prompts):
             prompt = context_ids + question_ids
             self.ids[r, width - len(prompt):] = torch.tensor(prompt)
-            self.attention[r, width - len(prompt):] = 1
-        self.prompt_attention = self.attention
+            self.prompt_attention[r, width - len(prompt):] = 1
 
     def prefill(self) -> torch.Tensor:
         """The full prompts; next-token logits (A, V)."""
