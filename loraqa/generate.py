@@ -418,6 +418,7 @@ def generate_answers(model, tokenizer, examples: list[dict], *, settings: Genera
                                 stats=None if stats is None else [stats])[0]
 
 
+@torch.no_grad()
 def generate_answer_sets(model, tokenizer, examples: list[dict], settings: list[GenerationSettings], *,
                          progress: bool = True, stats: list[dict] | None = None) -> list[dict[str, str]]:
     """One {id: answer} per entry of `settings` (e.g. a decoding-strategy grid), each batch's prompts

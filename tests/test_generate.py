@@ -39,8 +39,14 @@ def _newline_model(tokenizer):
 
 
 def _forward_counter(model) -> list:
+    """Forward calls of `model`; each must run without autograd (a graph would make decoding slow)."""
     calls = []
-    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+
+    def count(module, args):
+        assert not torch.is_grad_enabled()
+        calls.append(1)
+
+    model.register_forward_pre_hook(count)
     return calls
 
 
