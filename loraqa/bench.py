@@ -116,14 +116,12 @@ def _in_child(function, job: dict) -> dict:
         return pool.submit(function, job).result()
 
 
-def _eval_bench(model_name: str, cache_dir: str, m: int, peak_gflops: float, ablations: bool) -> dict:
+def _eval_bench(model, tokenizer, cache_dir: str, m: int, peak_gflops: float, ablations: bool) -> dict:
     from .assets import squad_file
     from .data import load_squad, take_subset
     from .evaluation import one_by_one_answers
     from .generate import generate_answers
-    from .modeling import load_model_and_tokenizer
 
-    model, tokenizer, _ = load_model_and_tokenizer(model_name, cache_dir)
     model.eval()
     records = list(take_subset(load_squad(squad_file("squad", "validation", cache_dir), "validation"), m, 0))
     settings = GenerationSettings()
@@ -145,7 +143,7 @@ def _eval_bench(model_name: str, cache_dir: str, m: int, peak_gflops: float, abl
         ablation = {"full_prompt_rows_questions_per_s": len(records) / rows_s,
                     "full_prompt_rows_identical_count": sum(rows[q] == reference[q] for q in reference)}
     # matmul work of loraqa's path: every encoded or fed token through the body, every generated token's logits
-    body, head = _body_params(model), model.get_output_embeddings().weight.numel()
+    body, head = _matmul_params(model)
     flops = 2 * body * (work["prompt_tokens"] + work["generated_tokens"]) + 2 * head * work["generated_tokens"]
     floor_s = flops / (peak_gflops * 1e9)
     return {"questions": len(records), "paragraphs": len({r["context"] for r in records}),
@@ -187,11 +185,10 @@ def run_bench(model_args: ModelArguments, bench: BenchArguments) -> dict:
         logger.info("training reference: TRL SFTTrainer + PEFT")
         train["reference_trl"] = _in_child(_trl_worker, job)
     ours = train["loraqa"]
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from .modeling import load_model_and_tokenizer
 
-    config = AutoConfig.from_pretrained(resolved)
-    head = config.vocab_size * config.hidden_size
-    body = _body_params(AutoModelForCausalLM.from_pretrained(resolved))
+    model, tokenizer, _ = load_model_and_tokenizer(resolved, model_args.cache_dir)
+    body, head = _matmul_params(model)
     flops = 4 * body * ours["processed_tokens"] + 4 * head * ours["logit_positions"]  # fwd + input-grad bwd
     train["loraqa_achieved_gflops"] = flops / ours["runtime_s"] / 1e9
     train["loraqa_mfu"] = train["loraqa_achieved_gflops"] / peak
@@ -207,18 +204,19 @@ def run_bench(model_args: ModelArguments, bench: BenchArguments) -> dict:
     result["train"] = train
     write_json_atomic(bench.output, result)
     logger.info("evaluation: one-by-one generate vs loraqa")
-    result["eval"] = _eval_bench(resolved, model_args.cache_dir, bench.eval_examples, peak, bench.ablations)
+    result["eval"] = _eval_bench(model, tokenizer, model_args.cache_dir, bench.eval_examples, peak, bench.ablations)
     write_json_atomic(bench.output, result)
     return result
 
 
-def _body_params(model) -> int:
-    """Weights of the linear layers outside the LM head: the per-token matmul work of the transformer body."""
+def _matmul_params(model) -> tuple[int, int]:
+    """(body, head): weights of the linear layers outside the LM head (the per-token matmul work of the
+    transformer body; embeddings are lookups) and of the LM head."""
     from transformers.pytorch_utils import Conv1D
 
     head = model.get_output_embeddings()
-    return sum(m.weight.numel() for m in model.modules()
-               if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head)
+    body = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head)
+    return body, head.weight.numel()
 
 
 def summary_lines(result: dict) -> list[str]:

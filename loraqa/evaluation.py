@@ -117,18 +117,18 @@ def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, settings:
         return result
     # every (strategy, seed) run decodes from the same prefill of each batch; a run's questions/s counts that
     # shared prefill in full, i.e. the rate of the run alone
-    plan = [(strategy, replace(strategy, seed=seed)) for strategy in _grid(settings)
-            for seed in (range(eval_args.grid_seeds) if strategy.do_sample else [settings.seed])]
-    works = [{} for _ in plan]
+    plan = [(strategy, list(range(eval_args.grid_seeds)) if strategy.do_sample else [settings.seed])
+            for strategy in _grid(settings)]
+    settings_list = [replace(strategy, seed=seed) for strategy, seeds in plan for seed in seeds]
+    works = [{} for _ in settings_list]
     started = time.perf_counter()
-    answer_sets = generate_answer_sets(model, tokenizer, records, [run for _, run in plan], stats=works)
+    answer_sets = generate_answer_sets(model, tokenizer, records, settings_list, stats=works)
     header["grid_seconds"] = time.perf_counter() - started
-    scored = [_scored(answers, records, run, work["prefill_s"] + work["decode_s"], work)
-              for (_, run), answers, work in zip(plan, answer_sets, works)]
+    scored = iter([_scored(answers, records, run, work["prefill_s"] + work["decode_s"], work)
+                   for run, answers, work in zip(settings_list, answer_sets, works)])
     rows = []
-    for strategy in _grid(settings):
-        runs = [r for (s, _), r in zip(plan, scored) if s == strategy]
-        seeds = [run.seed for s, run in plan if s == strategy]
+    for strategy, seeds in plan:
+        runs = [next(scored) for _ in seeds]
         answers_by_seed = [r["predictions"] for r in runs]
         all_texts = [t for answers in answers_by_seed for t in answers.values()]
         rows.append({

@@ -97,12 +97,13 @@ class SharedPrefixBatch:
             raise ValueError("SharedPrefixBatch needs the questions of one context next to each other")
         self.contexts = [list(c) for c in contexts]
         self.questions = [question_ids for _, question_ids in prompts]
-        self.context_lengths = torch.tensor([len(c) for c in self.contexts], device=device)
+        self.context_sizes = [len(c) for c in self.contexts]  # read by every layer: kept as ints
+        self.context_lengths = torch.tensor(self.context_sizes, device=device)
         self.group = torch.tensor(group, device=device)  # (A,) context of each active row
         self.capacity = max(len(q) for q in self.questions) + max_new_tokens
         self.prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.suffix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        positions = torch.arange(int(self.context_lengths.max()), device=device)
+        positions = torch.arange(max(self.context_sizes), device=device)
         self.prefix_bias = _masked_bias(positions < self.context_lengths[:, None])[:, None, None, :]  # (C,1,1,Lc)
         self._place_rows()
 
@@ -131,7 +132,7 @@ class SharedPrefixBatch:
         self.token_rows, self.token_columns = rows, torch.arange(len(rows), device=device) - (ends - lengths)[rows]
         # per context: its questions' tokens see the whole context, and causally their own question
         self.question_spans, start = [], 0
-        for c, length in enumerate(self.context_lengths.tolist()):
+        for c, length in enumerate(self.context_sizes):
             end = start + int(lengths[self.group == c].sum())
             r, column = rows[start:end], self.token_columns[start:end]
             own = (r[:, None] == r[None, :]) & (column[None, :] <= column[:, None])
@@ -165,6 +166,7 @@ class SharedPrefixBatch:
         span = int(self.suffix_lengths.max()) + 1
         visible = torch.arange(span, device=tokens.device)[None, :] <= self.suffix_lengths[:, None]
         self.step_bias, self.span = _masked_bias(visible)[:, None, None, :], span  # (A, 1, 1, S)
+        self.step_rows = torch.arange(len(tokens), device=tokens.device)
         positions = (self.context_lengths[self.group] + self.suffix_lengths)[None]
         self._mode = "step"
         logits = self.model(input_ids=tokens[None], position_ids=positions, use_cache=False,
@@ -189,11 +191,11 @@ class SharedPrefixBatch:
         return self._attend_step(layer, query, key, value, scale)
 
     def _attend_contexts(self, layer, query, key, value, scale):
-        kv_heads, dim, longest = key.shape[1], key.shape[-1], int(self.context_lengths.max())
+        kv_heads, dim, longest = key.shape[1], key.shape[-1], max(self.context_sizes)
         prefix_keys = key.new_zeros((len(self.contexts), kv_heads, longest, dim))
         prefix_values = value.new_zeros((len(self.contexts), kv_heads, longest, dim))
         outputs, start = [], 0
-        for c, length in enumerate(self.context_lengths.tolist()):
+        for c, length in enumerate(self.context_sizes):
             span = slice(start, start + length)
             prefix_keys[c, :, :length], prefix_values[c, :, :length] = key[0, :, span], value[0, :, span]
             outputs.append(F.scaled_dot_product_attention(query[:, :, span], key[:, :, span], value[:, :, span],
@@ -211,7 +213,7 @@ class SharedPrefixBatch:
         prefix_keys, prefix_values = self.prefix[layer]
         outputs = []
         for c, (start, end, visible) in enumerate(self.question_spans):
-            length = int(self.context_lengths[c])
+            length = self.context_sizes[c]
             keys = torch.cat([prefix_keys[c, :, :length], key[0, :, start:end]], dim=1)[None]
             values = torch.cat([prefix_values[c, :, :length], value[0, :, start:end]], dim=1)[None]
             outputs.append(F.scaled_dot_product_attention(query[:, :, start:end], keys, values, attn_mask=visible,
@@ -222,9 +224,8 @@ class SharedPrefixBatch:
         rows, heads, dim = len(self.group), query.shape[1], query.shape[-1]
         contexts, kv_heads, slots = len(self.contexts), key.shape[1], self.slots_per_context
         suffix_keys, suffix_values = self.suffix[layer]
-        row_index = torch.arange(rows, device=key.device)
-        suffix_keys[row_index, :, self.suffix_lengths] = key[0].transpose(0, 1)
-        suffix_values[row_index, :, self.suffix_lengths] = value[0].transpose(0, 1)
+        suffix_keys[self.step_rows, :, self.suffix_lengths] = key[0].transpose(0, 1)
+        suffix_values[self.step_rows, :, self.suffix_lengths] = value[0].transpose(0, 1)
         query = query[0].transpose(0, 1).reshape(rows, kv_heads, heads // kv_heads, dim)  # (A, KV, G, D)
 
         # the context: all rows of a context side by side against its keys/values, (C, KV, slots*G, D)
@@ -361,7 +362,6 @@ def _batches(prompts: list[tuple[list[int], list[int]]], batch_size: int) -> Ite
         yield batch
 
 
-@torch.no_grad()
 def _decode_batch(batch, logits: torch.Tensor, ids: list[str], settings: GenerationSettings, stop: set[int],
                   device, work: dict) -> list[list[int]]:
     """Generated token ids per row of a prefilled `batch` (SharedPrefixBatch or PaddedRowsBatch) whose

@@ -24,7 +24,10 @@ def bootstrap_ci(values, *, confidence: float = 0.95, resamples: int = 10_000, s
     return [float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))]
 
 
-def paired_permutation_pvalue(a, b, *, resamples: int = 10_000, seed: int = 0) -> float:
+PERMUTATION_RESAMPLES = 10_000  # p >= 1/10,001: the smallest value the permutation test can report
+
+
+def paired_permutation_pvalue(a, b, *, resamples: int = PERMUTATION_RESAMPLES, seed: int = 0) -> float:
     """Two-sided p-value of mean(a - b) = 0 by random sign flips of the paired differences."""
     diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     if len(diff) == 0 or not diff.any():
@@ -68,6 +71,7 @@ def paired_comparison(a: dict[str, dict], b: dict[str, dict], *, seed: int = 0) 
         "f1": {"a": 100 * f1_a.mean() if common else None, "b": 100 * f1_b.mean() if common else None,
                "delta": f1_delta.mean() if common else None,
                "delta_ci": bootstrap_ci(f1_delta, seed=seed),
-               "permutation_p_value": paired_permutation_pvalue(f1_b, f1_a, seed=seed),
-               "permutation_resamples": 10_000},  # p >= 1/10,001: the smallest value this test can report
+               "permutation_p_value": paired_permutation_pvalue(f1_b, f1_a, resamples=PERMUTATION_RESAMPLES,
+                                                                seed=seed),
+               "permutation_resamples": PERMUTATION_RESAMPLES},
     }

@@ -1,14 +1,14 @@
 from conftest import tiny_gpt2, tiny_llama
-from loraqa.bench import _body_params, summary_lines
+from loraqa.bench import _matmul_params, summary_lines
 
 
-def test_body_params_count_the_transformer_matrices_only():
+def test_matmul_params_count_the_transformer_matrices_and_the_head():
     llama = tiny_llama(vocab_size=100)  # hidden 32, intermediate 64, 4 heads of 8, 2 kv heads, 2 layers
     per_layer = 32 * 32 + 2 * (32 * 16) + 32 * 32 + 3 * (32 * 64)  # q, k, v, o, gate, up, down
-    assert _body_params(llama) == 2 * per_layer
+    assert _matmul_params(llama) == (2 * per_layer, 100 * 32)
     gpt2 = tiny_gpt2(vocab_size=100)  # n_embd 32, 2 layers; embeddings (tokens, positions) are lookups
     per_block = 32 * 96 + 32 * 32 + 32 * 128 + 128 * 32  # c_attn, attn.c_proj, c_fc, mlp.c_proj
-    assert _body_params(gpt2) == 2 * per_block
+    assert _matmul_params(gpt2) == (2 * per_block, 100 * 32)
 
 
 def test_summary_lines_state_the_side_by_side_ratios():
