@@ -139,8 +139,8 @@ class GenerationSettings:
     temperature: float = field(default=1.0, **_help("Softmax temperature when sampling."))
     seed: int = field(default=0, **_help("Sampling seed; a run with the same seed gives the same answers."))
     batch_size: int = field(default=128, **_help(
-        "Questions decoded together (whole paragraphs). 128 measured fastest on 2 CPU cores (256 dev questions, "
-        "SmolLM2-135M: 32 -> 7.3, 64 -> 9.3, 128 -> 11.2, 256 -> 10.0 questions/s)."))
+        "Questions decoded together (whole paragraphs). Fastest on 2 CPU cores (`loraqa evaluate --model "
+        "smollm2-135m --max_samples 256 --batch_size B`: 32 -> 3.7, 64 -> 5.3, 128 -> 6.5, 256 -> 5.6 questions/s)."))
     prefix_cache: bool = field(default=True, **_help(
         "Encode each paragraph once and let its questions attend to its shared keys/values (models using "
         "transformers' attention interface with global attention); false: every row its full prompt."))
