@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import os
 import platform
 import resource
 import tempfile
@@ -41,13 +40,17 @@ class BenchArguments:
     reference: bool = field(default=True, metadata={"help": "Run the TRL reference (needs `pip install trl`)."})
 
 
-def matmul_peak_gflops(size: int = 1024, seconds: float = 3.0) -> float:
-    """Measured fp32 matmul throughput of this machine with torch's current threads."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak_gflops(size: int | None = None, seconds: float = 3.0, device: str = "cpu") -> float:
+    """Measured fp32 matmul throughput of `device` (on a CPU, with torch's current threads)."""
+    size = size or (1024 if torch.device(device).type == "cpu" else 8192)
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     torch.mm(a, b)
+    synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    synchronize()
     count, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         torch.mm(a, b)
+        synchronize()
         count += 1
     return 2 * size**3 * count / (time.perf_counter() - started) / 1e9
 
@@ -165,12 +168,13 @@ def run_bench(model_args: ModelArguments, bench: BenchArguments) -> dict:
     steps = max(1, bench.train_examples // bench.batch_size)
     job = {"model": resolved, "cache_dir": model_args.cache_dir, "n": steps * bench.batch_size, "steps": steps,
            "batch_size": bench.batch_size, "max_length": bench.max_length}
+    # the Trainer trains where transformers puts the model (CUDA when present); evaluation runs there too
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     result = {"model": model_args.model, "model_resolved": resolved, "settings": vars(bench) | {"steps": steps},
-              "machine": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "torch": torch.__version__, "processor": platform.processor() or platform.machine()},
               **run_metadata()}
-    peak = matmul_peak_gflops()
-    result["machine"]["matmul_peak_gflops"] = peak
+    peak = matmul_peak_gflops(device=device)
+    result["machine"].update(processor=platform.processor() or platform.machine(), device=device,
+                             matmul_peak_gflops=peak)
     variants = {"loraqa": {"packing": "shared_context", "answer_only_logits": True}}
     if bench.ablations:
         variants["padded_answer_only_logits"] = {"packing": "none", "answer_only_logits": True}
@@ -188,6 +192,7 @@ def run_bench(model_args: ModelArguments, bench: BenchArguments) -> dict:
     from .modeling import load_model_and_tokenizer
 
     model, tokenizer, _ = load_model_and_tokenizer(resolved, model_args.cache_dir)
+    model.to(device)
     body, head = _matmul_params(model)
     flops = 4 * body * ours["processed_tokens"] + 4 * head * ours["logit_positions"]  # fwd + input-grad bwd
     train["loraqa_achieved_gflops"] = flops / ours["runtime_s"] / 1e9

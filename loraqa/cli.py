@@ -162,11 +162,15 @@ def _ask(argv):
     parser.add_argument("--question", default=None, help="the question (interactive loop when missing)")
     parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=32)
     parser.add_argument("--cache_dir", "--cache-dir", default=default_cache_dir())
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available, else cpu), cpu, cuda, ...")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (bfloat16 on a CUDA device that supports it, float32 elsewhere), float32, bfloat16, float16")
     args = parser.parse_args(argv)
     from .config import GenerationSettings, ModelArguments
     from .evaluation import answer_question, load_model_for_eval
 
-    model, tokenizer, _ = load_model_for_eval(ModelArguments(args.model, args.cache_dir), args.adapter)
+    model, tokenizer, _ = load_model_for_eval(ModelArguments(args.model, args.cache_dir), args.adapter,
+                                              device=args.device, dtype=args.dtype)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
     context = args.context if args.context is not None else input("Context: ")
     if args.question is not None:

@@ -16,6 +16,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from .config import GenerationSettings, ModelArguments, run_metadata, to_dict, w
 from .data import SquadFormatError, data_fingerprint, encode_prompt, load_squad, squad_references, take_subset
 from .generate import generate_answer_sets, generate_answers, max_prompt_tokens
 from .metrics import normalize_answer, score_questions
-from .modeling import load_adapter, load_model_and_tokenizer
+from .modeling import inference_placement, load_adapter, load_model_and_tokenizer
 from .stats import bootstrap_ci, paired_comparison
 
 
@@ -40,6 +41,10 @@ class EvaluateArguments:
     strategy_grid: bool = field(default=False, metadata={"help": "Run the decoding-strategy grid instead of one setting."})
     grid_seeds: int = field(default=3, metadata={"help": "Seeds per sampled strategy in the grid."})
     torch_threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads; default: all cores."})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when available, else cpu), cpu, cuda, cuda:1, ..."})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
+        "help": "Weights for inference: auto = bfloat16 on a CUDA device that supports it, float32 elsewhere "
+                "(bf16 is ~15x slower on CPUs without native bf16). Answers depend on it; the output records it."})
 
 
 def _grid(base: GenerationSettings) -> list[GenerationSettings]:
@@ -51,17 +56,20 @@ def _grid(base: GenerationSettings) -> list[GenerationSettings]:
             + [replace(base, **{**sampled, "temperature": t}) for t in (0.7, 1.0, 1.3)])
 
 
-def load_model_for_eval(model_args: ModelArguments, adapter: str | None, merge: bool = True):
-    """Base model (+ adapter, merged by default) and tokenizer; a full fine-tune run directory loads as is."""
+def load_model_for_eval(model_args: ModelArguments, adapter: str | None, merge: bool = True, *,
+                        device: str = "auto", dtype: str = "auto"):
+    """Base model (+ adapter, merged by default) and tokenizer, on `device` in `dtype` (see
+    `modeling.inference_placement`); a full fine-tune run directory loads as is."""
+    place, weights = inference_placement(device, dtype)
     if adapter and not (Path(adapter) / "adapter_config.json").exists():
         if not (Path(adapter) / "config.json").exists():
             raise SquadFormatError(f"{adapter}: neither an adapter (adapter_config.json) nor a model (config.json)")
         model_args = replace(model_args, model=adapter)
         adapter = None
-    model, tokenizer, resolved = load_model_and_tokenizer(model_args.model, model_args.cache_dir)
+    model, tokenizer, resolved = load_model_and_tokenizer(model_args.model, model_args.cache_dir, dtype=weights)
     if adapter:
         model = load_adapter(model, adapter, merge=merge)
-    return model.eval(), tokenizer, resolved
+    return model.to(place).eval(), tokenizer, resolved
 
 
 def answer_quality(predictions: dict[str, str], records: list[dict]) -> dict:
@@ -98,13 +106,17 @@ def _scored(predictions: dict[str, str], records, settings: GenerationSettings, 
 
 def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, settings: GenerationSettings) -> dict:
     """Evaluate one decoding setting (or the grid) and write `eval_args.output` atomically."""
+    inference_placement(eval_args.device, eval_args.dtype)  # a device or dtype that cannot work fails first
     if eval_args.torch_threads:
         torch.set_num_threads(eval_args.torch_threads)
     data_path = squad_file(eval_args.data, "validation", model_args.cache_dir)
     dataset = take_subset(load_squad(data_path, "validation"), eval_args.max_samples, eval_args.subset_seed)
-    model, tokenizer, resolved = load_model_for_eval(model_args, eval_args.adapter, eval_args.merge_adapter)
+    model, tokenizer, resolved = load_model_for_eval(model_args, eval_args.adapter, eval_args.merge_adapter,
+                                                     device=eval_args.device, dtype=eval_args.dtype)
     records = list(dataset)
+    weights = next(model.parameters())
     header = {"model": model_args.model, "model_resolved": resolved, "adapter": eval_args.adapter,
+              "device": str(weights.device), "dtype": str(weights.dtype).removeprefix("torch."),
               "data": data_path, "data_hash": data_fingerprint(dataset), "subset_seed": eval_args.subset_seed,
               "evaluate_args": to_dict(eval_args), **run_metadata()}
     if not eval_args.strategy_grid:

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from loraqa.cli import main
 
@@ -66,6 +67,13 @@ def test_out_of_range_settings_fail_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "e.json").exists()
     assert main(["train", "--model", "x", "--lora_r", "0"]) == 2
     assert "lora_r=0" in capsys.readouterr().err
+
+
+def test_unusable_device_fails_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["evaluate", "--model", "does-not-exist", "--device", "cuda", "--output", str(tmp_path / "e.json")]) == 2
+    assert "device 'cuda': CUDA is not available on this machine" in capsys.readouterr().err
+    assert not (tmp_path / "e.json").exists()
 
 
 def test_unknown_yaml_key_is_named(tmp_path, capsys):

@@ -1,12 +1,13 @@
 import json
 
 import pytest
+import torch
 
 from conftest import tiny_gpt2
 from loraqa.config import GenerationSettings, LoraArguments, ModelArguments
 from loraqa.evaluation import EvaluateArguments, compare, evaluate, failure_category, failure_report, question_type
 from loraqa.metrics import squad_scores
-from loraqa.modeling import attach_lora
+from loraqa.modeling import ModelSetupError, attach_lora, inference_placement
 
 
 def _evaluate(model_dir, squad_file, output, **kwargs):
@@ -28,6 +29,35 @@ def test_evaluation_json_matches_the_official_scorer(tmp_path, tiny_gpt2_dir, sq
                 "transformers", "torch", "mean_answer_words", "verbatim_in_context"):
         assert key in written, key
     assert result["data_hash"] == written["data_hash"]
+
+
+def test_inference_placement(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert inference_placement() == (torch.device("cpu"), torch.float32)
+    assert inference_placement("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(ModelSetupError, match="device 'cuda': CUDA is not available"):
+        inference_placement("cuda")
+    with pytest.raises(ModelSetupError, match="device 'gpu0'"):
+        inference_placement("gpu0")
+    with pytest.raises(ModelSetupError, match="dtype 'fp8'"):
+        inference_placement("cpu", "fp8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert inference_placement() == (torch.device("cuda"), torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert inference_placement() == (torch.device("cuda"), torch.float32)
+    assert inference_placement("cuda:1", "float16") == (torch.device("cuda:1"), torch.float16)
+
+
+def test_evaluation_in_bfloat16_records_it(tmp_path, tiny_gpt2_dir, squad_file):
+    fp32 = _evaluate(tiny_gpt2_dir, squad_file, tmp_path / "fp32.json", device="cpu")
+    bf16 = _evaluate(tiny_gpt2_dir, squad_file, tmp_path / "bf16.json", device="cpu", dtype="bfloat16")
+    assert (fp32["device"], fp32["dtype"], bf16["device"], bf16["dtype"]) == ("cpu", "float32", "cpu", "bfloat16")
+    assert set(bf16["predictions"]) == set(fp32["predictions"])
+    adapter = tmp_path / "adapter"
+    attach_lora(tiny_gpt2(), LoraArguments(lora_r=4)).save_pretrained(adapter)  # B = 0: answers as the base
+    tuned = _evaluate(tiny_gpt2_dir, squad_file, tmp_path / "tuned.json", adapter=str(adapter), dtype="bfloat16")
+    assert tuned["dtype"] == "bfloat16" and tuned["predictions"] == bf16["predictions"]
 
 
 def test_adapter_evaluation_and_compare(tmp_path, tiny_gpt2_dir, squad_file):
