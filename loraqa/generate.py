@@ -15,9 +15,11 @@ attention over the concatenation; the context's keys/values are never copied per
 own KV cache.
 
 A row stops at EOS or at any token containing a newline; finished rows leave the batch once an eighth of
-it is done (compacting copies the per-row keys/values), and decoding ends when none is left. Sampling
-draws from one generator per question seeded by (seed, id), so sampled answers do not depend on batch
-size or order. `generate_answer_sets` decodes several settings (a strategy grid) from one prefill per batch.
+it is done (compacting copies the per-row keys/values). Once seven eighths have stopped, the rest wait and
+are decoded together with the leftovers of later batches (`split_off`, `merge`): a few long answers no
+longer keep a whole batch's worth of steps to themselves. Sampling draws from one generator per question
+seeded by (seed, id), so sampled answers do not depend on batch size or order. `generate_answer_sets`
+decodes several settings (a strategy grid) from one prefill per batch.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import contextlib
 import hashlib
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -97,19 +100,22 @@ class SharedPrefixBatch:
             raise ValueError("SharedPrefixBatch needs the questions of one context next to each other")
         self.contexts = [list(c) for c in contexts]
         self.questions = [question_ids for _, question_ids in prompts]
-        self.context_sizes = [len(c) for c in self.contexts]  # read by every layer: kept as ints
-        self.context_lengths = torch.tensor(self.context_sizes, device=device)
         self.group = torch.tensor(group, device=device)  # (A,) context of each active row
         self.capacity = max(len(q) for q in self.questions) + max_new_tokens
         self.prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.suffix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        positions = torch.arange(max(self.context_sizes), device=device)
-        self.prefix_bias = _masked_bias(positions < self.context_lengths[:, None])[:, None, None, :]  # (C,1,1,Lc)
+        self._set_contexts([len(c) for c in self.contexts])
         self._place_rows()
+
+    def _set_contexts(self, sizes: list[int]):
+        self.context_sizes = sizes  # read by every layer: kept as ints
+        self.context_lengths = torch.tensor(sizes, device=self.group.device)
+        positions = torch.arange(max(sizes), device=self.group.device)
+        self.prefix_bias = _masked_bias(positions < self.context_lengths[:, None])[:, None, None, :]  # (C,1,1,Lc)
 
     def _place_rows(self):
         """Slot of each active row among its context's rows, for the side-by-side prefix product."""
-        counts = torch.bincount(self.group, minlength=len(self.contexts))
+        counts = torch.bincount(self.group, minlength=len(self.context_sizes))
         first_row = torch.cumsum(counts, 0) - counts
         self.slot = torch.arange(len(self.group), device=self.group.device) - first_row[self.group]
         self.slots_per_context = int(counts.max())
@@ -180,6 +186,42 @@ class SharedPrefixBatch:
         self.suffix = {layer: (k[index], v[index]) for layer, (k, v) in self.suffix.items()}
         self._place_rows()
 
+    def split_off(self) -> SharedPrefixBatch:
+        """The active rows as a batch of their own, with only the contexts they read; this batch may be
+        rewound afterwards. `merge` joins such leftovers of several batches to decode them together."""
+        live = torch.unique(self.group)
+        sizes = [self.context_sizes[c] for c in live.tolist()]
+        part = object.__new__(SharedPrefixBatch)
+        part.model, part.capacity, part.suffix_lengths = self.model, self.capacity, self.suffix_lengths
+        part.prefix = {layer: (k[live, :, :max(sizes)], v[live, :, :max(sizes)]) for layer, (k, v) in self.prefix.items()}
+        part.suffix = dict(self.suffix)  # shared: only one of the two batches decodes further
+        renumber = torch.zeros(len(self.context_sizes), dtype=torch.long, device=self.group.device)
+        renumber[live] = torch.arange(len(live), device=self.group.device)
+        part.group = renumber[self.group]
+        part._set_contexts(sizes)
+        part._place_rows()
+        return part
+
+    @staticmethod
+    def merge(parts: list[SharedPrefixBatch]) -> SharedPrefixBatch:
+        """One batch of all the parts' rows (in order), each still reading its own context."""
+        def stack(tensors, width):  # (n, KV, L, D) each, zero-padded along L to `width`
+            return torch.cat([F.pad(t, (0, 0, 0, width - t.shape[2])) for t in tensors])
+
+        longest, capacity = max(max(p.context_sizes) for p in parts), max(p.capacity for p in parts)
+        merged = object.__new__(SharedPrefixBatch)
+        merged.model, merged.capacity = parts[0].model, capacity
+        merged.prefix = {layer: (stack([p.prefix[layer][0] for p in parts], longest),
+                                 stack([p.prefix[layer][1] for p in parts], longest)) for layer in parts[0].prefix}
+        merged.suffix = {layer: (stack([p.suffix[layer][0] for p in parts], capacity),
+                                 stack([p.suffix[layer][1] for p in parts], capacity)) for layer in parts[0].suffix}
+        offsets = torch.cumsum(torch.tensor([0] + [len(p.context_sizes) for p in parts[:-1]]), 0).tolist()
+        merged.group = torch.cat([p.group + offset for p, offset in zip(parts, offsets)])
+        merged.suffix_lengths = torch.cat([p.suffix_lengths for p in parts])
+        merged._set_contexts([size for p in parts for size in p.context_sizes])
+        merged._place_rows()
+        return merged
+
     # attention, called by every layer: query (1, H, N, D), key/value (1, KV heads, N, D) of the N new tokens
 
     def attend(self, layer: int, query, key, value, scale: float) -> torch.Tensor:
@@ -222,7 +264,7 @@ class SharedPrefixBatch:
 
     def _attend_step(self, layer, query, key, value, scale):
         rows, heads, dim = len(self.group), query.shape[1], query.shape[-1]
-        contexts, kv_heads, slots = len(self.contexts), key.shape[1], self.slots_per_context
+        contexts, kv_heads, slots = len(self.context_sizes), key.shape[1], self.slots_per_context
         suffix_keys, suffix_values = self.suffix[layer]
         suffix_keys[self.step_rows, :, self.suffix_lengths] = key[0].transpose(0, 1)
         suffix_values[self.step_rows, :, self.suffix_lengths] = value[0].transpose(0, 1)
@@ -362,35 +404,58 @@ def _batches(prompts: list[tuple[list[int], list[int]]], batch_size: int) -> Ite
         yield batch
 
 
-def _decode_batch(batch, logits: torch.Tensor, ids: list[str], settings: GenerationSettings, stop: set[int],
-                  device, work: dict) -> list[list[int]]:
-    """Generated token ids per row of a prefilled `batch` (SharedPrefixBatch or PaddedRowsBatch) whose
-    next-token logits are `logits` (A, V); adds to `work`."""
+@dataclass
+class _Rows:
+    """Rows being decoded: each one's answer so far (lists owned by the caller) and, when sampling, its generator."""
+    answers: list[list[int]]
+    generators: list[torch.Generator] | None
+
+
+def _decode(batch, tokens: torch.Tensor, rows: _Rows, settings: GenerationSettings, stop: set[int], work: dict,
+            leave_at: int = 0):
+    """Append `tokens` (A,), each row's next token, and what follows to the rows' answers until every row has
+    stopped. With `leave_at`, give up as soon as at most that many rows are left and return them as
+    (batch, next tokens, _Rows) to be finished with other batches' leftovers; otherwise return None."""
     processors = _logits_processors(settings)
-    generators = _generators(ids, settings.seed, device) if settings.do_sample else None
     started = time.perf_counter()
-    active = list(range(len(ids)))
+    active = list(range(len(tokens)))
     finished: set[int] = set()
-    generated: list[list[int]] = [[] for _ in ids]
-    tokens = _choose(processors, logits, generators, active)  # (A,)
     while True:
         for row, token in zip(active, tokens.tolist()):
             if row not in finished:
-                generated[row].append(token)
-                if token in stop or len(generated[row]) == settings.max_new_tokens:
+                rows.answers[row].append(token)
+                if token in stop or len(rows.answers[row]) == settings.max_new_tokens:
                     finished.add(row)
         keep = [i for i, row in enumerate(active) if row not in finished]
-        if not keep:
+        if len(keep) <= leave_at:
             work["decode_s"] += time.perf_counter() - started
-            return generated
+            if not keep:
+                return None
+            index, left = torch.tensor(keep, device=tokens.device), [active[i] for i in keep]
+            batch.keep(index)
+            for row in left:
+                rows.answers[row].pop()  # appended again when the leftovers are fed this token
+            return batch.split_off(), tokens[index], _Rows(
+                [rows.answers[row] for row in left], rows.generators and [rows.generators[row] for row in left])
         # Compacting copies every layer's per-row keys/values; a finished row left in wastes its share of every
         # later step. Compacting once an eighth of the rows are done measured best (vs a half, a quarter, always).
         if len(keep) <= len(active) - max(1, len(active) // 8):
-            index = torch.tensor(keep, device=device)
+            index = torch.tensor(keep, device=tokens.device)
             batch.keep(index)
             tokens, active = tokens[index], [active[i] for i in keep]
-        tokens = _choose(processors, batch.step(tokens), generators, active)
+        tokens = _choose(processors, batch.step(tokens), rows.generators, active)
         work["decode_steps"] += 1
+
+
+def _finish_leftovers(leftovers: list, settings: GenerationSettings, stop: set[int], work: dict):
+    """Decode the leftover rows of several batches as one batch, to the end."""
+    if leftovers:
+        batch = SharedPrefixBatch.merge([part for part, _, _ in leftovers])
+        tokens = torch.cat([tokens for _, tokens, _ in leftovers])
+        generators = [g for _, _, rows in leftovers for g in rows.generators] if settings.do_sample else None
+        _decode(batch, tokens, _Rows([a for _, _, rows in leftovers for a in rows.answers], generators),
+                settings, stop, work)
+        leftovers.clear()
 
 
 def _choose(processors, logits: torch.Tensor, generators, active: list[int]) -> torch.Tensor:
@@ -435,13 +500,19 @@ def generate_answer_sets(model, tokenizer, examples: list[dict], settings: list[
     prompts = [encode_prompt(tokenizer, e["context"], e["question"], limit) for e in examples]
     stop = set(stop_token_ids(tokenizer).tolist())
     shared = first.prefix_cache and supports_shared_prefix(model)
-    answer_sets: list[dict[str, str]] = [{} for _ in settings]
+    # A batch's last steps decode a few long answers, yet each step reads all the weights: with one setting, the
+    # rows left once seven eighths of a batch are done wait, and finish together with other batches' leftovers
+    # (in batches of at most batch_size). Not for grids: every setting would hold its own leftovers.
+    leave_at = first.batch_size // 8 if shared and len(settings) == 1 else 0
+    generated: list[dict[str, list[int]]] = [{} for _ in settings]
+    leftovers: list[list] = [[] for _ in settings]
     works = [{"prompt_tokens": 0, "generated_tokens": 0, "batches": 0, "decode_steps": 0, "prefill_s": 0.0,
               "decode_s": 0.0} for _ in settings]
     label = first.name if len(settings) == 1 else f"{len(settings)} settings"
     bar = tqdm(total=len(examples), desc=f"answering ({label})", disable=not progress, unit="q")
     with _attention_implementation(model, SHARED_PREFIX_ATTENTION) if shared else contextlib.nullcontext():
-        for indices in _batches(prompts, first.batch_size):
+        batches = list(_batches(prompts, first.batch_size))
+        for b, indices in enumerate(batches):
             ids = [examples[i]["id"] for i in indices]
             batch_prompts = [prompts[i] for i in indices]
             batch = (SharedPrefixBatch(model, batch_prompts, first.max_new_tokens) if shared
@@ -451,18 +522,29 @@ def generate_answer_sets(model, tokenizer, examples: list[dict], settings: list[
             started = time.perf_counter()
             logits = batch.prefill()
             prefill_s = time.perf_counter() - started
-            for k, (run, answers, work) in enumerate(zip(settings, answer_sets, works)):
+            for k, (run, work) in enumerate(zip(settings, works)):
                 if k:
                     started = time.perf_counter()
                     logits = batch.rewind()
                     work["prefill_s"] += time.perf_counter() - started
-                generated = _decode_batch(batch, logits, ids, run, stop, model.device, work)
-                answers.update((qid, answer_text(tokenizer, tokens)) for qid, tokens in zip(ids, generated))
+                rows = _Rows([generated[k].setdefault(qid, []) for qid in ids],
+                             _generators(ids, run.seed, model.device) if run.do_sample else None)
+                tokens = _choose(_logits_processors(run), logits, rows.generators, range(len(ids)))
+                last_alone = b == len(batches) - 1 and not leftovers[k]  # nothing to wait for
+                left = _decode(batch, tokens, rows, run, stop, work, 0 if last_alone else leave_at)
+                if left:
+                    if sum(len(t) for _, t, _ in leftovers[k]) + len(left[1]) > first.batch_size:
+                        _finish_leftovers(leftovers[k], run, stop, work)
+                    leftovers[k].append(left)
                 work["batches"] += 1
                 work["prompt_tokens"] += prompt_tokens
                 work["prefill_s"] += prefill_s
-                work["generated_tokens"] += sum(len(tokens) for tokens in generated)
             bar.update(len(indices))
+        for run, work, left in zip(settings, works, leftovers):
+            _finish_leftovers(left, run, stop, work)
+    answer_sets = [{qid: answer_text(tokenizer, tokens) for qid, tokens in answers.items()} for answers in generated]
+    for answers, work in zip(generated, works):
+        work["generated_tokens"] = sum(len(tokens) for tokens in answers.values())
     bar.close()
     for target, work in zip(stats or [], works):
         target.update(work)

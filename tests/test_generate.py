@@ -121,6 +121,64 @@ def test_shared_prefix_logits_equal_full_prompt_rows(make_model):
 
 @pytest.mark.parametrize("make_model", [tiny_gpt2, tiny_llama])
 @torch.no_grad()
+def test_leftover_rows_of_two_batches_decode_as_one(make_model):
+    """Rows split off two batches mid-decoding and merged (contexts of different lengths, suffixes of
+    different capacities) get the next-token logits of their own full prompts."""
+    model = make_model(vocab_size=100)
+    prompts = _prompts(100)
+    halves, references, parts, pending = (prompts[:4], prompts[4:]), [], [], []
+    for half, keep, steps in zip(halves, (torch.tensor([0, 3]), torch.tensor([1])), (2, 1)):
+        reference = PaddedRowsBatch(model, half, pad_token_id=0)
+        with _attention_implementation(model, SHARED_PREFIX_ATTENTION):
+            shared = SharedPrefixBatch(model, half, max_new_tokens=2 + 2 * len(half))
+            shared.prefill()
+        tokens = reference.prefill().argmax(-1)
+        for _ in range(steps):
+            with _attention_implementation(model, SHARED_PREFIX_ATTENTION):
+                shared.step(tokens)
+            tokens = reference.step(tokens).argmax(-1)
+        shared.keep(keep)
+        reference.keep(keep)
+        parts.append(shared.split_off())
+        references.append(reference)
+        pending.append(tokens[keep])
+    merged = SharedPrefixBatch.merge(parts)
+    tokens = torch.cat(pending)
+    for _ in range(2):
+        with _attention_implementation(model, SHARED_PREFIX_ATTENTION):
+            ours = merged.step(tokens)
+        expected = torch.cat([reference.step(t) for reference, t in zip(references, tokens.split([2, 1]))])
+        torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+        tokens = expected.argmax(-1)
+
+
+def test_leftover_rows_finish_with_other_batches(gpt2_tokenizer, squad_file, monkeypatch):
+    """With answers of many lengths (every fifth token stops a row), the rows left at the end of a batch are
+    finished together with later batches' and the answers stay those of one-by-one `generate`."""
+    import loraqa.generate as generate
+
+    monkeypatch.setattr(generate, "stop_token_ids", lambda tokenizer: torch.arange(0, len(tokenizer), 5))
+    merges = []
+    merge = SharedPrefixBatch.merge
+    monkeypatch.setattr(SharedPrefixBatch, "merge", staticmethod(lambda parts: merges.append(len(parts)) or merge(parts)))
+    model = tiny_gpt2(vocab_size=len(gpt2_tokenizer))
+    with torch.no_grad():  # larger weights: the tiny model's answers differ from row to row, and in length
+        for parameter in model.parameters():
+            parameter.mul_(8)
+    records = _records(squad_file, extra=40)
+    settings = GenerationSettings(max_new_tokens=16, batch_size=16)
+    assert generate_answers(model, gpt2_tokenizer, records, settings=settings, progress=False) == \
+        one_by_one_answers(model, gpt2_tokenizer, records, settings)
+    assert merges and max(merges) > 1
+    merges.clear()
+    sampled = GenerationSettings(max_new_tokens=16, batch_size=16, do_sample=True, temperature=1.5, seed=3)
+    ours = generate_answers(model, gpt2_tokenizer, records, settings=sampled, progress=False)
+    assert merges and ours == generate_answers(model, gpt2_tokenizer, records, progress=False,
+                                               settings=GenerationSettings(**{**vars(sampled), "batch_size": 1}))
+
+
+@pytest.mark.parametrize("make_model", [tiny_gpt2, tiny_llama])
+@torch.no_grad()
 def test_shared_prefix_runs_in_bfloat16(make_model):
     """Half-precision models (GPUs) keep their dtype; scores and softmax mass are accumulated in float32."""
     model = make_model(vocab_size=100).to(torch.bfloat16)
