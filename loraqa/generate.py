@@ -17,9 +17,10 @@ own KV cache.
 A row stops at EOS or at any token containing a newline; finished rows leave the batch once an eighth of
 it is done (compacting copies the per-row keys/values). Once seven eighths have stopped, the rest wait and
 are decoded together with the leftovers of later batches (`split_off`, `merge`): a few long answers no
-longer keep a whole batch's worth of steps to themselves. Sampling draws from one generator per question
-seeded by (seed, id), so sampled answers do not depend on batch size or order. `generate_answer_sets`
-decodes several settings (a strategy grid) from one prefill per batch.
+longer keep a whole batch's worth of steps to themselves. Sampling draws one uniform number per step from
+a generator per question seeded by (seed, id), so sampled answers do not depend on batch size or order
+(except where float rounding of the logits moves a draw across a token boundary, which is rare).
+`generate_answer_sets` decodes several settings (a strategy grid) from one prefill per batch.
 """
 from __future__ import annotations
 
@@ -364,6 +365,27 @@ class PaddedRowsBatch:
 
 # --- decoding -----------------------------------------------------------------------------------------------
 
+class NucleusFilter:
+    """`TopPLogitsWarper`'s rule (keep a token while the probability of the tokens ranked above it is below
+    top_p) decided among the 64 most probable tokens, which settles it whenever they already hold top_p of
+    the mass; other rows go through `TopPLogitsWarper` itself. transformers sorts the whole vocabulary of
+    every row at every step: 220 ms for 128 rows of SmolLM2's 49,152 tokens here, more than the model's step.
+    """
+
+    def __init__(self, top_p: float, candidates: int = 64):
+        self.top_p, self.candidates, self.full = top_p, candidates, TopPLogitsWarper(top_p)
+
+    def __call__(self, input_ids, scores: torch.Tensor) -> torch.Tensor:
+        top, index = scores.softmax(-1).topk(min(self.candidates, scores.shape[-1]), dim=-1)  # descending
+        keep = (top.cumsum(-1) - top) < self.top_p  # mass of the tokens ranked above each candidate
+        filtered = torch.full_like(scores, float("-inf")).scatter_(
+            -1, index, scores.gather(-1, index).masked_fill(~keep, float("-inf")))
+        undecided = keep[:, -1]  # the last candidate is still in: tokens below it may be too
+        if undecided.any():
+            filtered[undecided] = self.full(input_ids, scores[undecided])
+        return filtered
+
+
 def _logits_processors(settings: GenerationSettings) -> LogitsProcessorList:
     processors = LogitsProcessorList()
     if settings.do_sample:
@@ -372,7 +394,7 @@ def _logits_processors(settings: GenerationSettings) -> LogitsProcessorList:
         if settings.top_k:
             processors.append(TopKLogitsWarper(settings.top_k))
         if settings.top_p is not None and settings.top_p < 1.0:
-            processors.append(TopPLogitsWarper(settings.top_p))
+            processors.append(NucleusFilter(settings.top_p))
     return processors
 
 
@@ -458,13 +480,21 @@ def _finish_leftovers(leftovers: list, settings: GenerationSettings, stop: set[i
         leftovers.clear()
 
 
-def _choose(processors, logits: torch.Tensor, generators, active: list[int]) -> torch.Tensor:
-    """Next token per row: argmax, or a draw from the row's own generator when sampling."""
+def _choose(processors, logits: torch.Tensor, generators, active) -> torch.Tensor:
+    """Next token per row: argmax, or a draw from the row's own generator when sampling.
+
+    A draw inverts the row's cumulative distribution at one uniform number from its generator: exact, and
+    one random number per row where `torch.multinomial` draws one per vocabulary entry (1 ms per row here).
+    """
     scores = processors(None, logits.float())  # the warpers used here ignore input_ids
     if generators is None:
         return scores.argmax(-1)
-    probs = scores.softmax(-1)
-    return torch.cat([torch.multinomial(probs[i], 1, generator=generators[row]) for i, row in enumerate(active)])
+    cumulative = scores.softmax(-1).double().cumsum(-1)
+    uniform = torch.cat([torch.rand(1, generator=generators[row], device=logits.device, dtype=torch.float64)
+                         for row in active])
+    # right=True: the first token whose cumulative mass exceeds the draw, never one of probability zero
+    drawn = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True)[:, 0]
+    return drawn.clamp_(max=scores.shape[-1] - 1)
 
 
 def generate_answers(model, tokenizer, examples: list[dict], *, settings: GenerationSettings,

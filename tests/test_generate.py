@@ -5,7 +5,8 @@ from conftest import tiny_gpt2, tiny_llama
 from loraqa.config import ConfigError, GenerationSettings
 from loraqa.data import load_squad
 from loraqa.evaluation import one_by_one_answers
-from loraqa.generate import (PaddedRowsBatch, SharedPrefixBatch, _attention_implementation, answer_text,
+from loraqa.generate import (NucleusFilter, PaddedRowsBatch, SharedPrefixBatch, _attention_implementation, _choose,
+                             answer_text,
                              generate_answer_sets, generate_answers, stop_token_ids, supports_shared_prefix,
                              SHARED_PREFIX_ATTENTION)
 
@@ -171,6 +172,7 @@ def test_leftover_rows_finish_with_other_batches(gpt2_tokenizer, squad_file, mon
         one_by_one_answers(model, gpt2_tokenizer, records, settings)
     assert merges and max(merges) > 1
     merges.clear()
+    model = tiny_gpt2(vocab_size=len(gpt2_tokenizer))  # sampled: lengths vary anyway, logits stay small
     sampled = GenerationSettings(max_new_tokens=16, batch_size=16, do_sample=True, temperature=1.5, seed=3)
     ours = generate_answers(model, gpt2_tokenizer, records, settings=sampled, progress=False)
     assert merges and ours == generate_answers(model, gpt2_tokenizer, records, progress=False,
@@ -243,6 +245,27 @@ def test_sliding_window_models_decode_on_full_prompt_rows(smollm2_tokenizer, squ
     settings = GenerationSettings(max_new_tokens=4)
     assert generate_answers(model, smollm2_tokenizer, records, settings=settings, progress=False) == \
         one_by_one_answers(model, smollm2_tokenizer, records, settings)
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.8, 0.9, 0.95])
+def test_nucleus_filter_equals_transformers_top_p(top_p):
+    """Peaked rows (decided among the top candidates) and flat ones (left to transformers) in one batch."""
+    from transformers import TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(64, 5000, generator=g) * torch.tensor([0.5, 2.0, 8.0, 20.0]).repeat(16)[:, None]
+    torch.testing.assert_close(NucleusFilter(top_p)(None, scores), TopPLogitsWarper(top_p)(None, scores), rtol=0, atol=0)
+
+
+def test_sampling_draws_follow_the_distribution():
+    probabilities = torch.tensor([0.5, 0.3, 0.2, 0.0, 0.0])
+    rows = 20_000
+    logits = probabilities.log().expand(rows, -1)  # log 0 = -inf: tokens that must never be drawn
+    generators = [torch.Generator().manual_seed(i) for i in range(rows)]
+    drawn = _choose(lambda ids, scores: scores, logits, generators, range(rows))
+    frequencies = torch.bincount(drawn, minlength=5).double() / rows
+    torch.testing.assert_close(frequencies, probabilities.double(), rtol=0, atol=0.015)
+    assert frequencies[3:].sum() == 0
 
 
 def test_seeded_sampling_is_reproducible_and_batch_invariant(gpt2_tokenizer, squad_file):
