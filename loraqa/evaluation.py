@@ -127,8 +127,8 @@ def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, settings:
                   "questions": {r["id"]: {"question": r["question"], "gold": r["answers"]["text"]} for r in records}}
         write_json_atomic(eval_args.output, result)
         return result
-    # every (strategy, seed) run decodes from the same prefill of each batch; a run's questions/s counts that
-    # shared prefill in full, i.e. the rate of the run alone
+    # every (strategy, seed) run decodes together with the others from one prefill per batch: each run's
+    # questions/s is the whole grid's
     plan = [(strategy, list(range(eval_args.grid_seeds)) if strategy.do_sample else [settings.seed])
             for strategy in _grid(settings)]
     settings_list = [replace(strategy, seed=seed) for strategy, seeds in plan for seed in seeds]

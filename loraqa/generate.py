@@ -154,19 +154,9 @@ class SharedPrefixBatch:
         return logits
 
     def prefill(self) -> torch.Tensor:
-        """Contexts, then questions; next-token logits (A, V). The state after it is kept for `rewind`."""
+        """Contexts, then questions; next-token logits (A, V)."""
         self._encode_contexts()
-        logits = self._encode_questions()
-        self._after_prefill = (logits, self.group, self.suffix_lengths,
-                               {layer: (k.clone(), v.clone()) for layer, (k, v) in self.suffix.items()})
-        return logits
-
-    def rewind(self) -> torch.Tensor:
-        """Back to the state right after `prefill` (to decode the batch again with other settings)."""
-        logits, self.group, self.suffix_lengths, suffix = self._after_prefill
-        self.suffix = {layer: (k.clone(), v.clone()) for layer, (k, v) in suffix.items()}
-        self._place_rows()
-        return logits
+        return self._encode_questions()
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One new token per active row; next-token logits (A, V)."""
@@ -182,14 +172,14 @@ class SharedPrefixBatch:
         return logits
 
     def keep(self, index: torch.Tensor):
-        """Drop finished rows: keep rows `index` of the active ones."""
+        """Keep rows `index` of the active ones (finished rows leave; a repeated index copies a row)."""
         self.group, self.suffix_lengths = self.group[index], self.suffix_lengths[index]
         self.suffix = {layer: (k[index], v[index]) for layer, (k, v) in self.suffix.items()}
         self._place_rows()
 
     def split_off(self) -> SharedPrefixBatch:
-        """The active rows as a batch of their own, with only the contexts they read; this batch may be
-        rewound afterwards. `merge` joins such leftovers of several batches to decode them together."""
+        """The active rows as a batch of their own, with only the contexts they read (this batch is done
+        with). `merge` joins such leftovers of several batches to decode them together."""
         live = torch.unique(self.group)
         sizes = [self.context_sizes[c] for c in live.tolist()]
         part = object.__new__(SharedPrefixBatch)
@@ -346,10 +336,6 @@ class PaddedRowsBatch:
         return self.model(input_ids=self.ids, attention_mask=self.attention, position_ids=positions,
                           cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
-    def rewind(self) -> torch.Tensor:
-        """Encode the prompts again (the model's own cache is not rewound)."""
-        return self.prefill()
-
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.attention = torch.cat([self.attention, self.attention.new_ones((len(tokens), 1))], dim=1)
         logits = self.model(input_ids=tokens[:, None], attention_mask=self.attention,
@@ -398,13 +384,10 @@ def _logits_processors(settings: GenerationSettings) -> LogitsProcessorList:
     return processors
 
 
-def _generators(ids: list[str], seed: int, device) -> list[torch.Generator]:
-    generators = []
-    for qid in ids:
-        g = torch.Generator(device=device)
-        g.manual_seed(int.from_bytes(hashlib.sha256(f"{seed}:{qid}".encode()).digest()[:8], "little"))
-        generators.append(g)
-    return generators
+def _generator(qid: str, seed: int, device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int.from_bytes(hashlib.sha256(f"{seed}:{qid}".encode()).digest()[:8], "little"))
+    return generator
 
 
 def _batches(prompts: list[tuple[list[int], list[int]]], batch_size: int) -> Iterator[list[int]]:
@@ -428,17 +411,22 @@ def _batches(prompts: list[tuple[list[int], list[int]]], batch_size: int) -> Ite
 
 @dataclass
 class _Rows:
-    """Rows being decoded: each one's answer so far (lists owned by the caller) and, when sampling, its generator."""
+    """Rows being decoded: each one's answer so far (lists owned by the caller), setting (an index into the
+    plans: logits processors and whether to sample) and, when sampling, its generator."""
     answers: list[list[int]]
-    generators: list[torch.Generator] | None
+    kinds: list[int]
+    generators: list[torch.Generator | None]
+
+    def pick(self, rows: list[int]) -> _Rows:
+        return _Rows([self.answers[r] for r in rows], [self.kinds[r] for r in rows],
+                     [self.generators[r] for r in rows])
 
 
-def _decode(batch, tokens: torch.Tensor, rows: _Rows, settings: GenerationSettings, stop: set[int], work: dict,
-            leave_at: int = 0):
+def _decode(batch, tokens: torch.Tensor, rows: _Rows, plans: list, max_new_tokens: int, stop: set[int],
+            work: dict, leave_at: int = 0):
     """Append `tokens` (A,), each row's next token, and what follows to the rows' answers until every row has
     stopped. With `leave_at`, give up as soon as at most that many rows are left and return them as
     (batch, next tokens, _Rows) to be finished with other batches' leftovers; otherwise return None."""
-    processors = _logits_processors(settings)
     started = time.perf_counter()
     active = list(range(len(tokens)))
     finished: set[int] = set()
@@ -446,7 +434,7 @@ def _decode(batch, tokens: torch.Tensor, rows: _Rows, settings: GenerationSettin
         for row, token in zip(active, tokens.tolist()):
             if row not in finished:
                 rows.answers[row].append(token)
-                if token in stop or len(rows.answers[row]) == settings.max_new_tokens:
+                if token in stop or len(rows.answers[row]) == max_new_tokens:
                     finished.add(row)
         keep = [i for i, row in enumerate(active) if row not in finished]
         if len(keep) <= leave_at:
@@ -457,31 +445,46 @@ def _decode(batch, tokens: torch.Tensor, rows: _Rows, settings: GenerationSettin
             batch.keep(index)
             for row in left:
                 rows.answers[row].pop()  # appended again when the leftovers are fed this token
-            return batch.split_off(), tokens[index], _Rows(
-                [rows.answers[row] for row in left], rows.generators and [rows.generators[row] for row in left])
+            return batch.split_off(), tokens[index], rows.pick(left)
         # Compacting copies every layer's per-row keys/values; a finished row left in wastes its share of every
         # later step. Compacting once an eighth of the rows are done measured best (vs a half, a quarter, always).
         if len(keep) <= len(active) - max(1, len(active) // 8):
             index = torch.tensor(keep, device=tokens.device)
             batch.keep(index)
             tokens, active = tokens[index], [active[i] for i in keep]
-        tokens = _choose(processors, batch.step(tokens), rows.generators, active)
+        tokens = _choose_rows(plans, batch.step(tokens), rows, active)
         work["decode_steps"] += 1
 
 
-def _finish_leftovers(leftovers: list, settings: GenerationSettings, stop: set[int], work: dict):
+def _finish_leftovers(leftovers: list, plans: list, max_new_tokens: int, stop: set[int], work: dict):
     """Decode the leftover rows of several batches as one batch, to the end."""
     if leftovers:
         batch = SharedPrefixBatch.merge([part for part, _, _ in leftovers])
         tokens = torch.cat([tokens for _, tokens, _ in leftovers])
-        generators = [g for _, _, rows in leftovers for g in rows.generators] if settings.do_sample else None
-        _decode(batch, tokens, _Rows([a for _, _, rows in leftovers for a in rows.answers], generators),
-                settings, stop, work)
+        rows = _Rows(*([x for _, _, part in leftovers for x in getattr(part, name)]
+                       for name in ("answers", "kinds", "generators")))
+        _decode(batch, tokens, rows, plans, max_new_tokens, stop, work)
         leftovers.clear()
 
 
+def _choose_rows(plans: list, logits: torch.Tensor, rows: _Rows, active) -> torch.Tensor:
+    """Next token per active row, each under its own setting (`plans[kind]`: processors, sample or not)."""
+    kinds = [rows.kinds[row] for row in active]
+    if len(set(kinds)) == 1:
+        processors, sample = plans[kinds[0]]
+        return _choose(processors, logits, rows.generators if sample else None, active)
+    tokens = torch.empty(len(active), dtype=torch.long, device=logits.device)
+    for kind in sorted(set(kinds)):
+        at = [i for i, k in enumerate(kinds) if k == kind]
+        index = torch.tensor(at, device=logits.device)
+        processors, sample = plans[kind]
+        tokens[index] = _choose(processors, logits[index], rows.generators if sample else None,
+                                [active[i] for i in at])
+    return tokens
+
+
 def _choose(processors, logits: torch.Tensor, generators, active) -> torch.Tensor:
-    """Next token per row: argmax, or a draw from the row's own generator when sampling.
+    """Next token per row: argmax, or a draw from the row's own generator (`generators[row]`) when sampling.
 
     A draw inverts the row's cumulative distribution at one uniform number from its generator: exact, and
     one random number per row where `torch.multinomial` draws one per vocabulary entry (1 ms per row here).
@@ -516,10 +519,11 @@ def generate_answers(model, tokenizer, examples: list[dict], *, settings: Genera
 @torch.no_grad()
 def generate_answer_sets(model, tokenizer, examples: list[dict], settings: list[GenerationSettings], *,
                          progress: bool = True, stats: list[dict] | None = None) -> list[dict[str, str]]:
-    """One {id: answer} per entry of `settings` (e.g. a decoding-strategy grid), each batch's prompts
-    encoded once and decoded under every setting from the same keys/values. The answers equal separate
-    `generate_answers` calls. The settings may differ in sampling and seed, not in `max_new_tokens`,
-    `batch_size` or `prefix_cache`. `stats[k]` receives run k's work; `prefill_s` is the shared prefill.
+    """One {id: answer} per entry of `settings` (e.g. a decoding-strategy grid), equal to separate
+    `generate_answers` calls. Each batch's prompts are encoded once, and its rows are its questions times the
+    settings, decoded together (so a grid batches batch_size // len(settings) questions). The settings may
+    differ in sampling and seed, not in `max_new_tokens`, `batch_size` or `prefix_cache`. Every `stats[k]`
+    receives the shared work (prefill, decoding) and run k's own generated tokens.
     """
     first = settings[0]
     if any((s.max_new_tokens, s.batch_size, s.prefix_cache) != (first.max_new_tokens, first.batch_size,
@@ -530,52 +534,50 @@ def generate_answer_sets(model, tokenizer, examples: list[dict], settings: list[
     prompts = [encode_prompt(tokenizer, e["context"], e["question"], limit) for e in examples]
     stop = set(stop_token_ids(tokenizer).tolist())
     shared = first.prefix_cache and supports_shared_prefix(model)
-    # A batch's last steps decode a few long answers, yet each step reads all the weights: with one setting, the
-    # rows left once seven eighths of a batch are done wait, and finish together with other batches' leftovers
-    # (in batches of at most batch_size). Not for grids: every setting would hold its own leftovers.
-    leave_at = first.batch_size // 8 if shared and len(settings) == 1 else 0
+    plans = [(_logits_processors(run), run.do_sample) for run in settings]
+    runs = len(settings)
+    # A batch's last steps decode a few long answers, yet each step reads all the weights: the rows left once
+    # seven eighths of a batch are done wait, and finish together with other batches' leftovers (at most
+    # batch_size rows at a time).
+    leave_at = first.batch_size // 8 if shared else 0
     generated: list[dict[str, list[int]]] = [{} for _ in settings]
-    leftovers: list[list] = [[] for _ in settings]
-    works = [{"prompt_tokens": 0, "generated_tokens": 0, "batches": 0, "decode_steps": 0, "prefill_s": 0.0,
-              "decode_s": 0.0} for _ in settings]
-    label = first.name if len(settings) == 1 else f"{len(settings)} settings"
+    leftovers: list = []
+    work = {"prompt_tokens": 0, "batches": 0, "decode_steps": 0, "prefill_s": 0.0, "decode_s": 0.0}
+    label = first.name if runs == 1 else f"{runs} settings"
     bar = tqdm(total=len(examples), desc=f"answering ({label})", disable=not progress, unit="q")
     with _attention_implementation(model, SHARED_PREFIX_ATTENTION) if shared else contextlib.nullcontext():
-        batches = list(_batches(prompts, first.batch_size))
+        batches = list(_batches(prompts, max(1, first.batch_size // runs)))
         for b, indices in enumerate(batches):
             ids = [examples[i]["id"] for i in indices]
             batch_prompts = [prompts[i] for i in indices]
             batch = (SharedPrefixBatch(model, batch_prompts, first.max_new_tokens) if shared
                      else PaddedRowsBatch(model, batch_prompts, tokenizer.pad_token_id))
             contexts = {tuple(c) for c, _ in batch_prompts} if shared else [c for c, _ in batch_prompts]
-            prompt_tokens = sum(len(c) for c in contexts) + sum(len(q) for _, q in batch_prompts)
+            work["prompt_tokens"] += sum(len(c) for c in contexts) + sum(len(q) for _, q in batch_prompts)
             started = time.perf_counter()
             logits = batch.prefill()
-            prefill_s = time.perf_counter() - started
-            for k, (run, work) in enumerate(zip(settings, works)):
-                if k:
-                    started = time.perf_counter()
-                    logits = batch.rewind()
-                    work["prefill_s"] += time.perf_counter() - started
-                rows = _Rows([generated[k].setdefault(qid, []) for qid in ids],
-                             _generators(ids, run.seed, model.device) if run.do_sample else None)
-                tokens = _choose(_logits_processors(run), logits, rows.generators, range(len(ids)))
-                last_alone = b == len(batches) - 1 and not leftovers[k]  # nothing to wait for
-                left = _decode(batch, tokens, rows, run, stop, work, 0 if last_alone else leave_at)
-                if left:
-                    if sum(len(t) for _, t, _ in leftovers[k]) + len(left[1]) > first.batch_size:
-                        _finish_leftovers(leftovers[k], run, stop, work)
-                    leftovers[k].append(left)
-                work["batches"] += 1
-                work["prompt_tokens"] += prompt_tokens
-                work["prefill_s"] += prefill_s
+            work["prefill_s"] += time.perf_counter() - started
+            work["batches"] += 1
+            # a row per (question, setting), a question's rows next to each other (as its context's rows must be)
+            rows = _Rows([generated[k].setdefault(qid, []) for qid in ids for k in range(runs)],
+                         [k for _ in ids for k in range(runs)],
+                         [_generator(qid, run.seed, model.device) if run.do_sample else None
+                          for qid in ids for run in settings])
+            if runs > 1:
+                index = torch.arange(len(ids), device=logits.device).repeat_interleave(runs)
+                batch.keep(index)
+                logits = logits[index]
+            tokens = _choose_rows(plans, logits, rows, range(len(rows.answers)))
+            last_alone = b == len(batches) - 1 and not leftovers  # nothing to wait for
+            left = _decode(batch, tokens, rows, plans, first.max_new_tokens, stop, work,
+                           0 if last_alone else leave_at)
+            if left:
+                if sum(len(t) for _, t, _ in leftovers) + len(left[1]) > first.batch_size:
+                    _finish_leftovers(leftovers, plans, first.max_new_tokens, stop, work)
+                leftovers.append(left)
             bar.update(len(indices))
-        for run, work, left in zip(settings, works, leftovers):
-            _finish_leftovers(left, run, stop, work)
-    answer_sets = [{qid: answer_text(tokenizer, tokens) for qid, tokens in answers.items()} for answers in generated]
-    for answers, work in zip(generated, works):
-        work["generated_tokens"] = sum(len(tokens) for tokens in answers.values())
+        _finish_leftovers(leftovers, plans, first.max_new_tokens, stop, work)
     bar.close()
-    for target, work in zip(stats or [], works):
-        target.update(work)
-    return answer_sets
+    for target, answers in zip(stats or [], generated):
+        target.update(work, generated_tokens=sum(len(tokens) for tokens in answers.values()))
+    return [{qid: answer_text(tokenizer, tokens) for qid, tokens in answers.items()} for answers in generated]

@@ -177,6 +177,11 @@ def test_leftover_rows_finish_with_other_batches(gpt2_tokenizer, squad_file, mon
     ours = generate_answers(model, gpt2_tokenizer, records, settings=sampled, progress=False)
     assert merges and ours == generate_answers(model, gpt2_tokenizer, records, progress=False,
                                                settings=GenerationSettings(**{**vars(sampled), "batch_size": 1}))
+    merges.clear()  # a grid: rows of two settings decoded together, leftovers of both merged
+    greedy = GenerationSettings(max_new_tokens=16, batch_size=16)
+    assert generate_answer_sets(model, gpt2_tokenizer, records, [greedy, sampled], progress=False) == \
+        [generate_answers(model, gpt2_tokenizer, records, settings=greedy, progress=False), ours]
+    assert merges
 
 
 @pytest.mark.parametrize("make_model", [tiny_gpt2, tiny_llama])
@@ -292,8 +297,9 @@ def test_answer_sets_share_the_prefill_and_equal_separate_runs(smollm2_tokenizer
             GenerationSettings(**{**vars(base), **sampled, "seed": 2}), base]
     calls, works = _forward_counter(model), [{} for _ in runs]
     together = generate_answer_sets(model, smollm2_tokenizer, records, runs, progress=False, stats=works)
-    prefills = 2 * works[0]["batches"] if prefix_cache else len(runs) * works[0]["batches"]
-    assert len(calls) == prefills + sum(w["decode_steps"] for w in works)  # prefill once per batch when shared
+    assert all((w["batches"], w["decode_steps"]) == (works[0]["batches"], works[0]["decode_steps"]) for w in works)
+    prefills = (2 if prefix_cache else 1) * works[0]["batches"]  # each batch encoded once for all settings
+    assert len(calls) == prefills + works[0]["decode_steps"]  # and its settings decoded together
     assert together == [generate_answers(model, smollm2_tokenizer, records, settings=run, progress=False)
                         for run in runs]
     assert together[0] == together[3] and together[1] != together[2]
