@@ -20,7 +20,8 @@ are decoded together with the leftovers of later batches (`split_off`, `merge`):
 longer keep a whole batch's worth of steps to themselves. Sampling draws one uniform number per step from
 a generator per question seeded by (seed, id), so sampled answers do not depend on batch size or order
 (except where float rounding of the logits moves a draw across a token boundary, which is rare).
-`generate_answer_sets` decodes several settings (a strategy grid) from one prefill per batch.
+`generate_answer_sets` decodes several settings (a strategy grid) together: a row per (question, setting),
+all from one prefill per batch.
 """
 from __future__ import annotations
 
