@@ -462,8 +462,9 @@ def _finish_leftovers(leftovers: list, plans: list, max_new_tokens: int, stop: s
     if leftovers:
         batch = SharedPrefixBatch.merge([part for part, _, _ in leftovers])
         tokens = torch.cat([tokens for _, tokens, _ in leftovers])
-        rows = _Rows(*([x for _, _, part in leftovers for x in getattr(part, name)]
-                       for name in ("answers", "kinds", "generators")))
+        parts = [rows for _, _, rows in leftovers]
+        rows = _Rows([a for p in parts for a in p.answers], [k for p in parts for k in p.kinds],
+                     [g for p in parts for g in p.generators])
         _decode(batch, tokens, rows, plans, max_new_tokens, stop, work)
         leftovers.clear()
 
