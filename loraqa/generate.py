@@ -494,8 +494,9 @@ def _choose(processors, logits: torch.Tensor, generators, active) -> torch.Tenso
     scores = processors(None, logits.float())  # the warpers used here ignore input_ids
     if generators is None:
         return scores.argmax(-1)
-    cumulative = scores.softmax(-1).double().cumsum(-1)
-    uniform = torch.cat([torch.rand(1, generator=generators[row], device=logits.device, dtype=torch.float64)
+    precision = torch.float32 if logits.device.type == "mps" else torch.float64  # MPS has no float64
+    cumulative = scores.softmax(-1).to(precision).cumsum(-1)
+    uniform = torch.cat([torch.rand(1, generator=generators[row], device=logits.device, dtype=precision)
                          for row in active])
     # right=True: the first token whose cumulative mass exceeds the draw, never one of probability zero
     drawn = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True)[:, 0]
