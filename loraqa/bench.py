@@ -161,7 +161,7 @@ def _eval_bench(model, tokenizer, cache_dir: str, m: int, peak_gflops: float, ab
 def run_bench(model_args: ModelArguments, bench: BenchArguments) -> dict:
     """Run every variant on the same questions and write `bench.output` (partial results as they come)."""
     from .assets import fetch
-    from .modeling import resolve_model
+    from .modeling import inference_placement, resolve_model
 
     fetch("squad", model_args.cache_dir)
     resolved = resolve_model(model_args.model, model_args.cache_dir)
@@ -169,7 +169,7 @@ def run_bench(model_args: ModelArguments, bench: BenchArguments) -> dict:
     job = {"model": resolved, "cache_dir": model_args.cache_dir, "n": steps * bench.batch_size, "steps": steps,
            "batch_size": bench.batch_size, "max_length": bench.max_length}
     # the Trainer trains where transformers puts the model (CUDA when present); evaluation runs there too
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(inference_placement("auto", "float32")[0])
     result = {"model": model_args.model, "model_resolved": resolved, "settings": vars(bench) | {"steps": steps},
               **run_metadata()}
     peak = matmul_peak_gflops(device=device)

@@ -16,7 +16,7 @@ own KV cache.
 
 A row stops at EOS or at any token containing a newline; finished rows leave the batch once an eighth of
 it is done (compacting copies the per-row keys/values). Once seven eighths have stopped, the rest wait and
-are decoded together with the leftovers of later batches (`split_off`, `merge`): a few long answers no
+are decoded together with the leftovers of later batches (`SharedPrefixBatch.merge`): a few long answers no
 longer keep a whole batch's worth of steps to themselves. Sampling draws one uniform number per step from
 a generator per question seeded by (seed, id), so sampled answers do not depend on batch size or order
 (except where float rounding of the logits moves a draw across a token boundary, which is rare).
@@ -178,21 +178,16 @@ class SharedPrefixBatch:
         self.suffix = {layer: (k[index], v[index]) for layer, (k, v) in self.suffix.items()}
         self._place_rows()
 
-    def split_off(self) -> SharedPrefixBatch:
-        """The active rows as a batch of their own, with only the contexts they read (this batch is done
-        with). `merge` joins such leftovers of several batches to decode them together."""
+    def drop_unread_contexts(self):
+        """Keep only the contexts some active row reads (before the rows wait as leftovers, see `merge`)."""
         live = torch.unique(self.group)
         sizes = [self.context_sizes[c] for c in live.tolist()]
-        part = object.__new__(SharedPrefixBatch)
-        part.model, part.capacity, part.suffix_lengths = self.model, self.capacity, self.suffix_lengths
-        part.prefix = {layer: (k[live, :, :max(sizes)], v[live, :, :max(sizes)]) for layer, (k, v) in self.prefix.items()}
-        part.suffix = dict(self.suffix)  # shared: only one of the two batches decodes further
+        self.prefix = {layer: (k[live, :, :max(sizes)], v[live, :, :max(sizes)]) for layer, (k, v) in self.prefix.items()}
         renumber = torch.zeros(len(self.context_sizes), dtype=torch.long, device=self.group.device)
         renumber[live] = torch.arange(len(live), device=self.group.device)
-        part.group = renumber[self.group]
-        part._set_contexts(sizes)
-        part._place_rows()
-        return part
+        self.group = renumber[self.group]
+        self._set_contexts(sizes)
+        self._place_rows()
 
     @staticmethod
     def merge(parts: list[SharedPrefixBatch]) -> SharedPrefixBatch:
@@ -444,9 +439,10 @@ def _decode(batch, tokens: torch.Tensor, rows: _Rows, plans: list, max_new_token
                 return None
             index, left = torch.tensor(keep, device=tokens.device), [active[i] for i in keep]
             batch.keep(index)
+            batch.drop_unread_contexts()
             for row in left:
                 rows.answers[row].pop()  # appended again when the leftovers are fed this token
-            return batch.split_off(), tokens[index], rows.pick(left)
+            return batch, tokens[index], rows.pick(left)
         # Compacting copies every layer's per-row keys/values; a finished row left in wastes its share of every
         # later step. Compacting once an eighth of the rows are done measured best (vs a half, a quarter, always).
         if len(keep) <= len(active) - max(1, len(active) // 8):

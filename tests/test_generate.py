@@ -123,12 +123,12 @@ def test_shared_prefix_logits_equal_full_prompt_rows(make_model):
 @pytest.mark.parametrize("make_model", [tiny_gpt2, tiny_llama])
 @torch.no_grad()
 def test_leftover_rows_of_two_batches_decode_as_one(make_model):
-    """Rows split off two batches mid-decoding and merged (contexts of different lengths, suffixes of
-    different capacities) get the next-token logits of their own full prompts."""
+    """Rows left in two batches mid-decoding, their unread contexts dropped, merged (contexts of different
+    lengths, suffixes of different capacities) get the next-token logits of their own full prompts."""
     model = make_model(vocab_size=100)
     prompts = _prompts(100)
     halves, references, parts, pending = (prompts[:4], prompts[4:]), [], [], []
-    for half, keep, steps in zip(halves, (torch.tensor([0, 3]), torch.tensor([1])), (2, 1)):
+    for half, keep, steps in zip(halves, (torch.tensor([3]), torch.tensor([1])), (2, 1)):  # 1st: context 0 dropped
         reference = PaddedRowsBatch(model, half, pad_token_id=0)
         with _attention_implementation(model, SHARED_PREFIX_ATTENTION):
             shared = SharedPrefixBatch(model, half, max_new_tokens=2 + 2 * len(half))
@@ -140,7 +140,8 @@ def test_leftover_rows_of_two_batches_decode_as_one(make_model):
             tokens = reference.step(tokens).argmax(-1)
         shared.keep(keep)
         reference.keep(keep)
-        parts.append(shared.split_off())
+        shared.drop_unread_contexts()
+        parts.append(shared)
         references.append(reference)
         pending.append(tokens[keep])
     merged = SharedPrefixBatch.merge(parts)
@@ -148,7 +149,7 @@ def test_leftover_rows_of_two_batches_decode_as_one(make_model):
     for _ in range(2):
         with _attention_implementation(model, SHARED_PREFIX_ATTENTION):
             ours = merged.step(tokens)
-        expected = torch.cat([reference.step(t) for reference, t in zip(references, tokens.split([2, 1]))])
+        expected = torch.cat([reference.step(t) for reference, t in zip(references, tokens.split([1, 1]))])
         torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
         tokens = expected.argmax(-1)
 
