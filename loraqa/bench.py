@@ -5,8 +5,9 @@ default path, all fed the same questions in the same (file) order so that their 
 set side by side, plus loraqa ablations (padded rows with full logits, padded rows with answer-only
 logits) that show what each idea contributes. Every training variant runs in a fresh child process so
 that its peak RSS is its own. Evaluation: one-by-one `model.generate` against `generate_answers`, with
-greedy answers compared, plus batched full-prompt rows (no shared contexts) as the ablation. The
-machine's fp32 matmul peak is measured in the same run for MFU figures and the evaluation's FLOP floor.
+greedy answers compared, plus batched full-prompt rows (no shared contexts) as the ablation and, where the
+device multiplies bf16 natively, both evaluation paths again with bf16 weights. The machine's fp32 matmul
+peak is measured in the same run for MFU figures and the evaluation's FLOP floor.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ class BenchArguments:
     batch_size: int = field(default=8, metadata={"help": "Questions per training step, for every variant."})
     max_length: int = field(default=512, metadata={"help": "Maximum tokens per example, for every variant."})
     ablations: bool = field(default=True, metadata={"help": (
-        "Also time loraqa with padded rows (full / answer-only logits) and evaluation without shared contexts.")})
+        "Also time loraqa with padded rows (full / answer-only logits), evaluation without shared contexts and, "
+        "where the device multiplies bf16 natively, evaluation with bf16 weights.")})
     reference: bool = field(default=True, metadata={"help": "Run the TRL reference (needs `pip install trl`)."})
 
 
@@ -119,7 +121,7 @@ def _in_child(function, job: dict) -> dict:
         return pool.submit(function, job).result()
 
 
-def _eval_bench(model, tokenizer, cache_dir: str, m: int, peak_gflops: float, ablations: bool) -> dict:
+def _eval_bench(model, tokenizer, cache_dir: str, m: int, peak_gflops: float, ablations: bool, bf16: bool) -> dict:
     from .assets import squad_file
     from .data import load_squad, take_subset
     from .evaluation import one_by_one_answers
@@ -149,6 +151,8 @@ def _eval_bench(model, tokenizer, cache_dir: str, m: int, peak_gflops: float, ab
     body, head = _matmul_params(model)
     flops = 2 * body * (work["prompt_tokens"] + work["generated_tokens"]) + 2 * head * work["generated_tokens"]
     floor_s = flops / (peak_gflops * 1e9)
+    if bf16:
+        ablation["bf16"] = _bf16_eval(model, tokenizer, records, settings, ours, reference_s)
     return {"questions": len(records), "paragraphs": len({r["context"] for r in records}),
             "one_by_one_questions_per_s": len(records) / reference_s, "loraqa_questions_per_s": len(records) / ours_s,
             "speedup": reference_s / ours_s, "greedy_identical": same == len(records), "greedy_identical_count": same,
@@ -158,10 +162,31 @@ def _eval_bench(model, tokenizer, cache_dir: str, m: int, peak_gflops: float, ab
             "speedup_at_peak": reference_s / floor_s, **ablation}
 
 
+def _bf16_eval(model, tokenizer, records: list[dict], settings: GenerationSettings, fp32_answers: dict,
+               fp32_one_by_one_s: float) -> dict:
+    """Both evaluation paths with bf16 weights (`model` is converted in place): speed, and how many greedy
+    answers agree with each other and with float32's."""
+    from .evaluation import one_by_one_answers
+    from .generate import generate_answers
+
+    model.to(torch.bfloat16)
+    generate_answers(model, tokenizer, records[:1], settings=settings, progress=False)  # warm-up
+    started = time.perf_counter()
+    ours = generate_answers(model, tokenizer, records, settings=settings, progress=False)
+    ours_s = time.perf_counter() - started
+    started = time.perf_counter()
+    reference = one_by_one_answers(model, tokenizer, records, settings)
+    reference_s = time.perf_counter() - started
+    return {"loraqa_questions_per_s": len(records) / ours_s, "one_by_one_questions_per_s": len(records) / reference_s,
+            "speedup": reference_s / ours_s, "speedup_over_fp32_one_by_one": fp32_one_by_one_s / ours_s,
+            "greedy_identical_count": sum(ours[q] == reference[q] for q in reference),
+            "identical_to_fp32_count": sum(ours[q] == fp32_answers[q] for q in reference)}
+
+
 def run_bench(model_args: ModelArguments, bench: BenchArguments) -> dict:
     """Run every variant on the same questions and write `bench.output` (partial results as they come)."""
     from .assets import fetch
-    from .modeling import inference_placement, resolve_model
+    from .modeling import inference_placement, native_bf16, resolve_model
 
     fetch("squad", model_args.cache_dir)
     resolved = resolve_model(model_args.model, model_args.cache_dir)
@@ -174,7 +199,8 @@ def run_bench(model_args: ModelArguments, bench: BenchArguments) -> dict:
               **run_metadata()}
     peak = matmul_peak_gflops(device=device)
     result["machine"].update(processor=platform.processor() or platform.machine(), device=device,
-                             matmul_peak_gflops=peak)
+                             cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                             native_bf16=native_bf16(torch.device(device)), matmul_peak_gflops=peak)
     variants = {"loraqa": {"packing": "shared_context", "answer_only_logits": True}}
     if bench.ablations:
         variants["padded_answer_only_logits"] = {"packing": "none", "answer_only_logits": True}
@@ -209,7 +235,8 @@ def run_bench(model_args: ModelArguments, bench: BenchArguments) -> dict:
     result["train"] = train
     write_json_atomic(bench.output, result)
     logger.info("evaluation: one-by-one generate vs loraqa")
-    result["eval"] = _eval_bench(model, tokenizer, model_args.cache_dir, bench.eval_examples, peak, bench.ablations)
+    result["eval"] = _eval_bench(model, tokenizer, model_args.cache_dir, bench.eval_examples, peak, bench.ablations,
+                                 bench.ablations and result["machine"]["native_bf16"])
     write_json_atomic(bench.output, result)
     return result
 
@@ -243,6 +270,13 @@ def summary_lines(result: dict) -> list[str]:
         if "full_prompt_rows_questions_per_s" in evaluation:
             lines.append(f"eval batched full-prompt rows (no shared contexts) "
                          f"{evaluation['full_prompt_rows_questions_per_s']:.2f} q/s")
+        if "bf16" in evaluation:
+            b = evaluation["bf16"]
+            lines.append(f"eval with bf16 weights: one-by-one {b['one_by_one_questions_per_s']:.2f} q/s, loraqa "
+                         f"{b['loraqa_questions_per_s']:.2f} q/s, speedup {b['speedup']:.1f}x "
+                         f"({b['speedup_over_fp32_one_by_one']:.1f}x over fp32 one-by-one); greedy identical "
+                         f"{b['greedy_identical_count']}/{evaluation['questions']}, same as fp32 "
+                         f"{b['identical_to_fp32_count']}/{evaluation['questions']}")
         lines.append(f"eval achieved {evaluation['loraqa_achieved_gflops']:.1f} GFLOP/s (MFU "
                      f"{100 * evaluation['loraqa_mfu']:.0f}%); at the matmul peak loraqa's path would answer "
                      f"{evaluation['loraqa_questions_per_s_at_peak']:.1f} q/s = {evaluation['speedup_at_peak']:.1f}x")

@@ -28,3 +28,16 @@ def test_summary_lines_state_the_side_by_side_ratios():
     assert "speedup 6.0x, greedy identical 64/64" in text
     assert "full-prompt rows (no shared contexts) 2.00 q/s" in text
     assert "27.0 q/s = 18.0x" in text
+
+
+def test_summary_lines_report_the_bf16_evaluation_beside_float32():
+    result = {"machine": {"matmul_peak_gflops": 400.0}, "train": {},
+              "eval": {"one_by_one_questions_per_s": 1.5, "loraqa_questions_per_s": 9.0, "speedup": 6.0,
+                       "greedy_identical_count": 64, "questions": 64, "loraqa_achieved_gflops": 130.0,
+                       "loraqa_mfu": 0.325, "loraqa_questions_per_s_at_peak": 27.0, "speedup_at_peak": 18.0,
+                       "bf16": {"one_by_one_questions_per_s": 1.6, "loraqa_questions_per_s": 15.0, "speedup": 9.4,
+                                "speedup_over_fp32_one_by_one": 10.0, "greedy_identical_count": 52,
+                                "identical_to_fp32_count": 54}}}
+    text = "\n".join(summary_lines(result))
+    assert "bf16 weights: one-by-one 1.60 q/s, loraqa 15.00 q/s, speedup 9.4x (10.0x over fp32" in text
+    assert "greedy identical 52/64, same as fp32 54/64" in text

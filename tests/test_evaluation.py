@@ -7,7 +7,7 @@ from conftest import tiny_gpt2
 from loraqa.config import GenerationSettings, LoraArguments, ModelArguments
 from loraqa.evaluation import EvaluateArguments, compare, evaluate, failure_category, failure_report, question_type
 from loraqa.metrics import squad_scores
-from loraqa.modeling import ModelSetupError, attach_lora, inference_placement
+from loraqa.modeling import ModelSetupError, attach_lora, inference_placement, native_bf16
 
 
 def _evaluate(model_dir, squad_file, output, **kwargs):
@@ -47,6 +47,18 @@ def test_inference_placement(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     assert inference_placement() == (torch.device("cuda"), torch.float32)
     assert inference_placement("cuda:1", "float16") == (torch.device("cuda:1"), torch.float16)
+
+
+def test_native_bf16_follows_the_cpu_features_and_auto_stays_float32_on_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for amx, avx512_bf16, native in [(False, False, False), (True, False, True), (False, True, True)]:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        assert native_bf16(torch.device("cpu")) is native
+        assert inference_placement() == (torch.device("cpu"), torch.float32)  # exact answers on a CPU
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert native_bf16(torch.device("cuda"))
+    assert not native_bf16(torch.device("meta"))
 
 
 def test_evaluation_in_bfloat16_records_it(tmp_path, tiny_gpt2_dir, squad_file):
