@@ -42,3 +42,7 @@ results: fetch
 	$(LORAQA) failures results/eval_finetuned_500.json --output results/failures_finetuned_500.md
 	$(LORAQA) evaluate --model smollm2-135m --adapter $(RUN) --max_samples 500 --strategy_grid true \
 		--grid_seeds 3 --output results/strategies_finetuned_500.json
+	$(LORAQA) evaluate --model smollm2-135m --adapter $(RUN) --max_samples 500 --dtype bfloat16 \
+		--output results/eval_finetuned_500_bf16.json
+	$(LORAQA) compare results/eval_finetuned_500.json results/eval_finetuned_500_bf16.json \
+		--output results/compare_fp32_bf16_500.json

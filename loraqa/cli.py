@@ -127,7 +127,7 @@ def _compare(argv):
     r = compare(args.a, args.b, seed=args.seed)
     em, f1 = r["exact_match"], r["f1"]
     at_floor = f1["permutation_p_value"] <= 1 / (f1["permutation_resamples"] + 1)
-    print(f"{r['n_common']} common questions")
+    print(f"{r['n_common']} common questions" + (f", {r['answers_differ']} answers differ" if "answers_differ" in r else ""))
     print(f"EM {em['a']:.2f} -> {em['b']:.2f}: delta {em['delta']:+.2f} [{em['delta_ci'][0]:+.2f}, "
           f"{em['delta_ci'][1]:+.2f}], McNemar p = {em['mcnemar']['p_value']:.3g}")
     print(f"F1 {f1['a']:.2f} -> {f1['b']:.2f}: delta {f1['delta']:+.2f} [{f1['delta_ci'][0]:+.2f}, "

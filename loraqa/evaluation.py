@@ -191,10 +191,14 @@ def read_evaluation(path: str) -> dict:
 
 
 def compare(a_path: str, b_path: str, *, seed: int = 0) -> dict:
-    """Paired comparison of two evaluations on their common questions (deltas are B - A)."""
+    """Paired comparison of two evaluations on their common questions (deltas are B - A), and how many of
+    their answers differ (where both files hold predictions)."""
     a, b = read_evaluation(a_path), read_evaluation(b_path)
     result = paired_comparison(a["per_question"], b["per_question"], seed=seed)
-    return {"a": a_path, "b": b_path, **result}
+    answers_a, answers_b = a.get("predictions") or {}, b.get("predictions") or {}
+    common = answers_a.keys() & answers_b.keys() & a["per_question"].keys() & b["per_question"].keys()
+    differ = {"answers_differ": sum(answers_a[q] != answers_b[q] for q in common)} if common else {}
+    return {"a": a_path, "b": b_path, **result, **differ}
 
 
 QUESTION_TYPES = ("how many", "how much", "who", "whom", "whose", "when", "where", "which", "why", "what", "how")

@@ -80,7 +80,12 @@ def test_adapter_evaluation_and_compare(tmp_path, tiny_gpt2_dir, squad_file):
     tuned = _evaluate(tiny_gpt2_dir, squad_file, tmp_path / "tuned.json", adapter=str(adapter))
     assert tuned["predictions"] == base["predictions"] and tuned["adapter"] == str(adapter)
     comparison = compare(str(tmp_path / "base.json"), str(tmp_path / "tuned.json"))
-    assert comparison["n_common"] == 5 and comparison["f1"]["delta"] == 0.0
+    assert comparison["n_common"] == 5 and comparison["f1"]["delta"] == 0.0 and comparison["answers_differ"] == 0
+    changed = json.loads((tmp_path / "tuned.json").read_text())
+    first = next(iter(changed["predictions"]))
+    changed["predictions"][first] += " (edited)"
+    (tmp_path / "edited.json").write_text(json.dumps(changed))
+    assert compare(str(tmp_path / "base.json"), str(tmp_path / "edited.json"))["answers_differ"] == 1
     assert comparison["f1"]["permutation_p_value"] == 1.0 and comparison["exact_match"]["mcnemar"]["p_value"] == 1.0
 
 
