@@ -126,7 +126,12 @@ class LoraQATrainingArguments(TrainingArguments):
             self.warmup_steps = self.warmup_ratio
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not self.use_cpu and not _has_accelerator():
             self.use_cpu = True  # accelerate only runs several CPU processes (gloo) when told they are CPU ones
-        super().__post_init__()
+        if self.bf16 and not self.use_cpu and not _has_accelerator():
+            self.use_cpu = True  # bf16 autocast on the CPU: transformers insists on being told
+        try:
+            super().__post_init__()
+        except ValueError as err:  # transformers' own checks: one line, not a traceback
+            raise ConfigError(f"training arguments: {' '.join(str(err).split())}") from None
 
 
 @dataclass

@@ -67,6 +67,9 @@ def test_out_of_range_settings_fail_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "e.json").exists()
     assert main(["train", "--model", "x", "--lora_r", "0"]) == 2
     assert "lora_r=0" in capsys.readouterr().err
+    assert main(["train", "--model", "x", "--load_best_model_at_end", "true", "--eval_strategy", "steps",
+                 "--save_strategy", "epoch"]) == 2  # transformers' own check, as one line
+    assert capsys.readouterr().err.startswith("loraqa train: error: training arguments: --load_best_model_at_end")
 
 
 def test_unusable_device_fails_before_any_work(tmp_path, capsys, monkeypatch):
@@ -87,3 +90,13 @@ def test_single_file_entry_point_delegates():
     out = subprocess.run([sys.executable, str(ROOT / "lora_qa_finetuning.py"), "--help"], capture_output=True,
                          text=True, check=True)
     assert "usage: loraqa {fetch,data-stats,score,train,evaluate" in out.stdout
+
+
+def test_bf16_training_on_a_cpu_needs_no_extra_flag(monkeypatch, tmp_path):
+    import loraqa.config as config
+
+    monkeypatch.setattr(config, "_has_accelerator", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = config.LoraQATrainingArguments(output_dir=str(tmp_path), bf16=True)
+    assert args.bf16 and args.use_cpu  # transformers alone refuses bf16 without a GPU unless use_cpu is set
+    assert not config.LoraQATrainingArguments(output_dir=str(tmp_path)).use_cpu
