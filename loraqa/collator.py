@@ -59,15 +59,18 @@ class SharedContextCollator:
         position_ids   0  1  2 |  3   4  |  3   4
         labels        -  -  -  |  -  y1  |  -  y2
     and `attention_mask` is a (1, 1, T, T) additive mask: 0 where a token may attend (causal, within its
-    own block or to its own context), the dtype's minimum elsewhere. No padding at all.
+    own block or to its own context), the dtype's minimum elsewhere. No padding at all. `paragraph_spans`
+    (P, 2) holds each paragraph's [start, end) in the row: paragraphs never attend to each other, so
+    attention can run per paragraph (`train.PARAGRAPH_ATTENTION`) instead of over the whole masked row.
     """
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         groups: dict[str, list[dict]] = {}
         for f in features:
             groups.setdefault(f["context_key"], []).append(f)
-        ids, positions, labels, group_of, block_of = [], [], [], [], []
+        ids, positions, labels, group_of, block_of, spans = [], [], [], [], [], []
         for g, members in enumerate(groups.values()):
+            start = len(ids)
             n_context = members[0]["context_length"]
             ids.extend(members[0]["input_ids"][:n_context])
             positions.extend(range(n_context))
@@ -81,6 +84,7 @@ class SharedContextCollator:
                 labels.extend(f["labels"][n_context:])
                 group_of.extend([g] * len(block))
                 block_of.extend([b] * len(block))
+            spans.append([start, len(ids)])
         group = torch.tensor(group_of)
         block = torch.tensor(block_of)
         length = len(ids)
@@ -90,7 +94,8 @@ class SharedContextCollator:
         allowed = causal & same_group & visible  # (T, T)
         mask = torch.zeros(length, length, dtype=torch.float32).masked_fill_(~allowed, torch.finfo(torch.float32).min)
         return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
-                "attention_mask": mask[None, None], "labels": torch.tensor([labels])}
+                "attention_mask": mask[None, None], "labels": torch.tensor([labels]),
+                "paragraph_spans": torch.tensor(spans)}
 
 
 class ContextGroupedSampler(Sampler[int]):

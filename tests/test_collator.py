@@ -4,6 +4,7 @@ import torch
 from conftest import tiny_gpt2, tiny_llama
 from loraqa.collator import ContextGroupedSampler, QADataCollator, SharedContextCollator
 from loraqa.data import IGNORE_INDEX, build_train_dataset, load_squad
+from loraqa.train import PARAGRAPH_ATTENTION
 
 
 def test_collator_pads_right_and_keeps_eos_label_when_pad_is_eos(gpt2_tokenizer):
@@ -36,6 +37,9 @@ def test_shared_context_collator_docstring_example():
     allowed = (batch["attention_mask"][0, 0] == 0).int().tolist()
     assert allowed[5] == [1, 1, 1, 0, 0, 1, 0]  # q2's first token: its context and itself, not q1
     assert allowed[4] == [1, 1, 1, 1, 1, 0, 0]
+    assert batch["paragraph_spans"].tolist() == [[0, 7]]
+    other = {"input_ids": [40, 41, 50], "labels": [-100, -100, 50], "context_length": 2, "context_key": "d"}
+    assert SharedContextCollator()(features + [other])["paragraph_spans"].tolist() == [[0, 7], [7, 10]]
 
 
 @pytest.mark.parametrize("make_model, tokenizer_name", [(tiny_gpt2, "gpt2_tokenizer"), (tiny_llama, "smollm2_tokenizer")])
@@ -45,17 +49,21 @@ def test_packed_rows_give_each_answer_token_its_unpacked_logits(request, make_mo
     features = [rows[i] for i in range(len(rows))]
     model = make_model(vocab_size=len(tokenizer))
     packed = SharedContextCollator()(features)
+    at_labels = packed["labels"][0] != IGNORE_INDEX
     with torch.no_grad():
-        packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                              attention_mask=packed["attention_mask"]).logits[0]  # (T, V)
-        packed_at = packed_logits[packed["labels"][0] != IGNORE_INDEX]
         separate = []
         for f in features:
             logits = model(input_ids=torch.tensor([f["input_ids"]])).logits[0]
             separate.append(logits[torch.tensor(f["labels"]) != IGNORE_INDEX])
-    # logits at the label positions themselves, in both layouts (the loss uses the position before)
-    assert torch.allclose(packed_at, torch.cat(separate), atol=1e-4)
+        # the whole row under its block mask, then the same row attended one paragraph at a time
+        for attention, spans in [("sdpa", {}), (PARAGRAPH_ATTENTION, {"paragraph_spans": packed["paragraph_spans"].tolist()})]:
+            model.set_attn_implementation(attention)
+            packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                                  attention_mask=packed["attention_mask"], **spans).logits[0]  # (T, V)
+            # logits at the label positions themselves, in both layouts (the loss uses the position before)
+            assert torch.allclose(packed_logits[at_labels], torch.cat(separate), atol=1e-4), attention
     assert len(set(f["context_key"] for f in features)) < len(features)  # some context really was shared
+    assert len(packed["paragraph_spans"]) > 1  # and the row holds several paragraphs
 
 
 def test_context_grouped_sampler_groups_and_is_deterministic():

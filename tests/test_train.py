@@ -5,12 +5,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from conftest import tiny_gpt2
+from conftest import tiny_gpt2, tiny_llama
 from loraqa.collator import QADataCollator, SharedContextCollator
 from loraqa.config import DataArguments, LoraArguments, LoraQATrainingArguments, ModelArguments
 from loraqa.data import build_train_dataset, load_squad
 from loraqa.modeling import ModelSetupError, attach_lora
-from loraqa.train import answer_loss, fit, setup, train
+from loraqa.train import PARAGRAPH_ATTENTION, answer_loss, fit, setup, train
 
 
 @pytest.mark.parametrize("collate", ["padded", "shared_context"])
@@ -36,6 +36,37 @@ def test_answer_only_loss_and_grads_equal_full_logits(gpt2_tokenizer, squad_file
     padded = QADataCollator(gpt2_tokenizer)(features)
     with torch.no_grad():
         assert model(**padded).loss.item() == pytest.approx(loss_a, rel=1e-5)
+
+
+@pytest.mark.parametrize("make_model, tokenizer_name", [(tiny_gpt2, "gpt2_tokenizer"), (tiny_llama, "smollm2_tokenizer")])
+def test_paragraph_attention_gives_the_block_mask_loss_and_grads(request, make_model, tokenizer_name, squad_file):
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    rows, _ = build_train_dataset(load_squad(str(squad_file)), tokenizer, max_length=128)
+    batch = SharedContextCollator()([rows[i] for i in range(len(rows))])
+    assert len(batch["paragraph_spans"]) > 1
+    model = attach_lora(make_model(vocab_size=len(tokenizer)), LoraArguments(lora_r=4, lora_dropout=0.0,
+                                                                           target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    results = []
+    for attention in ("sdpa", PARAGRAPH_ATTENTION):
+        model.set_attn_implementation(attention)
+        model.zero_grad()
+        loss = answer_loss(model, batch)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    assert all(torch.allclose(grads_a[n], grads_b[n], atol=1e-6, rtol=1e-4) for n in grads_a)
+
+
+def test_setup_attends_per_paragraph_for_shared_context_rows_only(tmp_path, tiny_gpt2_dir, squad_file):
+    shared = setup(*_args(tmp_path, tiny_gpt2_dir, squad_file))
+    assert shared.trainer.model.config._attn_implementation == PARAGRAPH_ATTENTION
+    padded = setup(*_args(tmp_path, tiny_gpt2_dir, squad_file, packing="none"))
+    assert padded.trainer.model.config._attn_implementation != PARAGRAPH_ATTENTION
 
 
 def _args(tmp_path, model_dir, squad_file, **training):
