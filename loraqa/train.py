@@ -205,7 +205,8 @@ def setup(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataA
         _check_resume(training_args.resume_from_checkpoint, resolved, lora_args.full_finetune)
     set_seed(training_args.seed)  # LoRA's initial A depends only on the seed, not on what loading consumed
     model = model if lora_args.full_finetune else attach_lora(model, lora_args)
-    if training_args.packing == "shared_context" and supports_shared_prefix(model):
+    # per-paragraph attention loops over each batch's spans: a compiled graph would recompile for every batch
+    if training_args.packing == "shared_context" and supports_shared_prefix(model) and not training_args.torch_compile:
         model.set_attn_implementation(PARAGRAPH_ATTENTION)
     parameters = count_parameters(model)
     logger.info("trainable params %d of %d (reduction x%s)", parameters["trainable_params"],

@@ -67,6 +67,8 @@ def test_setup_attends_per_paragraph_for_shared_context_rows_only(tmp_path, tiny
     assert shared.trainer.model.config._attn_implementation == PARAGRAPH_ATTENTION
     padded = setup(*_args(tmp_path, tiny_gpt2_dir, squad_file, packing="none"))
     assert padded.trainer.model.config._attn_implementation != PARAGRAPH_ATTENTION
+    compiled = setup(*_args(tmp_path, tiny_gpt2_dir, squad_file, torch_compile=True))
+    assert compiled.trainer.model.config._attn_implementation != PARAGRAPH_ATTENTION
 
 
 def _args(tmp_path, model_dir, squad_file, **training):
