@@ -67,7 +67,7 @@ def load_model_for_eval(model_args: ModelArguments, adapter: str | None, merge: 
     place, weights = inference_placement(device, dtype)
     if dtype == "auto" and weights == torch.float32 and native_bf16(place):
         logger.info("this %s multiplies bf16 natively: --dtype bfloat16 is faster, but changes some answers "
-                    "(README: bf16 inference)", place.type)
+                    "(README: bf16 on a CPU that has it)", place.type)
     if adapter and not (Path(adapter) / "adapter_config.json").exists():
         if not (Path(adapter) / "config.json").exists():
             raise SquadFormatError(f"{adapter}: neither an adapter (adapter_config.json) nor a model (config.json)")
