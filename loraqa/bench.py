@@ -121,23 +121,30 @@ def _in_child(function, job: dict) -> dict:
         return pool.submit(function, job).result()
 
 
-def _eval_bench(model, tokenizer, cache_dir: str, m: int, peak_gflops: float, ablations: bool, bf16: bool) -> dict:
-    from .assets import squad_file
-    from .data import load_squad, take_subset
+def _side_by_side(model, tokenizer, records: list[dict], settings: GenerationSettings, work: dict | None = None):
+    """(loraqa's answers, seconds, one-by-one answers, seconds) on the same questions, after a warm-up."""
     from .evaluation import one_by_one_answers
     from .generate import generate_answers
 
-    model.eval()
-    records = list(take_subset(load_squad(squad_file("squad", "validation", cache_dir), "validation"), m, 0))
-    settings = GenerationSettings()
     generate_answers(model, tokenizer, records[:1], settings=settings, progress=False)  # warm-up, stop-token table
-    work: dict = {}
     started = time.perf_counter()
     ours = generate_answers(model, tokenizer, records, settings=settings, progress=False, stats=work)
     ours_s = time.perf_counter() - started
     started = time.perf_counter()
     reference = one_by_one_answers(model, tokenizer, records, settings)
-    reference_s = time.perf_counter() - started
+    return ours, ours_s, reference, time.perf_counter() - started
+
+
+def _eval_bench(model, tokenizer, cache_dir: str, m: int, peak_gflops: float, ablations: bool, bf16: bool) -> dict:
+    from .assets import squad_file
+    from .data import load_squad, take_subset
+    from .generate import generate_answers
+
+    model.eval()
+    records = list(take_subset(load_squad(squad_file("squad", "validation", cache_dir), "validation"), m, 0))
+    settings = GenerationSettings()
+    work: dict = {}
+    ours, ours_s, reference, reference_s = _side_by_side(model, tokenizer, records, settings, work)
     same = sum(ours[q] == reference[q] for q in reference)
     ablation = {}
     if ablations:  # batching alone: full-prompt rows on the model's own KV cache, no shared contexts
@@ -166,17 +173,8 @@ def _bf16_eval(model, tokenizer, records: list[dict], settings: GenerationSettin
                fp32_one_by_one_s: float) -> dict:
     """Both evaluation paths with bf16 weights (`model` is converted in place): speed, and how many greedy
     answers agree with each other and with float32's."""
-    from .evaluation import one_by_one_answers
-    from .generate import generate_answers
-
     model.to(torch.bfloat16)
-    generate_answers(model, tokenizer, records[:1], settings=settings, progress=False)  # warm-up
-    started = time.perf_counter()
-    ours = generate_answers(model, tokenizer, records, settings=settings, progress=False)
-    ours_s = time.perf_counter() - started
-    started = time.perf_counter()
-    reference = one_by_one_answers(model, tokenizer, records, settings)
-    reference_s = time.perf_counter() - started
+    ours, ours_s, reference, reference_s = _side_by_side(model, tokenizer, records, settings)
     return {"loraqa_questions_per_s": len(records) / ours_s, "one_by_one_questions_per_s": len(records) / reference_s,
             "speedup": reference_s / ours_s, "speedup_over_fp32_one_by_one": fp32_one_by_one_s / ours_s,
             "greedy_identical_count": sum(ours[q] == reference[q] for q in reference),

@@ -96,7 +96,7 @@ def inference_placement(device: str = "auto", dtype: str = "auto") -> tuple[torc
     if place.type == "cuda" and not torch.cuda.is_available():
         raise ModelSetupError(f"device {device!r}: CUDA is not available on this machine")
     if dtype == "auto":
-        return place, torch.bfloat16 if place.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        return place, torch.bfloat16 if place.type == "cuda" and native_bf16(place) else torch.float32
     return place, getattr(torch, dtype)
 
 
