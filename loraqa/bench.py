@@ -158,6 +158,10 @@ def _eval_bench(model, tokenizer, cache_dir: str, m: int, peak_gflops: float, ab
     body, head = _matmul_params(model)
     flops = 2 * body * (work["prompt_tokens"] + work["generated_tokens"]) + 2 * head * work["generated_tokens"]
     floor_s = flops / (peak_gflops * 1e9)
+    # what the linear layers alone cost: the prefill at the matmul peak, each decoding step at its own row count
+    # as this machine's matmul library actually runs it (few rows multiply far below the peak)
+    linear_s = (2 * body * work["prompt_tokens"] / (peak_gflops * 1e9)
+                + _decode_linear_seconds(model, work["steps_by_rows"]))
     if bf16:
         ablation["bf16"] = _bf16_eval(model, tokenizer, records, settings, ours, reference_s)
     return {"questions": len(records), "paragraphs": len({r["context"] for r in records}),
@@ -166,7 +170,29 @@ def _eval_bench(model, tokenizer, cache_dir: str, m: int, peak_gflops: float, ab
             "max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size, **work,
             "loraqa_achieved_gflops": flops / ours_s / 1e9, "loraqa_mfu": floor_s / ours_s,
             "loraqa_questions_per_s_at_peak": len(records) / floor_s,
-            "speedup_at_peak": reference_s / floor_s, **ablation}
+            "speedup_at_peak": reference_s / floor_s, "linear_layers_s": linear_s,
+            "speedup_if_only_linear_layers": reference_s / linear_s, **ablation}
+
+
+@torch.no_grad()
+def _decode_linear_seconds(model, steps_by_rows: dict[int, int]) -> float:
+    """Seconds the model's linear layers (LM head included) take over decoding steps of these row counts,
+    {rows: steps}: one pass over every layer with its own weights per row count, best of three."""
+    layers = _linear_layers(model)
+    synchronize = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    total = 0.0
+    for rows, steps in steps_by_rows.items():
+        inputs = [torch.randn(rows, _in_features(m), device=model.device, dtype=model.dtype) for m in layers]
+        best = float("inf")
+        for _ in range(3):
+            synchronize()
+            started = time.perf_counter()
+            for layer, x in zip(layers, inputs):
+                layer(x)
+            synchronize()
+            best = min(best, time.perf_counter() - started)
+        total += steps * best
+    return total
 
 
 def _bf16_eval(model, tokenizer, records: list[dict], settings: GenerationSettings, fp32_answers: dict,
@@ -239,13 +265,22 @@ def run_bench(model_args: ModelArguments, bench: BenchArguments) -> dict:
     return result
 
 
+def _linear_layers(model) -> list[torch.nn.Module]:
+    """Every linear layer (GPT-2's Conv1D included), the LM head among them."""
+    from transformers.pytorch_utils import Conv1D
+
+    return [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+
+
+def _in_features(layer) -> int:
+    return layer.in_features if isinstance(layer, torch.nn.Linear) else layer.weight.shape[0]  # Conv1D: (in, out)
+
+
 def _matmul_params(model) -> tuple[int, int]:
     """(body, head): weights of the linear layers outside the LM head (the per-token matmul work of the
     transformer body; embeddings are lookups) and of the LM head."""
-    from transformers.pytorch_utils import Conv1D
-
     head = model.get_output_embeddings()
-    body = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head)
+    body = sum(m.weight.numel() for m in _linear_layers(model) if m is not head)
     return body, head.weight.numel()
 
 
@@ -278,4 +313,9 @@ def summary_lines(result: dict) -> list[str]:
         lines.append(f"eval achieved {evaluation['loraqa_achieved_gflops']:.1f} GFLOP/s (MFU "
                      f"{100 * evaluation['loraqa_mfu']:.0f}%); at the matmul peak loraqa's path would answer "
                      f"{evaluation['loraqa_questions_per_s_at_peak']:.1f} q/s = {evaluation['speedup_at_peak']:.1f}x")
+        if "linear_layers_s" in evaluation:
+            lines.append(f"eval linear layers alone (prefill at the peak, decoding steps as measured at their row "
+                         f"counts): {evaluation['linear_layers_s']:.2f} s of loraqa's "
+                         f"{evaluation['questions'] / evaluation['loraqa_questions_per_s']:.2f} s; with all other work "
+                         f"free: {evaluation['speedup_if_only_linear_layers']:.1f}x")
     return lines

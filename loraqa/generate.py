@@ -451,6 +451,7 @@ def _decode(batch, tokens: torch.Tensor, rows: _Rows, plans: list, max_new_token
             tokens, active = tokens[index], [active[i] for i in keep]
         tokens = _choose_rows(plans, batch.step(tokens), rows, active)
         work["decode_steps"] += 1
+        work["steps_by_rows"][len(active)] = work["steps_by_rows"].get(len(active), 0) + 1
 
 
 def _finish_leftovers(leftovers: list, plans: list, max_new_tokens: int, stop: set[int], work: dict):
@@ -504,8 +505,8 @@ def generate_answers(model, tokenizer, examples: list[dict], *, settings: Genera
     """{id: answer} for records with `id`, `context`, `question`, decoded per `settings`.
 
     `stats`, if given, receives the work done: prompt tokens encoded (each batch's distinct contexts once
-    with prefix caching), tokens generated, batches, decoding steps, and seconds spent encoding prompts
-    (prefill) and decoding.
+    with prefix caching), tokens generated, batches, decoding steps (and `steps_by_rows`, {rows: steps}: how many
+    steps ran with how many rows), and seconds spent encoding prompts (prefill) and decoding.
 
     >>> generate_answers(model, tokenizer, [{"id": "q1", "context": "Paris is in France.",
     ...                                      "question": "Where is Paris?"}], settings=GenerationSettings())
@@ -541,7 +542,7 @@ def generate_answer_sets(model, tokenizer, examples: list[dict], settings: list[
     leave_at = first.batch_size // 8 if shared else 0
     generated: list[dict[str, list[int]]] = [{} for _ in settings]
     leftovers: list = []
-    work = {"prompt_tokens": 0, "batches": 0, "decode_steps": 0, "prefill_s": 0.0, "decode_s": 0.0}
+    work = {"prompt_tokens": 0, "batches": 0, "decode_steps": 0, "steps_by_rows": {}, "prefill_s": 0.0, "decode_s": 0.0}
     label = first.name if runs == 1 else f"{runs} settings"
     bar = tqdm(total=len(examples), desc=f"answering ({label})", disable=not progress, unit="q")
     with _attention_implementation(model, SHARED_PREFIX_ATTENTION) if shared else contextlib.nullcontext():

@@ -1,5 +1,6 @@
+import torch
 from conftest import tiny_gpt2, tiny_llama
-from loraqa.bench import _matmul_params, summary_lines
+from loraqa.bench import _decode_linear_seconds, _linear_layers, _matmul_params, summary_lines
 
 
 def test_matmul_params_count_the_transformer_matrices_and_the_head():
@@ -11,6 +12,21 @@ def test_matmul_params_count_the_transformer_matrices_and_the_head():
     assert _matmul_params(gpt2) == (2 * per_block, 100 * 32)
 
 
+def test_decode_linear_seconds_runs_every_linear_layer_at_each_row_count():
+    for model in (tiny_gpt2(vocab_size=100), tiny_llama(vocab_size=100)):
+        seen = []
+        for layer in _linear_layers(model):
+            layer.register_forward_hook(lambda module, args, output: seen.append((module, args[0].shape,
+                                                                                    torch.is_grad_enabled())))
+        seconds = _decode_linear_seconds(model, {3: 5, 1: 2})
+        assert seconds > 0
+        layers = _linear_layers(model)
+        assert len(layers) == (4 if "GPT2" in type(model).__name__ else 7) * 2 + 1  # 2 layers + the LM head
+        expected = {(layer, rows) for layer in layers for rows in (3, 1)}
+        assert {(module, shape[0]) for module, shape, _ in seen} == expected and len(seen) == 3 * len(expected)
+        assert not any(grad for _, _, grad in seen)  # timed without autograd, as decoding runs
+
+
 def test_summary_lines_state_the_side_by_side_ratios():
     run = {"examples_per_s": 3.0, "tokens_per_s": 600.0, "mean_train_loss": 2.5, "peak_rss_mb": 3000.0}
     result = {
@@ -20,7 +36,7 @@ def test_summary_lines_state_the_side_by_side_ratios():
         "eval": {"one_by_one_questions_per_s": 1.5, "loraqa_questions_per_s": 9.0, "speedup": 6.0,
                  "greedy_identical_count": 64, "questions": 64, "full_prompt_rows_questions_per_s": 2.0,
                  "loraqa_achieved_gflops": 130.0, "loraqa_mfu": 0.325, "loraqa_questions_per_s_at_peak": 27.0,
-                 "speedup_at_peak": 18.0},
+                 "speedup_at_peak": 18.0, "linear_layers_s": 4.0, "speedup_if_only_linear_layers": 11.0},
     }
     text = "\n".join(summary_lines(result))
     assert "train speedup over TRL reference: 6.00x" in text
@@ -28,6 +44,7 @@ def test_summary_lines_state_the_side_by_side_ratios():
     assert "speedup 6.0x, greedy identical 64/64" in text
     assert "full-prompt rows (no shared contexts) 2.00 q/s" in text
     assert "27.0 q/s = 18.0x" in text
+    assert "4.00 s of loraqa's 7.11 s; with all other work free: 11.0x" in text
 
 
 def test_summary_lines_report_the_bf16_evaluation_beside_float32():

@@ -221,6 +221,8 @@ def test_shared_prefix_work_and_attention_restored(gpt2_tokenizer, squad_file):
     assert work["prompt_tokens"] == sum(map(len, contexts)) + sum(len(q) for _, q in prompts)
     assert work["batches"] == 1 and len(records) <= work["generated_tokens"] <= 3 * len(records)
     assert 1 <= work["decode_steps"] <= 2 and work["prefill_s"] > 0 and work["decode_s"] > 0
+    assert sum(work["steps_by_rows"].values()) == work["decode_steps"]
+    assert all(1 <= rows <= len(records) for rows in work["steps_by_rows"])
     plain = {}
     generate_answers(model, gpt2_tokenizer, records, settings=GenerationSettings(max_new_tokens=3, prefix_cache=False),
                      progress=False, stats=plain)
