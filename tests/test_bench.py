@@ -36,7 +36,8 @@ def test_summary_lines_state_the_side_by_side_ratios():
         "eval": {"one_by_one_questions_per_s": 1.5, "loraqa_questions_per_s": 9.0, "speedup": 6.0,
                  "greedy_identical_count": 64, "questions": 64, "full_prompt_rows_questions_per_s": 2.0,
                  "loraqa_achieved_gflops": 130.0, "loraqa_mfu": 0.325, "loraqa_questions_per_s_at_peak": 27.0,
-                 "speedup_at_peak": 18.0, "linear_layers_s": 4.0, "speedup_if_only_linear_layers": 11.0},
+                 "speedup_at_peak": 18.0, "prefill_linear_at_peak_s": 2.5, "decode_linear_s": 1.5,
+                 "linear_layers_s": 4.0, "speedup_if_only_linear_layers": 11.0},
     }
     text = "\n".join(summary_lines(result))
     assert "train speedup over TRL reference: 6.00x" in text
@@ -44,7 +45,8 @@ def test_summary_lines_state_the_side_by_side_ratios():
     assert "speedup 6.0x, greedy identical 64/64" in text
     assert "full-prompt rows (no shared contexts) 2.00 q/s" in text
     assert "27.0 q/s = 18.0x" in text
-    assert "4.00 s of loraqa's 7.11 s; with all other work free: 11.0x" in text
+    assert ("4.00 s (prefill at the peak 2.50 s, decoding steps timed at their row counts 1.50 s) of loraqa's 7.11 s; "
+            "with all other work free: 11.0x") in text
 
 
 def test_summary_lines_report_the_bf16_evaluation_beside_float32():
