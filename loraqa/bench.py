@@ -7,7 +7,9 @@ logits) that show what each idea contributes. Every training variant runs in a f
 that its peak RSS is its own. Evaluation: one-by-one `model.generate` against `generate_answers`, with
 greedy answers compared, plus batched full-prompt rows (no shared contexts) as the ablation and, where the
 device multiplies bf16 natively, both evaluation paths again with bf16 weights. The machine's fp32 matmul
-peak is measured in the same run for MFU figures and the evaluation's FLOP floor.
+peak is measured in the same run for MFU figures and the evaluation's FLOP floor, and the evaluation's
+linear layers are timed alone (the prefill at the peak, each decoding step at its own row count, where
+few rows multiply far below the peak): the speedup that would remain if all other work were free.
 """
 from __future__ import annotations
 
