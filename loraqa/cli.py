@@ -230,8 +230,22 @@ def _run(argv):
     print(f"results: {out}/")
 
 
+def _sweep(argv):
+    parser = argparse.ArgumentParser(prog="loraqa sweep", description="Run a sweep spec: train + evaluate per run, "
+                                     "resumable (rerun the same command after an interruption).")
+    parser.add_argument("spec", help="sweep spec YAML (see loraqa.sweep)")
+    parser.add_argument("--output_dir", "--output-dir", required=True, help="where the run directories go")
+    parser.add_argument("--print_commands", "--print-commands", action="store_true",
+                        help="print each pending run as a stand-alone shell line instead of running it")
+    parser.add_argument("--max_runs", "--max-runs", type=int, default=None, help="stop after this many runs")
+    args = parser.parse_args(argv)
+    from .sweep import run_sweep
+
+    run_sweep(args.spec, args.output_dir, print_commands=args.print_commands, limit=args.max_runs)
+
+
 COMMANDS = {"fetch": _fetch, "data-stats": _data_stats, "score": _score, "train": _train, "evaluate": _evaluate,
-            "compare": _compare, "failures": _failures, "ask": _ask, "bench": _bench, "run": _run}
+            "compare": _compare, "failures": _failures, "ask": _ask, "bench": _bench, "run": _run, "sweep": _sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,10 +78,18 @@ class DataArguments:
     unanswerable: Literal["skip", "eos"] = field(default="skip", **_help(
         "SQuAD 2.0 questions without an answer: skip them, or train the model to answer with EOS alone."))
     subset_seed: int = field(default=0, **_help(
-        "Seed of the subset rule: questions ordered by sha1(f'{seed}:{id}'), first N taken (nested across N)."))
+        "Seed of the subset and held-out rules: paragraphs ordered by sha1(f'{seed}:{context}') and taken whole "
+        "until N questions (nested across N); held-out articles by sha1(f'{seed}:{title}')."))
+    heldout_articles: int = field(default=0, **_help(
+        "Hold out this many whole training articles (never trained on) and take the validation loss on them "
+        "instead of validation_file: the selection set of a sweep, so that the dev set stays a test set."))
+    train_on_prompt: bool = field(default=False, **_help(
+        "Put the loss on every token (prompt too) instead of the answer only: the ablation of prompt masking. "
+        "Needs --packing none (a shared context would carry loss once per paragraph, not once per question)."))
 
     def __post_init__(self):
         _check(self.max_length >= 32, "max_length", self.max_length, "must be >= 32")
+        _check(self.heldout_articles >= 0, "heldout_articles", self.heldout_articles, "must be >= 0")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             _check(value is None or value >= 1, name, value, "must be >= 1 when given")

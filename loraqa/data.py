@@ -143,6 +143,20 @@ def take_subset(dataset: datasets.Dataset, n: int | None, seed: int = 0) -> data
     return dataset.select(sorted(chosen))
 
 
+def heldout_split(dataset: datasets.Dataset, articles: int, seed: int = 0
+                  ) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(the rest, held-out articles): whole articles chosen by sha1(f"{seed}:{title}"), so that no paragraph
+    of a held-out article is ever trained on. The selection set for hyperparameters comes from the training
+    file this way, and the dev set stays a test set. Rows keep file order."""
+    titles = sorted(set(dataset["title"]), key=lambda t: hashlib.sha1(f"{seed}:{t}".encode()).hexdigest())
+    if articles >= len(titles):
+        raise SquadFormatError(f"heldout_articles={articles}: the file has only {len(titles)} articles")
+    heldout = set(titles[:articles])
+    flags = [title in heldout for title in dataset["title"]]
+    return (dataset.select([i for i, f in enumerate(flags) if not f]),
+            dataset.select([i for i, f in enumerate(flags) if f]))
+
+
 def data_fingerprint(dataset: datasets.Dataset) -> str:
     """sha256 over the question ids, contexts, questions and answers actually used."""
     digest = hashlib.sha256()
@@ -167,13 +181,18 @@ def encode_prompt(tokenizer, context: str, question: str, max_prompt_tokens: int
     >>> encode_prompt(gpt2_tokenizer, "Paris is in France.", "Where is Paris?")
     ([21947, 25, 6342, 318, 287, 4881, 13], [198, 24361, 25, 6350, 318, 6342, 30, 198, 33706, 25])
     """
+    context_ids, question_ids, _ = encode_prompt_counting_cut(tokenizer, context, question, max_prompt_tokens)
+    return context_ids, question_ids
+
+
+def encode_prompt_counting_cut(tokenizer, context: str, question: str, max_prompt_tokens: int | None = None
+                               ) -> tuple[list[int], list[int], int]:
+    """`encode_prompt` and how many context tokens it cut off (0 when the prompt fits)."""
     header = _prefix_ids(tokenizer) + tokenizer(CONTEXT_HEADER, add_special_tokens=False).input_ids
     body = tokenizer(" " + context, add_special_tokens=False).input_ids
     question_ids = tokenizer(QUESTION_TEMPLATE.format(question=question.strip()), add_special_tokens=False).input_ids
-    if max_prompt_tokens is not None:
-        room = max(0, max_prompt_tokens - len(header) - len(question_ids))
-        body = body[:room]
-    return header + body, question_ids
+    room = len(body) if max_prompt_tokens is None else max(0, max_prompt_tokens - len(header) - len(question_ids))
+    return header + body[:room], question_ids, max(0, len(body) - room)
 
 
 def _answer_window(text: str, offsets: list[tuple[int, int]], start: int, end: int, budget: int
@@ -203,13 +222,15 @@ def _answer_window(text: str, offsets: list[tuple[int, int]], start: int, end: i
 
 
 def preprocess_function(examples: dict[str, list], tokenizer, max_length: int = 512,
-                        unanswerable: Literal["skip", "eos"] = "skip") -> dict[str, list]:
+                        unanswerable: Literal["skip", "eos"] = "skip", train_on_prompt: bool = False
+                        ) -> dict[str, list]:
     """Batched `datasets.map` function: SQuAD columns -> training rows.
 
     Every output row has `input_ids`, `labels`, `context_length`, `context_key` and `skip_reason`
     ("" when kept; `SKIP_UNANSWERABLE` or `SKIP_TOO_LONG` rows have empty ids and are filtered later).
     Too-long examples keep a window of the context around the answer (context on both sides where room
-    allows); the question, the cue and the answer are never cut.
+    allows); the question, the cue and the answer are never cut. `train_on_prompt` labels the prompt tokens
+    too (the ablation of prompt masking).
     """
     header = _prefix_ids(tokenizer) + tokenizer(CONTEXT_HEADER, add_special_tokens=False).input_ids
     bodies = tokenizer([" " + c for c in examples["context"]], add_special_tokens=False,
@@ -222,7 +243,7 @@ def preprocess_function(examples: dict[str, list], tokenizer, max_length: int = 
 
     def emit(prompt_ids, target_ids, context_length, key, reason=""):
         out["input_ids"].append(prompt_ids + target_ids)
-        out["labels"].append([IGNORE_INDEX] * len(prompt_ids) + target_ids)
+        out["labels"].append((prompt_ids if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)) + target_ids)
         out["context_length"].append(context_length)
         out["context_key"].append(key)
         out["skip_reason"].append(reason)
@@ -254,12 +275,12 @@ def preprocess_function(examples: dict[str, list], tokenizer, max_length: int = 
 
 
 def build_train_dataset(dataset: datasets.Dataset, tokenizer, *, max_length: int,
-                        unanswerable: Literal["skip", "eos"] = "skip", desc: str = "tokenizing"
-                        ) -> tuple[datasets.Dataset, dict[str, int]]:
+                        unanswerable: Literal["skip", "eos"] = "skip", train_on_prompt: bool = False,
+                        desc: str = "tokenizing") -> tuple[datasets.Dataset, dict[str, int]]:
     """Tokenize a SQuAD dataset and drop skipped rows; returns the rows and the counts of each skip reason."""
     tokenized = dataset.map(preprocess_function, batched=True, remove_columns=dataset.column_names,
                             fn_kwargs={"tokenizer": tokenizer, "max_length": max_length,
-                                       "unanswerable": unanswerable},
+                                       "unanswerable": unanswerable, "train_on_prompt": train_on_prompt},
                             desc=desc, keep_in_memory=True, load_from_cache_file=False)
     reasons = Counter(tokenized["skip_reason"])
     kept = tokenized.filter(lambda r: r == "", input_columns="skip_reason", keep_in_memory=True)

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from .assets import squad_file
-from .config import GenerationSettings, ModelArguments, run_metadata, to_dict, write_json_atomic
-from .data import SquadFormatError, data_fingerprint, encode_prompt, load_squad, squad_references, take_subset
+from .config import DataArguments, GenerationSettings, ModelArguments, run_metadata, to_dict, write_json_atomic
+from .data import (SquadFormatError, data_fingerprint, encode_prompt, heldout_split, load_squad, squad_references,
+                   take_subset)
 from .generate import generate_answer_sets, generate_answers, max_prompt_tokens
 from .metrics import normalize_answer, score_questions
 from .modeling import inference_placement, load_adapter, load_model_and_tokenizer, native_bf16
@@ -42,7 +43,13 @@ class EvaluateArguments:
     output: str = field(default="eval.json", metadata={"help": "Where to write the evaluation JSON."})
     merge_adapter: bool = field(default=True, metadata={"help": "Merge LoRA into the weights for inference."})
     strategy_grid: bool = field(default=False, metadata={"help": "Run the decoding-strategy grid instead of one setting."})
+    max_length: int | None = field(default=None, metadata={
+        "help": "Prompt + answer token budget; contexts are cut at the end to fit. Default: the adapter's training "
+                "max_length (its run_config.json), else 512 (loraqa's training default), never past the model's window."})
     grid_seeds: int = field(default=3, metadata={"help": "Seeds per sampled strategy in the grid."})
+    heldout_articles: int = field(default=0, metadata={
+        "help": "Score the training file's held-out articles instead (train's heldout_articles rule, same "
+                "subset_seed): the selection set of a sweep; 0: the dev split of `data`."})
     torch_threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads; default: all cores."})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when available, else cpu), cpu, cuda, cuda:1, ..."})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
@@ -77,6 +84,23 @@ def load_model_for_eval(model_args: ModelArguments, adapter: str | None, merge: 
     if adapter:
         model = load_adapter(model, adapter, merge=merge)
     return model.to(place).eval(), tokenizer, resolved
+
+
+def paragraph_key(context: str) -> str:
+    """A short id of a question's paragraph: questions on one paragraph are resampled together (stats)."""
+    return hashlib.sha1(context.encode()).hexdigest()[:12]
+
+
+def training_max_length(adapter: str | None) -> int:
+    """The max_length an adapter (or full fine-tune) was trained at, from its run_config.json; 512, loraqa's
+    training default, for an untuned model, so that baseline and tuned models see the same prompts."""
+    config_path = Path(adapter) / "run_config.json" if adapter else None
+    if config_path and config_path.exists():
+        try:
+            return int(json.loads(config_path.read_text())["data"]["max_length"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise SquadFormatError(f"{config_path}: field 'data.max_length' is not readable ({err})") from None
+    return DataArguments.max_length
 
 
 def answer_quality(predictions: dict[str, str], records: list[dict]) -> dict:
@@ -116,22 +140,28 @@ def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, settings:
     inference_placement(eval_args.device, eval_args.dtype)  # a device or dtype that cannot work fails first
     if eval_args.torch_threads:
         torch.set_num_threads(eval_args.torch_threads)
-    data_path = squad_file(eval_args.data, "validation", model_args.cache_dir)
-    dataset = take_subset(load_squad(data_path, "validation"), eval_args.max_samples, eval_args.subset_seed)
+    split = "train" if eval_args.heldout_articles else "validation"
+    data_path = squad_file(eval_args.data, split, model_args.cache_dir)
+    dataset = load_squad(data_path, split)
+    if eval_args.heldout_articles:
+        dataset = heldout_split(dataset, eval_args.heldout_articles, eval_args.subset_seed)[1]
+    dataset = take_subset(dataset, eval_args.max_samples, eval_args.subset_seed)
     model, tokenizer, resolved = load_model_for_eval(model_args, eval_args.adapter, eval_args.merge_adapter,
                                                      device=eval_args.device, dtype=eval_args.dtype)
     records = list(dataset)
+    max_length = eval_args.max_length or training_max_length(eval_args.adapter)
     weights = next(model.parameters())
     header = {"model": model_args.model, "model_resolved": resolved, "adapter": eval_args.adapter,
               "device": str(weights.device), "dtype": str(weights.dtype).removeprefix("torch."),
               "data": data_path, "data_hash": data_fingerprint(dataset), "subset_seed": eval_args.subset_seed,
-              "evaluate_args": to_dict(eval_args), **run_metadata()}
+              "max_length": max_length, "evaluate_args": to_dict(eval_args), **run_metadata()}
     if not eval_args.strategy_grid:
         started, work = time.perf_counter(), {}
-        predictions = generate_answers(model, tokenizer, records, settings=settings, stats=work)
+        predictions = generate_answers(model, tokenizer, records, settings=settings, stats=work, max_length=max_length)
         scored = _scored(predictions, records, settings, time.perf_counter() - started, work)
-        result = {**header, **scored,
-                  "questions": {r["id"]: {"question": r["question"], "gold": r["answers"]["text"]} for r in records}}
+        result = {**header, "prompts_cut": work["prompts_cut"], **scored,
+                  "questions": {r["id"]: {"question": r["question"], "gold": r["answers"]["text"],
+                                          "paragraph": paragraph_key(r["context"])} for r in records}}
         write_json_atomic(eval_args.output, result)
         return result
     # every (strategy, seed) run decodes together with the others from one prefill per batch: each run's
@@ -141,7 +171,7 @@ def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, settings:
     settings_list = [replace(strategy, seed=seed) for strategy, seeds in plan for seed in seeds]
     works = [{} for _ in settings_list]
     started = time.perf_counter()
-    answer_sets = generate_answer_sets(model, tokenizer, records, settings_list, stats=works)
+    answer_sets = generate_answer_sets(model, tokenizer, records, settings_list, stats=works, max_length=max_length)
     header["grid_seconds"] = time.perf_counter() - started
     scored = iter([_scored(answers, records, run, work["prefill_s"] + work["decode_s"], work)
                    for run, answers, work in zip(settings_list, answer_sets, works)])
@@ -162,7 +192,8 @@ def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, settings:
             if len(answers_by_seed) > 1 else 0.0,
             "runs": [{k: r[k] for k in ("exact_match", "f1", "predictions", "per_question")} for r in runs],
         })
-    result = {**header, "n": len(records), "strategies": rows}
+    result = {**header, "prompts_cut": works[0]["prompts_cut"], "n": len(records), "strategies": rows,
+              "paragraphs": {r["id"]: paragraph_key(r["context"]) for r in records}}
     write_json_atomic(eval_args.output, result)
     return result
 

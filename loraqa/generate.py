@@ -38,7 +38,7 @@ from transformers import (AttentionInterface, DynamicCache, LogitsProcessorList,
                           TopKLogitsWarper, TopPLogitsWarper)
 
 from .config import GenerationSettings
-from .data import encode_prompt
+from .data import encode_prompt_counting_cut
 
 SHARED_PREFIX_ATTENTION = "loraqa_shared_prefix"
 _STOP_IDS: dict[tuple, torch.Tensor] = {}
@@ -60,9 +60,11 @@ def answer_text(tokenizer, token_ids: list[int]) -> str:
     return text.split("\n", 1)[0].strip()
 
 
-def max_prompt_tokens(model, settings: GenerationSettings) -> int:
+def max_prompt_tokens(model, settings: GenerationSettings, max_length: int | None = None) -> int:
+    """Prompt tokens allowed so that prompt + `max_new_tokens` fits `max_length` (the length the model was
+    trained at; `evaluate` takes it from the adapter's run config) and the model's window."""
     positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
-    return positions - settings.max_new_tokens
+    return min(positions, max_length or positions) - settings.max_new_tokens
 
 
 # --- shared-prefix attention ------------------------------------------------------------------------------
@@ -159,8 +161,10 @@ class SharedPrefixBatch:
         self._encode_contexts()
         return self._encode_questions()
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """One new token per active row; next-token logits (A, V)."""
+    def step(self, tokens: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
+        """One new token per active row; next-token logits (A, V). Rows with `live` False (finished, waiting
+        for compaction) are computed but neither keep their token nor advance: a finished row rewrites the
+        slot after its last token, so it never runs past its buffer or its position limit."""
         span = int(self.suffix_lengths.max()) + 1
         visible = torch.arange(span, device=tokens.device)[None, :] <= self.suffix_lengths[:, None]
         self.step_bias, self.span = _masked_bias(visible)[:, None, None, :], span  # (A, 1, 1, S)
@@ -169,7 +173,7 @@ class SharedPrefixBatch:
         self._mode = "step"
         logits = self.model(input_ids=tokens[None], position_ids=positions, use_cache=False,
                             shared_prefix=self).logits[0]
-        self.suffix_lengths = self.suffix_lengths + 1
+        self.suffix_lengths = self.suffix_lengths + (1 if live is None else live.long())
         return logits
 
     def keep(self, index: torch.Tensor):
@@ -332,12 +336,14 @@ class PaddedRowsBatch:
         return self.model(input_ids=self.ids, attention_mask=self.attention, position_ids=positions,
                           cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.attention = torch.cat([self.attention, self.attention.new_ones((len(tokens), 1))], dim=1)
+    def step(self, tokens: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
+        """As `SharedPrefixBatch.step`: a finished row's token is masked out and its position stays."""
+        alive = self.attention.new_ones((len(tokens), 1)) if live is None else live.long()[:, None]
+        self.attention = torch.cat([self.attention, alive], dim=1)
         logits = self.model(input_ids=tokens[:, None], attention_mask=self.attention,
                             position_ids=self.next_position[:, None], cache=self.cache,
                             use_cache=True).logits[:, -1]
-        self.next_position = self.next_position + 1
+        self.next_position = self.next_position + alive[:, 0]
         return logits
 
     def keep(self, index: torch.Tensor):
@@ -449,7 +455,8 @@ def _decode(batch, tokens: torch.Tensor, rows: _Rows, plans: list, max_new_token
             index = torch.tensor(keep, device=tokens.device)
             batch.keep(index)
             tokens, active = tokens[index], [active[i] for i in keep]
-        tokens = _choose_rows(plans, batch.step(tokens), rows, active)
+        live = torch.tensor([row not in finished for row in active], device=tokens.device)
+        tokens = _choose_rows(plans, batch.step(tokens, live), rows, active)
         work["decode_steps"] += 1
         work["steps_by_rows"][len(active)] = work["steps_by_rows"].get(len(active), 0) + 1
 
@@ -501,24 +508,27 @@ def _choose(processors, logits: torch.Tensor, generators, active) -> torch.Tenso
 
 
 def generate_answers(model, tokenizer, examples: list[dict], *, settings: GenerationSettings,
-                     progress: bool = True, stats: dict | None = None) -> dict[str, str]:
+                     progress: bool = True, stats: dict | None = None, max_length: int | None = None
+                     ) -> dict[str, str]:
     """{id: answer} for records with `id`, `context`, `question`, decoded per `settings`.
 
     `stats`, if given, receives the work done: prompt tokens encoded (each batch's distinct contexts once
     with prefix caching), tokens generated, batches, decoding steps (and `steps_by_rows`, {rows: steps}: how many
-    steps ran with how many rows), and seconds spent encoding prompts (prefill) and decoding.
+    steps ran with how many rows), seconds spent encoding prompts (prefill) and decoding, and `prompts_cut`:
+    prompts whose context was cut at the end so that prompt + `max_new_tokens` fits `max_length`.
 
     >>> generate_answers(model, tokenizer, [{"id": "q1", "context": "Paris is in France.",
     ...                                      "question": "Where is Paris?"}], settings=GenerationSettings())
     {'q1': 'France'}
     """
     return generate_answer_sets(model, tokenizer, examples, [settings], progress=progress,
-                                stats=None if stats is None else [stats])[0]
+                                stats=None if stats is None else [stats], max_length=max_length)[0]
 
 
 @torch.no_grad()
 def generate_answer_sets(model, tokenizer, examples: list[dict], settings: list[GenerationSettings], *,
-                         progress: bool = True, stats: list[dict] | None = None) -> list[dict[str, str]]:
+                         progress: bool = True, stats: list[dict] | None = None, max_length: int | None = None
+                         ) -> list[dict[str, str]]:
     """One {id: answer} per entry of `settings` (e.g. a decoding-strategy grid), equal to separate
     `generate_answers` calls. Each batch's prompts are encoded once, and its rows are its questions times the
     settings, decoded together (so a grid batches batch_size // len(settings) questions). The settings may
@@ -530,8 +540,9 @@ def generate_answer_sets(model, tokenizer, examples: list[dict], settings: list[
                                                                   first.prefix_cache) for s in settings):
         raise ValueError("generate_answer_sets: settings must share max_new_tokens, batch_size and prefix_cache")
     model.eval()
-    limit = max_prompt_tokens(model, first)
-    prompts = [encode_prompt(tokenizer, e["context"], e["question"], limit) for e in examples]
+    limit = max_prompt_tokens(model, first, max_length)
+    encoded = [encode_prompt_counting_cut(tokenizer, e["context"], e["question"], limit) for e in examples]
+    prompts = [(context_ids, question_ids) for context_ids, question_ids, _ in encoded]
     stop = set(stop_token_ids(tokenizer).tolist())
     shared = first.prefix_cache and supports_shared_prefix(model)
     plans = [(_logits_processors(run), run.do_sample) for run in settings]
@@ -542,7 +553,8 @@ def generate_answer_sets(model, tokenizer, examples: list[dict], settings: list[
     leave_at = first.batch_size // 8 if shared else 0
     generated: list[dict[str, list[int]]] = [{} for _ in settings]
     leftovers: list = []
-    work = {"prompt_tokens": 0, "batches": 0, "decode_steps": 0, "steps_by_rows": {}, "prefill_s": 0.0, "decode_s": 0.0}
+    work = {"prompts_cut": sum(cut > 0 for _, _, cut in encoded), "prompt_tokens": 0, "batches": 0,
+            "decode_steps": 0, "steps_by_rows": {}, "prefill_s": 0.0, "decode_s": 0.0}
     label = first.name if runs == 1 else f"{runs} settings"
     bar = tqdm(total=len(examples), desc=f"answering ({label})", disable=not progress, unit="q")
     with _attention_implementation(model, SHARED_PREFIX_ATTENTION) if shared else contextlib.nullcontext():

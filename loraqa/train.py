@@ -28,9 +28,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .assets import squad_file
 from .collator import ContextGroupedSampler, QADataCollator, SharedContextCollator
-from .config import (DataArguments, LoraArguments, LoraQATrainingArguments, ModelArguments, run_metadata,
+from .config import (ConfigError, DataArguments, LoraArguments, LoraQATrainingArguments, ModelArguments, run_metadata,
                      to_dict, write_json_atomic)
-from .data import IGNORE_INDEX, build_train_dataset, data_fingerprint, load_squad, take_subset
+from .data import IGNORE_INDEX, build_train_dataset, data_fingerprint, heldout_split, load_squad, take_subset
 from .generate import supports_shared_prefix
 from .modeling import ModelSetupError, attach_lora, count_parameters, load_model_and_tokenizer
 
@@ -58,10 +58,19 @@ def answer_loss(model, batch: dict[str, torch.Tensor], *, answer_only: bool = Tr
                 num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
     """Causal-LM cross-entropy over answer tokens, with logits computed only where they are needed.
 
+    Returns sum(CE) / num_items_in_batch when given (token mean over an accumulated batch), else the mean.
+    """
+    total, count = answer_loss_sum(model, batch, answer_only=answer_only)
+    return total / (num_items_in_batch if num_items_in_batch is not None else count)
+
+
+def answer_loss_sum(model, batch: dict[str, torch.Tensor], *, answer_only: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy over the batch's labelled tokens, their count).
+
     Position t predicts token t+1, so the LM head runs on the positions `keep` where some row has a label
     at t+1 (`logits_to_keep`, supported by every transformers causal LM); with `answer_only=False` it runs
     on all positions (the usual computation), giving the same loss.
-    Returns sum(CE) / num_items_in_batch when given (token mean over an accumulated batch), else the mean.
     """
     labels = batch["labels"]
     targets = labels[:, 1:]  # (B, T-1)
@@ -78,8 +87,7 @@ def answer_loss(model, batch: dict[str, torch.Tensor], *, answer_only: bool = Tr
     logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (B, K, V)
     picked = targets[:, keep]  # (B, K)
     total = F.cross_entropy(logits.flatten(0, 1).float(), picked.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    count = num_items_in_batch if num_items_in_batch is not None else (picked != IGNORE_INDEX).sum()
-    return total / count
+    return total, (picked != IGNORE_INDEX).sum()
 
 
 class QATrainer(Trainer):
@@ -106,10 +114,26 @@ class QATrainer(Trainer):
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
         return (loss, None) if return_outputs else loss
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Validation loss as the token mean over the whole validation set, the training objective's own
+        definition (the Trainer's loop averages batch means, which depends on batch size and packing)."""
+        dataloader = self.get_eval_dataloader(eval_dataset)
+        model = self.model
+        was_training = model.training
+        model.eval()
+        started, sums = time.perf_counter(), torch.zeros(2, dtype=torch.float64, device=self.args.device)
         with torch.no_grad():
-            loss = answer_loss(model, inputs, answer_only=self.answer_only_logits)
-        return loss.detach(), None, None
+            for batch in dataloader:
+                total, count = answer_loss_sum(model, self._prepare_inputs(batch), answer_only=self.answer_only_logits)
+                sums += torch.stack([total.double(), count.double()])
+        sums = self.accelerator.reduce(sums, reduction="sum")
+        model.train(was_training)
+        metrics = {f"{metric_key_prefix}_loss": float(sums[0] / sums[1]),
+                   f"{metric_key_prefix}_tokens": int(sums[1]),
+                   f"{metric_key_prefix}_runtime": time.perf_counter() - started}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     def _get_train_sampler(self, train_dataset=None):
         if self.packing == "shared_context" and self.args.train_sampling_strategy == "random":
@@ -171,13 +195,26 @@ class TrainResult:
     summary: dict
 
 
-def _tokenized(source: str, split: str, n: int | None, tokenizer, data_args: DataArguments, cache_dir: str):
-    raw = take_subset(load_squad(squad_file(source, split, cache_dir), split), n, data_args.subset_seed)
+def _tokenized(source: str, raw, split: str, n: int | None, tokenizer, data_args: DataArguments):
+    raw = take_subset(raw, n, data_args.subset_seed)
     rows, counts = build_train_dataset(raw, tokenizer, max_length=data_args.max_length,
-                                       unanswerable=data_args.unanswerable, desc=f"tokenizing {split}")
+                                       unanswerable=data_args.unanswerable, train_on_prompt=data_args.train_on_prompt,
+                                       desc=f"tokenizing {split}")
     if len(rows) == 0:
         raise ModelSetupError(f"{source}: no usable {split} examples ({counts})")
     return raw, rows.add_column("length", [len(ids) for ids in rows["input_ids"]]), counts
+
+
+def _train_and_validation_sources(data_args: DataArguments, cache_dir: str):
+    """(train source, train records, validation source, validation records): the validation records are the
+    held-out training articles when `heldout_articles` is set, else `validation_file`'s."""
+    train_source = squad_file(data_args.train_file, "train", cache_dir)
+    train_raw = load_squad(train_source, "train")
+    if data_args.heldout_articles:
+        train_raw, heldout = heldout_split(train_raw, data_args.heldout_articles, data_args.subset_seed)
+        return train_source, train_raw, f"{train_source} (held-out articles)", heldout
+    validation_source = squad_file(data_args.validation_file, "validation", cache_dir)
+    return train_source, train_raw, validation_source, load_squad(validation_source, "validation")
 
 
 def _check_resume(checkpoint: str, resolved_model: str, full_finetune: bool) -> None:
@@ -197,6 +234,9 @@ def _check_resume(checkpoint: str, resolved_model: str, full_finetune: bool) -> 
 def setup(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataArguments,
           training_args: LoraQATrainingArguments) -> TrainingSetup:
     """Load model and data, attach LoRA (unless full fine-tuning), build the Trainer."""
+    if data_args.train_on_prompt and training_args.packing != "none":
+        raise ConfigError("train_on_prompt=True: needs --packing none (a shared context would carry loss once per "
+                          "paragraph instead of once per question)")
     if training_args.torch_threads:
         torch.set_num_threads(training_args.torch_threads)
     set_seed(training_args.seed)
@@ -213,11 +253,12 @@ def setup(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataA
                 parameters["total_params"], parameters["reduction_factor"])
 
     with training_args.main_process_first(desc="tokenizing"):
-        train_raw, train_rows, train_counts = _tokenized(data_args.train_file, "train", data_args.max_train_samples,
-                                                         tokenizer, data_args, model_args.cache_dir)
-        eval_raw, eval_rows, eval_counts = _tokenized(data_args.validation_file, "validation",
-                                                      data_args.max_eval_samples, tokenizer, data_args,
-                                                      model_args.cache_dir)
+        train_source, train_all, validation_source, validation_all = _train_and_validation_sources(
+            data_args, model_args.cache_dir)
+        train_raw, train_rows, train_counts = _tokenized(train_source, train_all, "train",
+                                                         data_args.max_train_samples, tokenizer, data_args)
+        eval_raw, eval_rows, eval_counts = _tokenized(validation_source, validation_all, "validation",
+                                                      data_args.max_eval_samples, tokenizer, data_args)
     collator = SharedContextCollator() if training_args.packing == "shared_context" else QADataCollator(tokenizer)
     if training_args.eval_strategy == "no":
         eval_rows = None
@@ -231,8 +272,11 @@ def setup(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataA
                          * training_args.world_size)
     trainer.add_callback(MetricsLogger(output_dir / "metrics.jsonl", examples_per_step,
                                        sum(train_rows["length"]) / len(train_rows)))
+    preprocessing = {"train": train_counts, "validation": eval_counts, "validation_source": validation_source}
+    if data_args.heldout_articles:
+        preprocessing["heldout_titles"] = sorted(set(validation_all["title"]))
     return TrainingSetup(model_args, lora_args, data_args, training_args, trainer, tokenizer, resolved, parameters,
-                         {"train": train_counts, "validation": eval_counts},
+                         preprocessing,
                          data_fingerprint(datasets.concatenate_datasets([train_raw, eval_raw])))
 
 

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from transformers import LogitsProcessorList
 
 from conftest import tiny_gpt2, tiny_llama
 from loraqa.config import ConfigError, GenerationSettings
@@ -152,6 +153,44 @@ def test_leftover_rows_of_two_batches_decode_as_one(make_model):
         expected = torch.cat([reference.step(t) for reference, t in zip(references, tokens.split([1, 1]))])
         torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
         tokens = expected.argmax(-1)
+
+
+@pytest.mark.parametrize("make_model", [tiny_gpt2, tiny_llama])
+@torch.no_grad()
+def test_finished_rows_of_a_merged_batch_stay_inside_their_buffer(make_model):
+    """A merged batch whose rows are at different depths: the row 5 tokens ahead reaches max_new_tokens while
+    the others still decode. It must neither write past its key/value buffer (this raised IndexError) nor
+    advance its position, and every answer must be that of its own full prompt, to the last token."""
+    from loraqa.generate import _decode, _Rows
+
+    model, max_new = make_model(vocab_size=100), 6
+    prompts = _prompts(100)
+    # 16 rows behind: one finished row alone is not compacted away (that waits for an eighth of the rows)
+    ahead, behind = prompts[:1], [prompts[3 + i % 3] for i in range(16)]
+    behind.sort(key=lambda prompt: len(prompt[0]))  # a context's rows next to each other
+    references = []
+    with _attention_implementation(model, SHARED_PREFIX_ATTENTION):
+        first = SharedPrefixBatch(model, ahead, max_new_tokens=max_new)
+        tokens_first = first.prefill().argmax(-1)
+        answers_first = [[]]
+        for _ in range(5):  # row 0: 5 tokens decoded before the merge
+            answers_first[0].append(int(tokens_first[0]))
+            tokens_first = first.step(tokens_first).argmax(-1)
+        second = SharedPrefixBatch(model, behind, max_new_tokens=max_new)
+        tokens_second = second.prefill().argmax(-1)
+        merged = SharedPrefixBatch.merge([first, second])
+        rows = _Rows(answers_first + [[] for _ in behind], [0] * 17, [None] * 17)
+        work = {"decode_steps": 0, "steps_by_rows": {}, "decode_s": 0.0}
+        _decode(merged, torch.cat([tokens_first, tokens_second]), rows, [(LogitsProcessorList(), False)],
+                max_new, set(), work)
+    assert [len(a) for a in rows.answers] == [max_new] * 17
+    assert int(merged.suffix_lengths.max()) <= merged.capacity
+    for prompt, answer in zip(ahead + behind, rows.answers):  # the reference: one full prompt, greedy
+        reference = PaddedRowsBatch(model, [prompt], pad_token_id=0)
+        expected = [int(reference.prefill().argmax(-1))]
+        while len(expected) < max_new:
+            expected.append(int(reference.step(torch.tensor(expected[-1:])).argmax(-1)))
+        assert answer == expected
 
 
 def test_leftover_rows_finish_with_other_batches(gpt2_tokenizer, squad_file, monkeypatch):

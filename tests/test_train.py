@@ -153,3 +153,25 @@ def test_bad_training_input_gets_clear_errors(tmp_path, tiny_gpt2_dir, squad_fil
                                                             resume_from_checkpoint=str(other))
     with pytest.raises(ModelSetupError, match="checkpoint was trained on"):
         setup(model_args, lora_args, data_args, training_args)
+
+
+@pytest.mark.parametrize("packing", ["shared_context", "none"])
+def test_validation_loss_is_the_token_mean_over_the_whole_set(tmp_path, tiny_gpt2_dir, squad_file, packing):
+    """eval_loss does not depend on the validation batch size or the packing: it is the token mean of the
+    whole set (a mean of batch means weighted the two-question and the three-question batches equally)."""
+    losses = []
+    for batch_size in (2, 5):
+        run = setup(*_args(tmp_path / f"{packing}{batch_size}", tiny_gpt2_dir, squad_file, packing=packing,
+                           per_device_eval_batch_size=batch_size))
+        losses.append(run.trainer.evaluate()["eval_loss"])
+    rows = run.trainer.eval_dataset
+    whole = QADataCollator(run.tokenizer)([rows[i] for i in range(len(rows))])
+    run.trainer.model.eval()  # no LoRA dropout, as in evaluate
+    with torch.no_grad():
+        reference = answer_loss(run.trainer.model, whole, answer_only=False).item()
+    assert losses[0] == pytest.approx(reference, rel=1e-5) and losses[1] == pytest.approx(reference, rel=1e-5)
+    # the old definition, a mean of batch means, differs here: the check above can fail
+    first, second = (QADataCollator(run.tokenizer)([rows[i] for i in idx]) for idx in ([0, 1], range(2, len(rows))))
+    with torch.no_grad():
+        batch_means = [answer_loss(run.trainer.model, b, answer_only=False).item() for b in (first, second)]
+    assert abs(sum(batch_means) / 2 - reference) > 1e-4

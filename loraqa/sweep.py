@@ -1,0 +1,306 @@
+"""A sweep spec -> one `loraqa train` + `loraqa evaluate` pair per run, resumable; run directories -> a table.
+
+A spec (YAML) names a base configuration, axes to cross and extra runs:
+
+    base:        {model: smollm2-135m, max_train_samples: 2000, ...}   # any `loraqa train` setting
+    grid:        {learning_rate: [1.0e-4, 2.0e-4], rank: [{lora_r: 8, lora_alpha: 16}, {lora_r: 16, lora_alpha: 32}]}
+    centre:      {learning_rate: 2.0e-4, rank: {lora_r: 16, lora_alpha: 32}}   # runs nearest to it go first
+    runs:                                               # controls and ablations, on top of base
+      baseline:  {train: false}                         # the untuned model, evaluated only
+      full_ft:   {full_finetune: true, learning_rate: 3.0e-5}
+      final:     {from: best, max_train_samples: 16000, evaluate: {test: {max_samples: 20000}}}
+    first:       [baseline]                             # named runs that go before the grid
+    evaluations: {validation: {heldout_articles: 20, max_samples: 500}, test: {max_samples: 500}}
+    select_on:   validation                             # the evaluation whose F1 picks `best` (grid runs only)
+
+Every run is identified by a hash of its resolved settings and lives in `DIR/<name>-<hash>/`: the run
+directory of `loraqa train`, `train.log`, one `eval_<evaluation>.json` per evaluation and `done.json`
+(written last, atomically). A finished run is skipped; an interrupted one resumes from its last checkpoint
+(so a sweep can be killed at any moment and restarted with the same command); a failed one is recorded in
+`error.json` and retried by the next invocation. Runs `from: best` wait until every grid run is done.
+`print_commands` gives each pending run as a stand-alone shell line for a scheduler.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import hashlib
+import itertools
+import json
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .config import (ConfigError, DataArguments, GenerationSettings, LoraArguments, LoraQATrainingArguments,
+                     ModelArguments, write_json_atomic)
+
+SPEC_KEYS = {"base", "grid", "centre", "runs", "first", "evaluations", "select_on"}
+RUN_KEYS = {"train", "from", "evaluate"}  # run-level keys that are not `loraqa train` settings
+
+
+def _fields(*types) -> set[str]:
+    return {f.name for t in types for f in dataclasses.fields(t)}
+
+
+TRAIN_SETTINGS = _fields(ModelArguments, LoraArguments, DataArguments, LoraQATrainingArguments)
+
+
+def _evaluate_settings() -> set[str]:
+    from .evaluation import EvaluateArguments  # heavy import (torch), only when a spec is checked
+
+    return _fields(ModelArguments, EvaluateArguments, GenerationSettings) - {"output", "adapter"}
+
+
+@dataclass
+class Run:
+    """One planned run: its name, resolved `loraqa train` settings and evaluations."""
+    name: str
+    settings: dict
+    evaluations: dict[str, dict]
+    train: bool = True
+    kind: str = "grid"  # grid | named
+    grid_point: dict = field(default_factory=dict)
+
+    @property
+    def run_id(self) -> str:
+        payload = json.dumps({"settings": self.settings, "train": self.train, "evaluations": self.evaluations},
+                             sort_keys=True, default=str)
+        return f"{self.name}-{hashlib.sha1(payload.encode()).hexdigest()[:8]}"
+
+
+def load_spec(path: str | Path) -> dict:
+    """Read and check a spec; errors name the file and the key."""
+    try:
+        spec = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the sweep spec ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: expected a mapping with keys {', '.join(sorted(SPEC_KEYS))}")
+    unknown = set(spec) - SPEC_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
+    evaluate_settings = _evaluate_settings()
+
+    def check_settings(where: str, settings, allowed: set[str]):
+        if not isinstance(settings, dict):
+            raise ConfigError(f"{path}: {where}: expected a mapping of settings")
+        bad = set(settings) - allowed
+        if bad:
+            raise ConfigError(f"{path}: {where}: unknown setting(s) {', '.join(sorted(bad))}")
+
+    check_settings("base", spec.get("base", {}), TRAIN_SETTINGS)
+    for axis, values in (spec.get("grid") or {}).items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: grid.{axis}: expected a non-empty list of values")
+        for value in values:  # a value is a setting's value, or a mapping of tied settings ({lora_r, lora_alpha})
+            check_settings(f"grid.{axis}", value if isinstance(value, dict) else {axis: value}, TRAIN_SETTINGS)
+    check_settings("centre", spec.get("centre", {}), set(spec.get("grid") or {}))
+    for axis, value in (spec.get("centre") or {}).items():
+        if value not in spec["grid"][axis]:
+            raise ConfigError(f"{path}: centre.{axis}: {value!r} is not one of the grid's values")
+    for name, run in (spec.get("runs") or {}).items():
+        check_settings(f"runs.{name}", run, TRAIN_SETTINGS | RUN_KEYS)
+        if run.get("from") not in (None, "best"):
+            raise ConfigError(f"{path}: runs.{name}.from: only 'best' is supported")
+        for evaluation, overrides in (run.get("evaluate") or {}).items():
+            if evaluation not in (spec.get("evaluations") or {}):
+                raise ConfigError(f"{path}: runs.{name}.evaluate.{evaluation}: no such evaluation")
+            check_settings(f"runs.{name}.evaluate.{evaluation}", overrides, evaluate_settings)
+    for name in spec.get("first") or []:
+        if name not in (spec.get("runs") or {}):
+            raise ConfigError(f"{path}: first: {name!r} is not a named run")
+    if not spec.get("evaluations"):
+        raise ConfigError(f"{path}: evaluations: at least one is needed")
+    for name, settings in spec["evaluations"].items():
+        check_settings(f"evaluations.{name}", settings, evaluate_settings)
+    if spec.get("select_on", "validation") not in spec["evaluations"]:
+        raise ConfigError(f"{path}: select_on: {spec.get('select_on', 'validation')!r} is not an evaluation")
+    return spec
+
+
+def _flatten(point: dict) -> dict:
+    """Grid point -> settings: an axis whose value is a mapping contributes all of its settings."""
+    settings = {}
+    for axis, value in point.items():
+        settings.update(value if isinstance(value, dict) else {axis: value})
+    return settings
+
+
+def _label(point: dict) -> str:
+    short = {"lora_r": "r", "learning_rate": "lr", "target_modules": "", "seed": "seed", "lora_alpha": "alpha"}
+    parts = []
+    for key, value in _flatten(point).items():
+        text = f"{value:g}" if isinstance(value, float) else str(value)
+        parts.append(f"{short.get(key, key)}{text}".replace("+", "_").replace("/", "_"))
+    return "-".join(parts)
+
+
+def plan(spec: dict, finished: dict[str, dict] | None = None) -> list[Run]:
+    """Every run in execution order: `first` named runs, grid runs nearest the centre first, the other named
+    runs. `from: best` runs are resolved from `finished` ({run_id: done record}) once the whole grid is done,
+    and left out until then."""
+    base = dict(spec.get("base") or {})
+    evaluations = spec["evaluations"]
+    grid = spec.get("grid") or {}
+    centre = spec.get("centre") or {}
+    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else []
+    points.sort(key=lambda p: sum(p[k] != v for k, v in centre.items()))  # stable: spec order within a distance
+    grid_runs = [Run(_label(p), {**base, **_flatten(p)}, evaluations, grid_point=p) for p in points]
+
+    def named(name: str, run: dict) -> Run | None:
+        settings = {k: v for k, v in run.items() if k not in RUN_KEYS}
+        start = base
+        if run.get("from") == "best":
+            best = best_run(grid_runs, finished or {}, spec.get("select_on", "validation"))
+            if best is None:
+                return None
+            start = best.settings
+        own = {e: {**settings_, **(run.get("evaluate") or {}).get(e, {})} for e, settings_ in evaluations.items()}
+        return Run(name, {**start, **settings}, own, train=run.get("train", True), kind="named")
+
+    first = spec.get("first") or []
+    runs = spec.get("runs") or {}
+    ordered = [named(n, runs[n]) for n in first] + grid_runs + [named(n, r) for n, r in runs.items() if n not in first]
+    return [r for r in ordered if r is not None]
+
+
+def best_run(grid_runs: list[Run], finished: dict[str, dict], select_on: str) -> Run | None:
+    """The grid run with the highest F1 on `select_on`, once every grid run is done; None before."""
+    if not grid_runs or any(r.run_id not in finished for r in grid_runs):
+        return None
+    return max(grid_runs, key=lambda r: finished[r.run_id]["evaluations"][select_on]["f1"])
+
+
+def _flags(settings: dict) -> list[str]:
+    flags = []
+    for key, value in settings.items():
+        if value is None:
+            continue
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        flags += [f"--{key}", text]
+    return flags
+
+
+def commands(run: Run, run_dir: Path) -> list[list[str]]:
+    """The `loraqa` command lines of a run: train (unless `train: false`), then one evaluate per evaluation."""
+    loraqa = ["loraqa"]
+    lines = []
+    if run.train:
+        lines.append(loraqa + ["train"] + _flags({**run.settings, "output_dir": str(run_dir)}))
+    model = {k: v for k, v in run.settings.items() if k in ("model", "cache_dir")}
+    for name, settings in run.evaluations.items():
+        adapter = {"adapter": str(run_dir)} if run.train else {}
+        lines.append(loraqa + ["evaluate"] + _flags({**model, **adapter, **settings,
+                                                     "output": str(run_dir / f"eval_{name}.json")}))
+    return lines
+
+
+def _die_with_parent():  # a killed sweep must not leave its training process running on
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = [p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+                   and (p / "trainer_state.json").exists()]
+    return max(checkpoints, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def _finished(output_dir: Path) -> dict[str, dict]:
+    records = {}
+    for done in output_dir.glob("*/done.json"):
+        try:
+            records[done.parent.name] = json.loads(done.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+    return records
+
+
+def _run_one(run: Run, run_dir: Path, log) -> dict:
+    """Train (resuming from the last checkpoint) and evaluate; returns the done record."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "error.json").unlink(missing_ok=True)
+    started = time.time()
+    lines = commands(run, run_dir)
+    if run.train:
+        train_line = lines.pop(0)
+        if not (run_dir / "summary.json").exists():
+            checkpoint = _latest_checkpoint(run_dir)
+            if checkpoint:
+                train_line += ["--resume_from_checkpoint", str(checkpoint)]
+            _call(train_line, log)
+    for line in lines:
+        if not Path(line[line.index("--output") + 1]).exists():
+            _call(line, log)
+    record = {"run_id": run.run_id, "name": run.name, "kind": run.kind, "train": run.train,
+              "settings": run.settings, "grid_point": run.grid_point, "evaluations": {}, "seconds": time.time() - started}
+    for name in run.evaluations:
+        result = json.loads((run_dir / f"eval_{name}.json").read_text())
+        record["evaluations"][name] = {k: result[k] for k in ("exact_match", "f1", "n")}
+    write_json_atomic(run_dir / "done.json", record)
+    return record
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+def _call(line: list[str], log) -> None:
+    log.write(f"\n$ {shlex.join(line)}  # {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    log.flush()
+    command = [sys.executable, "-m", "loraqa.cli"] + line[1:]  # `loraqa` of this very installation
+    code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+    if code != 0:
+        raise RunFailed(f"loraqa {line[1]} exited with {code}")
+
+
+def run_sweep(spec_path: str, output_dir: str, *, print_commands: bool = False, limit: int | None = None) -> dict:
+    """Run (or print) every pending run of the spec; returns {run_id: status}. `limit` stops after that many
+    runs (for a time-boxed session)."""
+    spec = load_spec(spec_path)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    statuses, durations, executed = {}, [], 0
+    while True:  # re-plan after every run: `from: best` runs appear once the grid is done
+        finished = _finished(out)
+        runs = plan(spec, finished)
+        pending = [r for r in runs if r.run_id not in finished and statuses.get(r.run_id) != "failed"]
+        statuses.update({r.run_id: "done" for r in runs if r.run_id in finished})
+        if print_commands:
+            for run in pending:
+                print(" && ".join(shlex.join(line) for line in commands(run, out / run.run_id)))
+            return {r.run_id: "pending" for r in pending}
+        if not pending or (limit is not None and executed >= limit):
+            waiting = len((spec.get("runs") or {})) - sum(r.kind == "named" for r in runs)
+            print(f"sweep: {len(finished)} runs done, {len(pending)} pending"
+                  + (f", {waiting} waiting for the grid" if waiting else ""), flush=True)
+            return statuses
+        run = pending[0]
+        mean = sum(durations) / len(durations) if durations else None
+        eta = (f", sweep ETA {time.strftime('%H:%M', time.localtime(time.time() + mean * len(pending)))}"
+               if mean else "")
+        print(f"[{len(finished) + 1}/{len(runs)}] {run.run_id}: started {time.strftime('%H:%M')}{eta}", flush=True)
+        started = time.time()
+        (out / run.run_id).mkdir(parents=True, exist_ok=True)
+        with open(out / run.run_id / "train.log", "a") as log:
+            try:
+                _run_one(run, out / run.run_id, log)
+                statuses[run.run_id] = "done"
+                durations.append(time.time() - started)
+                print(f"    done in {(time.time() - started) / 60:.1f} min", flush=True)
+            except (RunFailed, OSError, KeyError, json.JSONDecodeError) as err:
+                statuses[run.run_id] = "failed"
+                write_json_atomic(out / run.run_id / "error.json", {"error": str(err), "log": str(log.name)})
+                print(f"    FAILED: {err} (log: {log.name})", flush=True)
+        executed += 1
+
