@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 LORAQA := $(VENV)/bin/loraqa
 export LORAQA_CACHE ?= $(CURDIR)/data
 
-.PHONY: install fetch test test-all run bench results
+.PHONY: install fetch test test-all run bench results report
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -46,3 +46,10 @@ results: fetch
 		--output results/eval_finetuned_500_bf16.json
 	$(LORAQA) compare results/eval_finetuned_500.json results/eval_finetuned_500_bf16.json \
 		--output results/compare_fp32_bf16_500.json
+
+# The report (issue 14): report.pdf at the root, built from the files in results/ alone (Typst from PyPI, no TeX,
+# no network once installed); the filled Typst source goes to report/build/, PNG pages to report/build/pages/.
+report: install
+	$(PY) -c "import typst" 2>/dev/null || $(PY) -m pip install --quiet -e ".[report]"
+	test -f results/parameter_counts.json || $(LORAQA) param-counts --output results/parameter_counts.json
+	$(LORAQA) report --results results --output report.pdf --png_dir report/build/pages

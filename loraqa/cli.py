@@ -32,8 +32,9 @@ def _fetch(argv):
 
 
 def _score(argv):
-    parser = argparse.ArgumentParser(prog="loraqa score", description="Official SQuAD v1.1 evaluation.")
-    parser.add_argument("dataset_file", help="SQuAD v1.1 dataset JSON")
+    parser = argparse.ArgumentParser(prog="loraqa score", description="Official SQuAD v1.1 evaluation (unanswerable "
+                                     "v2.0 questions as the v2.0 script scores them).")
+    parser.add_argument("dataset_file", help="SQuAD v1.1 or v2.0 dataset JSON")
     parser.add_argument("prediction_file", help="JSON object {question id: answer text}")
     args = parser.parse_args(argv)
     from .data import SquadFormatError, read_squad_json, squad_references
@@ -121,13 +122,15 @@ def _compare(argv):
     parser.add_argument("--output", default=None, help="also write the comparison JSON here")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    from .analysis import compare
     from .config import write_json_atomic
-    from .evaluation import compare
 
     r = compare(args.a, args.b, seed=args.seed)
     em, f1 = r["exact_match"], r["f1"]
     at_floor = f1["permutation_p_value"] <= 1 / (f1["permutation_resamples"] + 1)
-    print(f"{r['n_common']} common questions" + (f", {r['answers_differ']} answers differ" if "answers_differ" in r else ""))
+    print(f"{r['n_common']} common questions" + (f", {r['answers_differ']} answers differ" if "answers_differ" in r else "")
+          + ("; CIs and p resample paragraphs" if r["resampled"] == "paragraphs" else
+             "; CIs and p resample questions (the files record no paragraphs)"))
     print(f"EM {em['a']:.2f} -> {em['b']:.2f}: delta {em['delta']:+.2f} [{em['delta_ci'][0]:+.2f}, "
           f"{em['delta_ci'][1]:+.2f}], McNemar p = {em['mcnemar']['p_value']:.3g}")
     print(f"F1 {f1['a']:.2f} -> {f1['b']:.2f}: delta {f1['delta']:+.2f} [{f1['delta_ci'][0]:+.2f}, "
@@ -144,7 +147,7 @@ def _failures(argv):
     parser.add_argument("--examples", type=int, default=3, help="examples per category")
     parser.add_argument("--output", default=None, help="write the Markdown here instead of printing it")
     args = parser.parse_args(argv)
-    from .evaluation import failure_report
+    from .analysis import failure_report
 
     report = failure_report(args.evaluation, args.data, args.examples)
     if args.output:
@@ -187,11 +190,15 @@ def _ask(argv):
 
 
 def _bench(argv):
-    from .bench import BenchArguments, run_bench, summary_lines
+    from .bench import BenchArguments, BenchMeasurementError, run_bench, summary_lines
     from .config import ModelArguments, parse_config
 
     model_args, bench_args = parse_config((ModelArguments, BenchArguments), argv)
-    result = run_bench(model_args, bench_args)
+    try:
+        result = run_bench(model_args, bench_args)
+    except BenchMeasurementError as err:
+        print(f"loraqa bench: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     print("\n".join(summary_lines(result)))
     print(f"written: {bench_args.output}")
 
@@ -200,7 +207,8 @@ def _run(argv):
     """The main job (`make run`): fetch, fine-tune on a small budget, evaluate baseline and tuned, compare."""
     from .config import (DataArguments, GenerationSettings, LoraArguments, LoraQATrainingArguments, ModelArguments,
                          parse_config)
-    from .evaluation import EvaluateArguments, compare, evaluate
+    from .analysis import compare
+    from .evaluation import EvaluateArguments, evaluate
     from .train import train
 
     model_args, lora_args, data_args, training_args = parse_config(
@@ -238,14 +246,143 @@ def _sweep(argv):
     parser.add_argument("--print_commands", "--print-commands", action="store_true",
                         help="print each pending run as a stand-alone shell line instead of running it")
     parser.add_argument("--max_runs", "--max-runs", type=int, default=None, help="stop after this many runs")
+    parser.add_argument("--torch_threads", "--torch-threads", type=int, default=None,
+                        help="threads per run (default: all cores); not part of a run's identity")
+    parser.add_argument("--collect", default=None, metavar="RESULTS_JSON",
+                        help="instead of running: build the study's results file (e.g. results/evaluation_results.json) "
+                             "from the run directories that exist")
+    parser.add_argument("--readme", default=None, help="with --collect: rewrite the main table between the "
+                        "README's study-table markers")
     args = parser.parse_args(argv)
+    if args.collect:
+        from .study import collect, main_table, update_readme
+
+        result = collect(args.spec, args.output_dir, args.collect)
+        print(f"{len(result['runs'])} runs collected, {len(result['pending'])} pending; written: {args.collect}")
+        if args.readme and update_readme(args.readme, main_table(result)):
+            print(f"main table updated in {args.readme}")
+        return
     from .sweep import run_sweep
 
-    run_sweep(args.spec, args.output_dir, print_commands=args.print_commands, limit=args.max_runs)
+    run_sweep(args.spec, args.output_dir, print_commands=args.print_commands, limit=args.max_runs,
+              torch_threads=args.torch_threads)
+
+
+def _plots(argv):
+    parser = argparse.ArgumentParser(prog="loraqa plots", description="Draw the study's figures (PNG and PDF) from "
+                                     "its results files; plots without data yet are skipped with a note.")
+    parser.add_argument("--results", default="results/evaluation_results.json", help="`loraqa sweep --collect` output")
+    parser.add_argument("--output_dir", "--output-dir", default="results/plots")
+    parser.add_argument("--strategies", nargs="*", default=[], metavar="PATH",
+                        help="strategy-grid evaluations (`loraqa evaluate --strategy_grid true`), one colour each")
+    parser.add_argument("--padding", default="results/padding_study.json", help="`loraqa padding-study` output")
+    args = parser.parse_args(argv)
+    from .plots import make_plots
+
+    written = make_plots(args.results, args.output_dir, strategies=args.strategies, padding=args.padding)
+    print(f"{len(written)} files written to {args.output_dir}: {', '.join(sorted({p.stem for p in written})) or 'none'}")
+
+
+def _padding_study(argv):
+    from .config import ModelArguments, parse_config
+    from .padding import PaddingStudyArguments, run_padding_study, summary_lines
+
+    model_args, study_args = parse_config((ModelArguments, PaddingStudyArguments),
+                                          ["--model", "smollm2-135m"] + argv)
+    result = run_padding_study(model_args, study_args)
+    print("\n".join(summary_lines(result)))
+    print(f"written: {study_args.output} ({result['wall_seconds']:.0f} s)")
+
+
+def _report(argv):
+    parser = argparse.ArgumentParser(prog="loraqa report", description="Build the technical report (Typst -> PDF) from "
+                                     "the result files alone; what is not measured yet is printed as pending.")
+    parser.add_argument("--results", default="results", help="folder of result files (never models)")
+    parser.add_argument("--output", default="report.pdf")
+    parser.add_argument("--png_dir", "--png-dir", default=None, help="also write one PNG per page here")
+    parser.add_argument("--source_dir", "--source-dir", default=None,
+                        help="where the filled Typst source goes (default report/build)")
+    args = parser.parse_args(argv)
+    from .report import ReportError, build_report
+
+    try:
+        built = build_report(args.results, args.output, png_dir=args.png_dir, source_dir=args.source_dir)
+    except ReportError as err:
+        raise ConfigError(str(err)) from None
+    print(f"{built.pdf}: {built.pages} pages (Typst source in {built.source_dir}"
+          + (f", PNG pages in {args.png_dir})" if args.png_dir else ")"))
+    if built.pending:
+        print("pending: " + ", ".join(built.pending))
+
+
+def _param_counts(argv):
+    parser = argparse.ArgumentParser(prog="loraqa param-counts", description="LoRA parameter counts and per-step "
+                                     "costs in closed form (loraqa.lora_math) for GPT-2 (124M, from its config) and "
+                                     "the fetched SmolLM2-135M, and the prompt-token share of the training rows.")
+    parser.add_argument("--cache_dir", "--cache-dir", default=default_cache_dir())
+    parser.add_argument("--max_train_samples", type=int, default=2000, help="training questions for the token share")
+    parser.add_argument("--output", default="results/parameter_counts.json")
+    args = parser.parse_args(argv)
+    from transformers import AutoConfig, GPT2Config
+
+    from .assets import fetch, squad_file
+    from .config import run_metadata, write_json_atomic
+    from .data import IGNORE_INDEX, build_train_dataset, load_squad, take_subset
+    from .lora_math import parameter_table
+    from .modeling import load_tokenizer
+
+    smollm2 = fetch("smollm2-135m", args.cache_dir)
+    table = parameter_table({"gpt2": GPT2Config(), "smollm2-135m": AutoConfig.from_pretrained(smollm2)})
+    rows, _ = build_train_dataset(take_subset(load_squad(squad_file("squad", "train", args.cache_dir)),
+                                              args.max_train_samples), load_tokenizer(str(smollm2)), max_length=512)
+    prompt = sum(sum(label == IGNORE_INDEX for label in labels) for labels in rows["labels"])
+    total = sum(len(labels) for labels in rows["labels"])
+    table["prompt_tokens"] = {"rows": len(rows), "prompt_tokens": prompt, "all_tokens": total,
+                              "prompt_share": prompt / total, "tokenizer": "smollm2-135m", "max_length": 512}
+    write_json_atomic(args.output, {**table, **run_metadata()})
+    s = table["smollm2-135m"]["presets"]["attention"]["16"]
+    print(f"smollm2-135m attention r=16: {s['trainable_params']:,} trainable (x{s['reduction_factor']}); "
+          f"prompt tokens {100 * prompt / total:.1f}% of training tokens; written: {args.output}")
+
+
+def _demo(argv):
+    parser = argparse.ArgumentParser(prog="loraqa demo", description="A local web demo: base vs adapter answers side "
+                                     "by side (Ask) and an evaluation browser (Errors). Needs the extra `demo`.")
+    parser.add_argument("--model", default="gpt2", help="base model (alias, hub id or folder)")
+    parser.add_argument("--adapter", default=None, help="run directory of a trained adapter")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (anything but localhost: a warning)")
+    parser.add_argument("--examples", default="squad", help="SQuAD JSON whose dev questions prefill the Ask tab, "
+                        "'squad' (fetched v1.1 dev) or 'none'")
+    parser.add_argument("--errors", nargs="*", metavar="EVAL_JSON", default=None,
+                        help="one or two evaluation JSONs for the Errors tab (A, B); default: "
+                        "results/eval_finetuned_500.json results/eval_baseline_500.json")
+    parser.add_argument("--cache_dir", "--cache-dir", default=default_cache_dir())
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available, else cpu), cpu, cuda, ...")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (as `loraqa evaluate`)")
+    parser.add_argument("--torch_threads", "--torch-threads", type=int, default=None,
+                        help="torch threads, set once (default: the CPUs this process may use)")
+    args = parser.parse_args(argv)
+    if len(args.errors or []) > 2:
+        parser.error("--errors takes one or two evaluation JSONs")
+    try:
+        from .demo import serve
+        import gradio  # noqa: F401  (the optional extra)
+    except ImportError as err:
+        raise ConfigError(f"the demo needs gradio: pip install -e '.[demo]' ({err})") from None
+    from .config import ModelArguments
+
+    errors = args.errors if args.errors is not None else \
+        ["results/eval_finetuned_500.json", "results/eval_baseline_500.json"]
+    serve(ModelArguments(args.model, args.cache_dir), args.adapter, host=args.host, port=args.port,
+          examples=args.examples, errors=tuple(errors), device=args.device, dtype=args.dtype,
+          torch_threads=args.torch_threads)
 
 
 COMMANDS = {"fetch": _fetch, "data-stats": _data_stats, "score": _score, "train": _train, "evaluate": _evaluate,
-            "compare": _compare, "failures": _failures, "ask": _ask, "bench": _bench, "run": _run, "sweep": _sweep}
+            "compare": _compare, "failures": _failures, "ask": _ask, "demo": _demo, "bench": _bench, "run": _run, "sweep": _sweep,
+            "plots": _plots, "padding-study": _padding_study, "report": _report,
+            "param-counts": _param_counts}
 
 
 def main(argv: list[str] | None = None) -> int:

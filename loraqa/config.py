@@ -6,7 +6,9 @@ the hand-off to PEFT, the Trainer and `generate` is field for field.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import difflib
 import json
 import os
 import platform
@@ -30,7 +32,7 @@ def default_cache_dir() -> str:
 
 
 class ConfigError(ValueError):
-    """A setting out of range; the message names the field and the value."""
+    """A setting out of range, an unknown flag or an unreadable config file; the message names which."""
 
 
 def _check(condition: bool, name: str, value: Any, rule: str) -> None:
@@ -79,7 +81,7 @@ class DataArguments:
         "SQuAD 2.0 questions without an answer: skip them, or train the model to answer with EOS alone."))
     subset_seed: int = field(default=0, **_help(
         "Seed of the subset and held-out rules: paragraphs ordered by sha1(f'{seed}:{context}') and taken whole "
-        "until N questions (nested across N); held-out articles by sha1(f'{seed}:{title}')."))
+        "until N questions, the last one cut to N (nested across N); held-out articles by sha1(f'{seed}:{title}')."))
     heldout_articles: int = field(default=0, **_help(
         "Hold out this many whole training articles (never trained on) and take the validation loss on them "
         "instead of validation_file: the selection set of a sweep, so that the dev set stays a test set."))
@@ -120,7 +122,16 @@ class LoraQATrainingArguments(TrainingArguments):
     save_steps: float = field(default=100, **_help("Adapter checkpoint every N steps."))
     save_total_limit: int | None = field(default=2, **_help("Keep this many checkpoints."))
     report_to: str | None = field(default="none", **_help("Trainer integrations (loraqa writes metrics.jsonl itself)."))
-    remove_unused_columns: bool = field(default=False, **_help("Must stay False: the collator needs every column."))
+    # not flags: the collators need every column, and validation computes the loss only (QATrainer.evaluate)
+    remove_unused_columns: bool = field(default=False, init=False)
+    prediction_loss_only: bool = field(default=True, init=False)
+    overwrite_output_dir: bool = field(default=False, **_help(
+        "Train into an output_dir that holds a run of another configuration (its checkpoints are deleted first); "
+        "without it such a directory is refused. Resuming (--resume_from_checkpoint) needs no flag."))
+    max_train_minutes: float | None = field(default=None, **_help(
+        "Wall-clock budget of the whole `train` (loading, training, validation): a few steps timed before "
+        "training size max_steps (never above the epochs' or max_steps' own) so that the learning-rate "
+        "schedule still runs to its end. Printed with the expected finish time; summary.json records it."))
     packing: Literal["shared_context", "none"] = field(default="shared_context", **_help(
         "shared_context: each paragraph once per step, its questions attending to it through a block mask; "
         "none: one padded row per question (the usual notebook)."))
@@ -130,6 +141,8 @@ class LoraQATrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         _check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+        _check(self.max_train_minutes is None or self.max_train_minutes > 0, "max_train_minutes",
+               self.max_train_minutes, "must be > 0")
         if self.warmup_ratio and not self.warmup_steps:
             self.warmup_steps = self.warmup_ratio
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not self.use_cpu and not _has_accelerator():
@@ -176,23 +189,94 @@ class GenerationSettings:
         return ",".join(p for p in parts if p) or "sample"
 
 
-def parse_config(dataclass_types: tuple, args: list[str] | None = None) -> tuple:
-    """Parse `--config run.yaml` (optional) then flags, flags winning, into the given dataclasses."""
-    parser = HfArgumentParser(dataclass_types)
+class _OneLineErrors:
+    """argparse errors as one ConfigError line; a mistyped flag gets its closest valid spelling. Prefixes of
+    flags are not taken for them (argparse's allow_abbrev): `--learning` stays a mistake, not a learning rate."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            raise ConfigError(unknown_arguments(extras, list(self._option_string_actions)))
+        return namespace
+
+
+class ArgumentParser(_OneLineErrors, argparse.ArgumentParser):
+    """The CLI's plain argparse parser."""
+
+
+class _SettingsParser(_OneLineErrors, HfArgumentParser):
+    """HfArgumentParser, whose own unknown-flag error is a ValueError traceback."""
+
+
+def unknown_arguments(extras: list[str], options: list[str]) -> str:
+    """['--modle', 'x'] -> "unknown flag --modle (did you mean --model?)"."""
+    flags = [a.split("=", 1)[0] for a in extras if a.startswith("--")]
+    if not flags:
+        return f"unexpected argument(s) {' '.join(extras)}"
+    named = []
+    for flag in flags:
+        close = difflib.get_close_matches(flag, options, n=1)
+        named.append(flag + (f" (did you mean {close[0]}?)" if close else ""))
+    return f"unknown flag{'s' if len(named) > 1 else ''} {', '.join(named)}"
+
+
+def read_settings_file(path: str, known: set[str]) -> dict[str, Any]:
+    """A `--config` YAML mapping of setting names to values; one-line errors name the file (and the line)."""
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(err, 'problem', None) or err})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of setting names to values")
+    unknown = sorted(set(values) - known)
+    if unknown:
+        hints = [f"{name} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(name, known, n=1))
+                 else name for name in unknown]
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(hints)}")
+    return values
+
+
+def parse_config(dataclass_types: tuple, args: list[str] | None = None, *, defaults: dict[str, Any] | None = None,
+                 defaults_source: str = "command") -> tuple:
+    """Parse flags over `--config run.yaml` over `defaults` (a command's own) into the given dataclasses."""
+    return parse_config_with_sources(dataclass_types, args, defaults=defaults, defaults_source=defaults_source)[0]
+
+
+def parse_config_with_sources(dataclass_types: tuple, args: list[str] | None = None, *,
+                              defaults: dict[str, Any] | None = None, defaults_source: str = "command"
+                              ) -> tuple[tuple, dict[str, str]]:
+    """(dataclasses, where each setting came from: 'default', `defaults_source`, 'config file' or 'flag').
+
+    Precedence, lowest first: the dataclass default, `defaults` (e.g. `loraqa run`'s budget), the YAML file,
+    the flags: a user's file and flags always win over a command's own choices.
+    """
+    parser = _SettingsParser(dataclass_types)
     parser.add_argument("--config", default=None, help="YAML file of settings; flags override it.")
     args = list(sys.argv[1:] if args is None else args)
-    known, _ = parser.parse_known_args(args)
-    if known.config:
-        values = yaml.safe_load(Path(known.config).read_text()) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{known.config}: expected a mapping of setting names to values")
-        destinations = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - destinations)
-        if unknown:
-            raise ConfigError(f"{known.config}: unknown setting(s) {', '.join(unknown)}")
+    unset = object()  # a namespace pre-filled with it keeps argparse from filling in defaults: what stays is a flag
+    given = parser.parse_args(args, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    names = [f.name for t in dataclass_types for f in dataclasses.fields(t) if f.init]
+    sources = dict.fromkeys(names, "default")
+    if defaults:
+        parser.set_defaults(**defaults)
+        sources.update(dict.fromkeys(defaults, defaults_source))
+    if given.config not in (unset, None):
+        values = read_settings_file(given.config, set(names))
         parser.set_defaults(**values)
+        sources.update(dict.fromkeys(values, "config file"))
+    sources.update({name: "flag" for name in names if getattr(given, name, unset) is not unset})
     parsed = parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)
-    return tuple(p for p in parsed if dataclasses.is_dataclass(p))
+    return tuple(p for p in parsed if dataclasses.is_dataclass(p)), sources
 
 
 def _git_revision() -> str | None:

@@ -1,20 +1,17 @@
-"""A model (+ adapter) and a SQuAD file -> evaluation JSON; evaluation JSONs -> comparisons and failure reports.
+"""A model (+ adapter) and a SQuAD file -> evaluation JSON (comparisons and failure reports: `analysis`).
 
 `evaluate` decodes a seeded subset, scores it with the official metric and writes EM/F1 with bootstrap
-CIs, per-question scores, predictions, answer-quality measures and everything needed to reproduce it.
-With `strategy_grid` it runs the decoding grid instead (greedy, top-k, nucleus, temperature; sampled ones
-with several seeds; every run decodes from one shared prefill per batch) and adds diversity measures.
-`compare` pairs two evaluations question by question; `failure_report` sorts the misses into named
-categories.
+CIs (resampling paragraphs), per-question scores and paragraphs, predictions, answer-quality measures and
+everything needed to reproduce it. With `strategy_grid` it runs the decoding grid instead (greedy, top-k,
+nucleus, temperature; sampled ones with several seeds; every run decodes from one shared prefill per
+batch) and adds diversity measures; each row's CI is that of its mean over seeds.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import re
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -27,9 +24,9 @@ from .config import DataArguments, GenerationSettings, ModelArguments, run_metad
 from .data import (SquadFormatError, data_fingerprint, encode_prompt, heldout_split, load_squad, squad_references,
                    take_subset)
 from .generate import generate_answer_sets, generate_answers, max_prompt_tokens
-from .metrics import normalize_answer, score_questions
+from .metrics import score_questions
 from .modeling import inference_placement, load_adapter, load_model_and_tokenizer, native_bf16
-from .stats import bootstrap_ci, paired_comparison
+from .stats import bootstrap_ci
 
 logger = logging.getLogger(__name__)
 
@@ -119,18 +116,24 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def _score(predictions: dict[str, str], records: list[dict], seed: int) -> dict:
+def _score(predictions: dict[str, str], records: list[dict]) -> dict:
     per_question = score_questions(predictions, squad_references(records))
-    em = [s.exact_match for s in per_question.values()]
-    f1 = [s.f1 for s in per_question.values()]
-    return {"exact_match": 100 * float(np.mean(em)), "f1": 100 * float(np.mean(f1)), "n": len(em),
-            "exact_match_ci": [100 * x for x in bootstrap_ci(em, seed=seed)],
-            "f1_ci": [100 * x for x in bootstrap_ci(f1, seed=seed)],
+    return {"exact_match": 100 * float(np.mean([s.exact_match for s in per_question.values()])),
+            "f1": 100 * float(np.mean([s.f1 for s in per_question.values()])), "n": len(per_question),
             "per_question": {q: {"exact_match": s.exact_match, "f1": s.f1} for q, s in per_question.items()}}
 
 
+def _cis(per_question: dict[str, dict], paragraphs: dict[str, str], seed: int) -> dict:
+    """EM/F1 bootstrap CIs in percent, resampling paragraphs: questions on one paragraph are not independent."""
+    clusters = [paragraphs[q] for q in per_question]
+    cis = {f"{metric}_ci": [100 * x for x in bootstrap_ci([s[metric] for s in per_question.values()],
+                                                          clusters=clusters, seed=seed)]
+           for metric in ("exact_match", "f1")}
+    return {**cis, "resampled": "paragraphs"}
+
+
 def _scored(predictions: dict[str, str], records, settings: GenerationSettings, seconds: float, work: dict) -> dict:
-    return {**_score(predictions, records, settings.seed), **answer_quality(predictions, records),
+    return {**_score(predictions, records), **answer_quality(predictions, records),
             "questions_per_s": len(records) / seconds, "generation_work": work, "generation": to_dict(settings),
             "predictions": predictions}
 
@@ -151,6 +154,7 @@ def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, settings:
     records = list(dataset)
     max_length = eval_args.max_length or training_max_length(eval_args.adapter)
     weights = next(model.parameters())
+    paragraphs = {r["id"]: paragraph_key(r["context"]) for r in records}
     header = {"model": model_args.model, "model_resolved": resolved, "adapter": eval_args.adapter,
               "device": str(weights.device), "dtype": str(weights.dtype).removeprefix("torch."),
               "data": data_path, "data_hash": data_fingerprint(dataset), "subset_seed": eval_args.subset_seed,
@@ -160,8 +164,9 @@ def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, settings:
         predictions = generate_answers(model, tokenizer, records, settings=settings, stats=work, max_length=max_length)
         scored = _scored(predictions, records, settings, time.perf_counter() - started, work)
         result = {**header, "prompts_cut": work["prompts_cut"], **scored,
+                  **_cis(scored["per_question"], paragraphs, settings.seed),
                   "questions": {r["id"]: {"question": r["question"], "gold": r["answers"]["text"],
-                                          "paragraph": paragraph_key(r["context"])} for r in records}}
+                                          "paragraph": paragraphs[r["id"]]} for r in records}}
         write_json_atomic(eval_args.output, result)
         return result
     # every (strategy, seed) run decodes together with the others from one prefill per batch: each run's
@@ -180,20 +185,23 @@ def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, settings:
         runs = [next(scored) for _ in seeds]
         answers_by_seed = [r["predictions"] for r in runs]
         all_texts = [t for answers in answers_by_seed for t in answers.values()]
+        # the CI of the mean over seeds: each question's score averaged over the seeds, paragraphs resampled
+        seed_mean = {q: {m: float(np.mean([r["per_question"][q][m] for r in runs])) for m in ("exact_match", "f1")}
+                     for q in runs[0]["per_question"]}
         rows.append({
             "strategy": strategy.name, "generation": to_dict(strategy), "seeds": list(seeds),
             **{k: float(np.mean([r[k] for r in runs])) for k in
                ("exact_match", "f1", "mean_answer_words", "verbatim_in_context", "empty_answers", "questions_per_s")},
             "exact_match_sd": float(np.std([r["exact_match"] for r in runs])),
             "f1_sd": float(np.std([r["f1"] for r in runs])),
-            "exact_match_ci": runs[0]["exact_match_ci"], "f1_ci": runs[0]["f1_ci"],
+            **_cis(seed_mean, paragraphs, settings.seed),
             "distinct_1": distinct_n(all_texts, 1), "distinct_2": distinct_n(all_texts, 2),
             "seed_disagreement": float(np.mean([len({a[q] for a in answers_by_seed}) > 1 for q in answers_by_seed[0]]))
             if len(answers_by_seed) > 1 else 0.0,
             "runs": [{k: r[k] for k in ("exact_match", "f1", "predictions", "per_question")} for r in runs],
         })
     result = {**header, "prompts_cut": works[0]["prompts_cut"], "n": len(records), "strategies": rows,
-              "paragraphs": {r["id"]: paragraph_key(r["context"]) for r in records}}
+              "paragraphs": paragraphs}
     write_json_atomic(eval_args.output, result)
     return result
 
@@ -208,90 +216,6 @@ def strategy_table(result: dict) -> str:
                      f"{r['mean_answer_words']:.1f} | {r['verbatim_in_context']:.2f} | {r['distinct_1']:.2f} | "
                      f"{r['distinct_2']:.2f} | {r['seed_disagreement']:.2f} | {r['questions_per_s']:.1f} |")
     return "\n".join(lines)
-
-
-def read_evaluation(path: str) -> dict:
-    """An evaluation JSON with per-question scores, or one clear error."""
-    try:
-        result = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise SquadFormatError(f"{path}: not a readable evaluation JSON ({err})") from None
-    if not isinstance(result, dict) or not isinstance(result.get("per_question"), dict):
-        raise SquadFormatError(f"{path}: field 'per_question' is missing (write it with `loraqa evaluate`)")
-    return result
-
-
-def compare(a_path: str, b_path: str, *, seed: int = 0) -> dict:
-    """Paired comparison of two evaluations on their common questions (deltas are B - A), and how many of
-    their answers differ (where both files hold predictions)."""
-    a, b = read_evaluation(a_path), read_evaluation(b_path)
-    result = paired_comparison(a["per_question"], b["per_question"], seed=seed)
-    answers_a, answers_b = a.get("predictions") or {}, b.get("predictions") or {}
-    common = answers_a.keys() & answers_b.keys() & a["per_question"].keys() & b["per_question"].keys()
-    differ = {"answers_differ": sum(answers_a[q] != answers_b[q] for q in common)} if common else {}
-    return {"a": a_path, "b": b_path, **result, **differ}
-
-
-QUESTION_TYPES = ("how many", "how much", "who", "whom", "whose", "when", "where", "which", "why", "what", "how")
-
-
-def question_type(question: str) -> str:
-    q = question.lower()
-    for word in QUESTION_TYPES:
-        if re.search(rf"\b{word}\b", q):
-            return word
-    return "other"
-
-
-def failure_category(prediction: str, golds: list[str], context: str, em: float, f1: float) -> str:
-    """correct / empty / not in context / extra words / partial overlap / wrong span."""
-    if em >= 1.0:
-        return "correct"
-    if not prediction.strip():
-        return "empty answer"
-    pred_norm = normalize_answer(prediction)
-    if pred_norm not in normalize_answer(context):
-        return "answer not in context"
-    pred_words = f" {pred_norm} "
-    if any(normalize_answer(g) and f" {normalize_answer(g)} " in pred_words for g in golds):
-        return "right answer with extra words"
-    if f1 > 0:
-        return "partial overlap"
-    return "wrong span of the context"
-
-
-def failure_report(eval_path: str, data_path: str | None = None, examples_per_category: int = 3) -> str:
-    """Markdown: counts and examples per failure category, EM/F1 per question type."""
-    result = read_evaluation(eval_path)
-    records = {r["id"]: r for r in load_squad(data_path or result["data"], "validation")}
-    categories: dict[str, list[str]] = defaultdict(list)
-    types: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for qid, score in result["per_question"].items():
-        record = records[qid]
-        prediction = result["predictions"].get(qid, "")
-        category = failure_category(prediction, record["answers"]["text"], record["context"],
-                                    score["exact_match"], score["f1"])
-        categories[category].append(qid)
-        types[question_type(record["question"])].append((score["exact_match"], score["f1"]))
-    n = len(result["per_question"])
-    lines = [f"# Failure analysis: {eval_path}", "",
-             f"{n} questions; EM {result['exact_match']:.1f}, F1 {result['f1']:.1f}.", "",
-             "| category | count | share |", "|---|---|---|"]
-    for category, ids in sorted(categories.items(), key=lambda kv: -len(kv[1])):
-        lines.append(f"| {category} | {len(ids)} | {100 * len(ids) / n:.1f}% |")
-    lines += ["", "| question type | count | EM | F1 |", "|---|---|---|---|"]
-    for qtype, scores in sorted(types.items(), key=lambda kv: -len(kv[1])):
-        lines.append(f"| {qtype} | {len(scores)} | {100 * np.mean([s[0] for s in scores]):.1f} | "
-                     f"{100 * np.mean([s[1] for s in scores]):.1f} |")
-    for category, ids in categories.items():
-        if category == "correct":
-            continue
-        lines += ["", f"## {category}", ""]
-        for qid in ids[:examples_per_category]:
-            record = records[qid]
-            lines.append(f"- **{record['question'].strip()}** predicted `{result['predictions'].get(qid, '')}`; "
-                         f"gold {' / '.join(f'`{g}`' for g in dict.fromkeys(record['answers']['text']))}")
-    return "\n".join(lines) + "\n"
 
 
 def answer_question(model, tokenizer, context: str, question: str, settings: GenerationSettings) -> str:

@@ -1,7 +1,8 @@
-"""SQuAD v1.1 scoring: predictions (id -> text) and gold answers -> exact match and F1.
+"""SQuAD scoring: predictions (id -> text) and gold answers -> exact match and F1.
 
 A faithful re-implementation of the official v1.1 evaluation script (Rajpurkar et al., 2016), which the
-`evaluate` library only loads from the hub. Pure Python on purpose: no torch, usable anywhere.
+`evaluate` library only loads from the hub, plus the v2.0 script's rule for unanswerable questions (no gold
+answer: only an empty prediction is right). Pure Python on purpose: no torch, usable anywhere.
 """
 from __future__ import annotations
 
@@ -44,6 +45,10 @@ def f1_score(prediction: str, ground_truth: str) -> float:
 
 
 def metric_max_over_ground_truths(metric, prediction: str, ground_truths: list[str]) -> float:
+    """The best score over the gold answers. A question without any (SQuAD 2.0 unanswerable) scores 1 for an
+    answer that normalizes to nothing and 0 otherwise, in EM and F1 alike, as the official v2.0 script does."""
+    if not ground_truths:
+        return float(not normalize_answer(prediction))
     return max(metric(prediction, gt) for gt in ground_truths)
 
 

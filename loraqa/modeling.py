@@ -7,6 +7,7 @@ for GPT-2's Conv1D layers, checks the rank against every targeted layer and free
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from pathlib import Path
@@ -16,7 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
-from .assets import HUB_MODELS, fetch
+from .assets import GPT2_HUB_ID, MODEL_ALIASES, fetch, hub_status
 from .config import LoraArguments
 
 logger = logging.getLogger(__name__)
@@ -42,23 +43,43 @@ def load_tokenizer(name_or_path: str):
 
 
 def resolve_model(name: str, cache_dir: str | os.PathLike) -> str:
-    """A loadable path or hub id for `name`. 'gpt2' falls back, loudly, to the fetched smollm2-135m offline."""
+    """A loadable path or hub id for `name`: a local directory, an alias or a hub model (a hub model already
+    in the local cache loads from there when the hub is unreachable). 'gpt2' falls back, loudly, to the
+    fetched smollm2-135m when the hub is unreachable. Anything else is a one-line ModelSetupError that names
+    it and lists the aliases, after one quick hub request instead of transformers' retries."""
     if Path(name).exists():
         return name
     if name == "smollm2-135m":
         return str(fetch("smollm2-135m", cache_dir))
-    if name == "gpt2":
-        try:
-            from transformers import AutoConfig
+    repo_id = GPT2_HUB_ID if name == "gpt2" else name
+    found = hub_status(repo_id)
+    if found:
+        return repo_id
+    if found is None and (snapshot := _cached_snapshot(repo_id)):
+        return snapshot
+    if name == "gpt2" and found is None:
+        logger.warning("=" * 78 + "\nGPT-2 cannot be loaded from the hub (offline?): FALLING BACK to the "
+                       "fetched SmolLM2-135M-Instruct (same size).\nResult files record the model "
+                       "actually used.\n" + "=" * 78)
+        return str(fetch("smollm2-135m", cache_dir))
+    close = difflib.get_close_matches(name, MODEL_ALIASES, n=1)
+    fetched = (Path(cache_dir) / "smollm2-135m" / "config.json").exists()
+    raise ModelSetupError(
+        f"model {name!r}: no such directory, alias or hub model" + (" (the hub is unreachable)" if found is None else "")
+        + (f", did you mean {close[0]}?" if close else "") + "; aliases: gpt2 (the hub's GPT-2, else smollm2-135m), "
+        + (f"smollm2-135m (fetched in {cache_dir})" if fetched else "smollm2-135m (`loraqa fetch smollm2-135m`)"))
 
-            AutoConfig.from_pretrained(HUB_MODELS["gpt2"])
-            return HUB_MODELS["gpt2"]
-        except OSError:
-            logger.warning("=" * 78 + "\nGPT-2 cannot be loaded from the hub (offline?): FALLING BACK to the "
-                           "fetched SmolLM2-135M-Instruct (same size).\nResult files record the model "
-                           "actually used.\n" + "=" * 78)
-            return str(fetch("smollm2-135m", cache_dir))
-    return name
+
+def _cached_snapshot(repo_id: str) -> str | None:
+    """The local folder of a hub model already in the Hugging Face cache, if any."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        config = try_to_load_from_cache(repo_id, "config.json")
+    except HFValidationError:
+        return None
+    return str(Path(config).parent) if isinstance(config, str) else None
 
 
 def load_model_and_tokenizer(name: str, cache_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):

@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -226,7 +227,7 @@ def _finished(output_dir: Path) -> dict[str, dict]:
     return records
 
 
-def _run_one(run: Run, run_dir: Path, log) -> dict:
+def _run_one(run: Run, run_dir: Path, log, torch_threads: int | None = None) -> dict:
     """Train (resuming from the last checkpoint) and evaluate; returns the done record."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "error.json").unlink(missing_ok=True)
@@ -238,12 +239,16 @@ def _run_one(run: Run, run_dir: Path, log) -> dict:
             checkpoint = _latest_checkpoint(run_dir)
             if checkpoint:
                 train_line += ["--resume_from_checkpoint", str(checkpoint)]
-            _call(train_line, log)
+            _call(train_line, log, torch_threads)
     for line in lines:
         if not Path(line[line.index("--output") + 1]).exists():
-            _call(line, log)
+            _call(line, log, torch_threads)
+    weights = [p for p in ("adapter_model.safetensors", "model.safetensors") if (run_dir / p).exists()]
     record = {"run_id": run.run_id, "name": run.name, "kind": run.kind, "train": run.train,
-              "settings": run.settings, "grid_point": run.grid_point, "evaluations": {}, "seconds": time.time() - started}
+              "settings": run.settings, "grid_point": run.grid_point, "evaluations": {}, "seconds": time.time() - started,
+              # weights are not kept in git: their size is recorded here, where the study table reads it
+              "weights_file": weights[0] if weights else None,
+              "weights_bytes": (run_dir / weights[0]).stat().st_size if weights else None}
     for name in run.evaluations:
         result = json.loads((run_dir / f"eval_{name}.json").read_text())
         record["evaluations"][name] = {k: result[k] for k in ("exact_match", "f1", "n")}
@@ -255,18 +260,22 @@ class RunFailed(RuntimeError):
     pass
 
 
-def _call(line: list[str], log) -> None:
+def _call(line: list[str], log, torch_threads: int | None = None) -> None:
     log.write(f"\n$ {shlex.join(line)}  # {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     log.flush()
     command = [sys.executable, "-m", "loraqa.cli"] + line[1:]  # `loraqa` of this very installation
-    code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch_threads)} if torch_threads else None
+    code = subprocess.call(command + (["--torch_threads", str(torch_threads)] if torch_threads else []),
+                           stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, env=env)
     if code != 0:
         raise RunFailed(f"loraqa {line[1]} exited with {code}")
 
 
-def run_sweep(spec_path: str, output_dir: str, *, print_commands: bool = False, limit: int | None = None) -> dict:
+def run_sweep(spec_path: str, output_dir: str, *, print_commands: bool = False, limit: int | None = None,
+              torch_threads: int | None = None) -> dict:
     """Run (or print) every pending run of the spec; returns {run_id: status}. `limit` stops after that many
-    runs (for a time-boxed session)."""
+    runs (for a time-boxed session); `torch_threads` caps each run's threads without changing its identity
+    (on a shared machine: oversubscribed cores slowed a run several times over here)."""
     spec = load_spec(spec_path)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -294,7 +303,7 @@ def run_sweep(spec_path: str, output_dir: str, *, print_commands: bool = False, 
         (out / run.run_id).mkdir(parents=True, exist_ok=True)
         with open(out / run.run_id / "train.log", "a") as log:
             try:
-                _run_one(run, out / run.run_id, log)
+                _run_one(run, out / run.run_id, log, torch_threads)
                 statuses[run.run_id] = "done"
                 durations.append(time.time() - started)
                 print(f"    done in {(time.time() - started) / 60:.1f} min", flush=True)

@@ -27,11 +27,11 @@ from transformers import AttentionInterface, Trainer, TrainerCallback, set_seed
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .assets import squad_file
+from .attention import supports_shared_prefix
 from .collator import ContextGroupedSampler, QADataCollator, SharedContextCollator
 from .config import (ConfigError, DataArguments, LoraArguments, LoraQATrainingArguments, ModelArguments, run_metadata,
                      to_dict, write_json_atomic)
 from .data import IGNORE_INDEX, build_train_dataset, data_fingerprint, heldout_split, load_squad, take_subset
-from .generate import supports_shared_prefix
 from .modeling import ModelSetupError, attach_lora, count_parameters, load_model_and_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,10 @@ def _paragraph_attention(module, query, key, value, attention_mask, paragraph_sp
     return torch.cat(outputs, dim=1), None  # (1, T, heads, head_dim)
 
 
-AttentionInterface.register(PARAGRAPH_ATTENTION, _paragraph_attention)
+def register_paragraph_attention() -> None:
+    """Make PARAGRAPH_ATTENTION a name that attention layers resolve. transformers' registry is global, so the
+    code that sets the implementation registers it first (as `setup` does), never an import."""
+    AttentionInterface.register(PARAGRAPH_ATTENTION, _paragraph_attention)
 
 
 def answer_loss(model, batch: dict[str, torch.Tensor], *, answer_only: bool = True,
@@ -247,6 +250,7 @@ def setup(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataA
     model = model if lora_args.full_finetune else attach_lora(model, lora_args)
     # per-paragraph attention loops over each batch's spans: a compiled graph would recompile for every batch
     if training_args.packing == "shared_context" and supports_shared_prefix(model) and not training_args.torch_compile:
+        register_paragraph_attention()
         model.set_attn_implementation(PARAGRAPH_ATTENTION)
     parameters = count_parameters(model)
     logger.info("trainable params %d of %d (reduction x%s)", parameters["trainable_params"],

@@ -15,7 +15,7 @@ from loraqa.config import default_cache_dir
 from loraqa.modeling import load_tokenizer
 
 CACHE = Path(os.environ.get("LORAQA_CACHE", default_cache_dir())).resolve()
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))  # 1 beside a sweep
 
 LONG_CONTEXT = " ".join(f"Filler sentence number {i} says nothing." for i in range(400))
 SUPER_BOWL = ("Super Bowl 50 was an American football game. The Denver Broncos defeated the Carolina Panthers "

@@ -1,18 +1,27 @@
-"""Run by test_ddp under torchrun: train a tiny LoRA model data-parallel, save this rank's LoRA weights."""
-import os
+"""One optimizer step of a tiny LoRA run, for test_ddp: `one_step` in the test's own process, or under torchrun
+`python ddp_worker.py MODEL_DIR SQUAD_FILE OUT RUNS_JSON` (RUNS_JSON: {name: training options}), each run
+written to OUT/name."""
+import json
 import sys
-
-import torch
+from pathlib import Path
 
 from loraqa.config import DataArguments, LoraArguments, LoraQATrainingArguments, ModelArguments
 from loraqa.train import fit, setup
 
-model_dir, squad_file, out = sys.argv[1:4]
-run = setup(ModelArguments(model=model_dir), LoraArguments(lora_r=4),
-            DataArguments(train_file=squad_file, validation_file=squad_file, max_length=128),
-            LoraQATrainingArguments(output_dir=out, max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
-                                    eval_strategy="no", save_strategy="no", disable_tqdm=True, logging_steps=1))
-fit(run)
-lora = {n: p.detach().clone() for n, p in run.trainer.model.named_parameters() if "lora_" in n}
-torch.save({"world_size": run.trainer.args.world_size, "weights": lora},
-           os.path.join(out, f"rank{os.environ['RANK']}.pt"))
+# Plain SGD at learning rate 1 without clipping: the LoRA update is minus the gradient itself (AdamW's first step
+# would be about its sign). From a zero B, one step changes only B, by the gradient of B.
+ONE_SGD_STEP = dict(max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=0.0, warmup_ratio=0.0,
+                    weight_decay=0.0, logging_steps=1, eval_strategy="no", save_strategy="no", disable_tqdm=True)
+
+
+def one_step(model_dir, squad_file, output_dir, **training) -> None:
+    run = setup(ModelArguments(model=str(model_dir)), LoraArguments(lora_r=4, lora_dropout=0.0),
+                DataArguments(train_file=str(squad_file), validation_file=str(squad_file), max_length=128),
+                LoraQATrainingArguments(output_dir=str(output_dir), **{**ONE_SGD_STEP, **training}))
+    fit(run)
+
+
+if __name__ == "__main__":
+    model_dir, squad_file, out, runs = sys.argv[1:5]
+    for name, training in json.loads(Path(runs).read_text()).items():
+        one_step(model_dir, squad_file, Path(out) / name, **training)

@@ -1,5 +1,10 @@
+from types import SimpleNamespace
+
+import pytest
 import torch
+
 from conftest import tiny_gpt2, tiny_llama
+from loraqa import bench
 from loraqa.bench import _decode_linear_seconds, _linear_layers, _matmul_params, summary_lines
 
 
@@ -30,7 +35,9 @@ def test_decode_linear_seconds_runs_every_linear_layer_at_each_row_count():
 def test_summary_lines_state_the_side_by_side_ratios():
     run = {"examples_per_s": 3.0, "tokens_per_s": 600.0, "mean_train_loss": 2.5, "peak_rss_mb": 3000.0}
     result = {
-        "machine": {"matmul_peak_gflops": 400.0},
+        "machine": {"matmul_peak_gflops": 400.0,
+                    "matmul_peak": {"before": {"gflops": 390.0, "size": 1024, "spread": [350.0, 390.0]},
+                                    "after": {"gflops": 400.0, "size": 2048, "spread": [398.0, 400.0]}}},
         "train": {"loraqa": run, "reference_trl": {**run, "examples_per_s": 0.5}, "speedup": 6.0,
                   "loraqa_achieved_gflops": 120.0, "loraqa_mfu": 0.3},
         "eval": {"one_by_one_questions_per_s": 1.5, "loraqa_questions_per_s": 9.0, "speedup": 6.0,
@@ -40,6 +47,8 @@ def test_summary_lines_state_the_side_by_side_ratios():
                  "linear_layers_s": 4.0, "speedup_if_only_linear_layers": 11.0},
     }
     text = "\n".join(summary_lines(result))
+    assert ("fp32 matmul peak 400.0 GFLOP/s; before the runs 390.0 (windows 350.0-390.0 at 1024), after the runs "
+            "400.0 (windows 398.0-400.0 at 2048)") in text
     assert "train speedup over TRL reference: 6.00x" in text
     assert "MFU 30%" in text and "MFU 32%" in text
     assert "speedup 6.0x, greedy identical 64/64" in text
@@ -60,3 +69,79 @@ def test_summary_lines_report_the_bf16_evaluation_beside_float32():
     text = "\n".join(summary_lines(result))
     assert "bf16 weights: one-by-one 1.60 q/s, loraqa 15.00 q/s, speedup 9.4x (10.0x over fp32" in text
     assert "greedy identical 52/64, same as fp32 54/64" in text
+
+
+class _FakeMachine:
+    """A clock whose time passes only in matrix products: an n x n product takes `seconds[n]`, three times
+    longer while the machine is busy (products started before `busy_until`)."""
+
+    def __init__(self, seconds: dict[int, float], busy_until: float = 0.0):
+        self.seconds, self.busy_until, self.now = seconds, busy_until, 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def mm(self, a, b):
+        self.now += self.seconds[a.shape[0]] * (3 if self.now < self.busy_until else 1)
+
+
+def _fake_machine(monkeypatch, seconds: dict[int, float], busy_until: float = 0.0) -> _FakeMachine:
+    machine = _FakeMachine(seconds, busy_until)
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=machine.perf_counter))
+    monkeypatch.setattr(bench.torch, "mm", machine.mm)
+    return machine
+
+
+def _gflops(size: int, seconds: float) -> float:
+    return 2 * size**3 / seconds / 1e9
+
+
+def test_matmul_peak_is_the_best_window_of_any_size_with_its_spread(monkeypatch):
+    """Busy for the first window of each size (a product 3x slower): the peak is a later window of the size
+    that multiplies fastest, and the disturbed window shows in the spread."""
+    _fake_machine(monkeypatch, {32: 0.05, 64: 0.2}, busy_until=2.5)
+    peak = bench.matmul_peak(sizes=(32, 64), windows=3, seconds=1.0)
+    assert peak["size"] == 64 and peak["gflops"] == pytest.approx(_gflops(64, 0.2))
+    assert peak["spread"] == pytest.approx([_gflops(64, 0.6), _gflops(64, 0.2)])
+    assert peak["gflops_by_size"][32] == pytest.approx([_gflops(32, 0.15), _gflops(32, 0.05), _gflops(32, 0.05)])
+
+
+def _measured_result(monkeypatch, product_seconds: float, busy_before: bool = False) -> dict:
+    """A bench result whose training and evaluation achieved 0.5 GFLOP/s, with the peak measured before and
+    after the runs on a machine whose 64 x 64 products take `product_seconds` (3x longer when busy)."""
+    machine = _fake_machine(monkeypatch, {64: product_seconds}, busy_until=float("inf") if busy_before else 0.0)
+    result = {"settings": {"output": "bench.json"}, "machine": {},
+              "train": {"loraqa_achieved_gflops": 0.5},
+              "eval": {"questions": 10, "one_by_one_questions_per_s": 1.0, "loraqa_questions_per_s": 5.0,
+                       "loraqa_flops": 1e9, "loraqa_achieved_gflops": 0.5, "prefill_linear_flops": 4e8,
+                       "decode_linear_s": 0.5}}
+    peaks = {"before": bench.matmul_peak(sizes=(64,), windows=2, seconds=1.0)}
+    machine.busy_until = 0.0
+    peaks["after"] = bench.matmul_peak(sizes=(64,), windows=2, seconds=1.0)
+    bench._apply_peak(result, peaks)
+    return result
+
+
+def test_figures_at_the_peak_use_the_best_measurement(monkeypatch):
+    result = _measured_result(monkeypatch, product_seconds=2 * 64**3 / 1e9, busy_before=True)  # 1 GFLOP/s idle
+    bench.check_mfu(result)
+    assert result["machine"]["matmul_peak"]["before"]["gflops"] == pytest.approx(1 / 3)
+    assert result["machine"]["matmul_peak_gflops"] == pytest.approx(1.0)
+    assert result["train"]["loraqa_mfu"] == pytest.approx(0.5)
+    evaluation = result["eval"]
+    assert evaluation["loraqa_mfu"] == pytest.approx(0.5)
+    assert evaluation["loraqa_questions_per_s_at_peak"] == pytest.approx(10.0)  # 1e9 FLOP at 1 GFLOP/s: 1 s
+    assert evaluation["speedup_at_peak"] == pytest.approx(10.0)  # one by one: 10 s
+    assert evaluation["prefill_linear_at_peak_s"] == pytest.approx(0.4)
+    assert evaluation["speedup_if_only_linear_layers"] == pytest.approx(10.0 / 0.9)
+    assert bench._peak_text(result["machine"]) == ("1.0 GFLOP/s; before the runs 0.3 (windows 0.3-0.3 at 64), "
+                                                   "after the runs 1.0 (windows 1.0-1.0 at 64)")
+
+
+def test_an_mfu_above_100_percent_fails_the_bench_as_a_measurement_error(monkeypatch):
+    result = _measured_result(monkeypatch, product_seconds=2 * 64**3 / 0.4e9)  # 0.4 GFLOP/s, below the 0.5 achieved
+    with pytest.raises(bench.BenchMeasurementError) as error:
+        bench.check_mfu(result)
+    message = str(error.value)
+    assert "\n" not in message and "MFU 125% is a measurement error" in message
+    assert message.startswith("train achieved 0.5 GFLOP/s, above the fp32 matmul peak measured (0.4 GFLOP/s;")

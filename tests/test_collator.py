@@ -4,7 +4,7 @@ import torch
 from conftest import tiny_gpt2, tiny_llama
 from loraqa.collator import ContextGroupedSampler, QADataCollator, SharedContextCollator
 from loraqa.data import IGNORE_INDEX, build_train_dataset, load_squad
-from loraqa.train import PARAGRAPH_ATTENTION
+from loraqa.train import PARAGRAPH_ATTENTION, register_paragraph_attention
 
 
 def test_collator_pads_right_and_keeps_eos_label_when_pad_is_eos(gpt2_tokenizer):
@@ -56,6 +56,7 @@ def test_packed_rows_give_each_answer_token_its_unpacked_logits(request, make_mo
             logits = model(input_ids=torch.tensor([f["input_ids"]])).logits[0]
             separate.append(logits[torch.tensor(f["labels"]) != IGNORE_INDEX])
         # the whole row under its block mask, then the same row attended one paragraph at a time
+        register_paragraph_attention()
         for attention, spans in [("sdpa", {}), (PARAGRAPH_ATTENTION, {"paragraph_spans": packed["paragraph_spans"].tolist()})]:
             model.set_attn_implementation(attention)
             packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
@@ -74,6 +75,19 @@ def test_context_grouped_sampler_groups_and_is_deterministic():
     runs = [keys[i] for i in order]
     assert sum(1 for x, y in zip(runs, runs[1:]) if x != y) == 2  # each context appears as one run
     assert list(ContextGroupedSampler(keys, seed=3)) == order
-    sampler.set_epoch(1)
     orders = {tuple(ContextGroupedSampler(keys, seed=s)) for s in range(10)}
     assert len(orders) > 1
+
+
+def test_context_grouped_sampler_reshuffles_each_epoch_and_repeats_a_seed_and_epoch():
+    keys = [f"p{i % 12}" for i in range(36)]  # 12 paragraphs of 3 questions
+    sampler = ContextGroupedSampler(keys, seed=3)
+    epochs = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        epochs.append(list(sampler))
+        assert sorted(epochs[-1]) == list(range(36))
+    assert epochs[0] != epochs[1] != epochs[2] != epochs[0]  # a new epoch, a new paragraph order
+    resumed = ContextGroupedSampler(keys, seed=3)
+    resumed.set_epoch(1)
+    assert list(resumed) == epochs[1]  # a resumed run replays its epoch exactly

@@ -3,13 +3,13 @@ import torch
 from transformers import LogitsProcessorList
 
 from conftest import tiny_gpt2, tiny_llama
+from loraqa.attention import SharedPrefixBatch, shared_prefix_attention, supports_shared_prefix
 from loraqa.config import ConfigError, GenerationSettings
 from loraqa.data import load_squad
 from loraqa.evaluation import one_by_one_answers
-from loraqa.generate import (NucleusFilter, PaddedRowsBatch, SharedPrefixBatch, _attention_implementation, _choose,
-                             answer_text,
-                             generate_answer_sets, generate_answers, stop_token_ids, supports_shared_prefix,
-                             SHARED_PREFIX_ATTENTION)
+from loraqa.generate import (PaddedRowsBatch, _decode, _Rows, answer_text, generate_answer_sets, generate_answers,
+                             stop_token_ids)
+from test_attention import _prompts
 
 
 def _records(squad_file, extra: int = 0):
@@ -86,90 +86,18 @@ def test_batched_greedy_equals_one_by_one_generate(request, make_model, tokenize
             assert ours == reference, (prefix_cache, batch_size)
 
 
-def _prompts(vocab_size: int):
-    """Three contexts of different lengths with 3, 1 and 2 questions of different lengths, adjacent by context."""
-    g = torch.Generator().manual_seed(0)
-    contexts = [torch.randint(0, vocab_size, (n,), generator=g).tolist() for n in (9, 4, 13)]
-    questions = [torch.randint(0, vocab_size, (n,), generator=g).tolist() for n in (3, 5, 1, 2, 6, 4)]
-    return [(contexts[c], q) for c, q in zip((0, 0, 0, 1, 2, 2), questions)]
-
-
-@pytest.mark.parametrize("make_model", [tiny_gpt2, tiny_llama])
-@torch.no_grad()
-def test_shared_prefix_logits_equal_full_prompt_rows(make_model):
-    """Every question's next-token logits, at the question and at each decoding step (also after finished rows
-    leave), equal those of its own full prompt on the model's ordinary attention and cache."""
-    model = make_model(vocab_size=100)
-    prompts = _prompts(100)
-    assert supports_shared_prefix(model)
-    reference = PaddedRowsBatch(model, prompts, pad_token_id=0)
-    with _attention_implementation(model, SHARED_PREFIX_ATTENTION):
-        shared = SharedPrefixBatch(model, prompts, max_new_tokens=4)
-        ours = shared.prefill()
-    expected = reference.prefill()
-    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
-    tokens = expected.argmax(-1)
-    for keep in (None, torch.tensor([0, 2, 3, 5]), None):
-        if keep is not None:
-            reference.keep(keep)
-            shared.keep(keep)
-            tokens = tokens[keep]
-        with _attention_implementation(model, SHARED_PREFIX_ATTENTION):
-            ours = shared.step(tokens)
-        expected = reference.step(tokens)
-        torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
-        tokens = expected.argmax(-1)
-
-
-@pytest.mark.parametrize("make_model", [tiny_gpt2, tiny_llama])
-@torch.no_grad()
-def test_leftover_rows_of_two_batches_decode_as_one(make_model):
-    """Rows left in two batches mid-decoding, their unread contexts dropped, merged (contexts of different
-    lengths, suffixes of different capacities) get the next-token logits of their own full prompts."""
-    model = make_model(vocab_size=100)
-    prompts = _prompts(100)
-    halves, references, parts, pending = (prompts[:4], prompts[4:]), [], [], []
-    for half, keep, steps in zip(halves, (torch.tensor([3]), torch.tensor([1])), (2, 1)):  # 1st: context 0 dropped
-        reference = PaddedRowsBatch(model, half, pad_token_id=0)
-        with _attention_implementation(model, SHARED_PREFIX_ATTENTION):
-            shared = SharedPrefixBatch(model, half, max_new_tokens=2 + 2 * len(half))
-            shared.prefill()
-        tokens = reference.prefill().argmax(-1)
-        for _ in range(steps):
-            with _attention_implementation(model, SHARED_PREFIX_ATTENTION):
-                shared.step(tokens)
-            tokens = reference.step(tokens).argmax(-1)
-        shared.keep(keep)
-        reference.keep(keep)
-        shared.drop_unread_contexts()
-        parts.append(shared)
-        references.append(reference)
-        pending.append(tokens[keep])
-    merged = SharedPrefixBatch.merge(parts)
-    tokens = torch.cat(pending)
-    for _ in range(2):
-        with _attention_implementation(model, SHARED_PREFIX_ATTENTION):
-            ours = merged.step(tokens)
-        expected = torch.cat([reference.step(t) for reference, t in zip(references, tokens.split([1, 1]))])
-        torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
-        tokens = expected.argmax(-1)
-
-
 @pytest.mark.parametrize("make_model", [tiny_gpt2, tiny_llama])
 @torch.no_grad()
 def test_finished_rows_of_a_merged_batch_stay_inside_their_buffer(make_model):
     """A merged batch whose rows are at different depths: the row 5 tokens ahead reaches max_new_tokens while
     the others still decode. It must neither write past its key/value buffer (this raised IndexError) nor
     advance its position, and every answer must be that of its own full prompt, to the last token."""
-    from loraqa.generate import _decode, _Rows
-
     model, max_new = make_model(vocab_size=100), 6
     prompts = _prompts(100)
     # 16 rows behind: one finished row alone is not compacted away (that waits for an eighth of the rows)
     ahead, behind = prompts[:1], [prompts[3 + i % 3] for i in range(16)]
     behind.sort(key=lambda prompt: len(prompt[0]))  # a context's rows next to each other
-    references = []
-    with _attention_implementation(model, SHARED_PREFIX_ATTENTION):
+    with shared_prefix_attention(model):
         first = SharedPrefixBatch(model, ahead, max_new_tokens=max_new)
         tokens_first = first.prefill().argmax(-1)
         answers_first = [[]]
@@ -224,25 +152,6 @@ def test_leftover_rows_finish_with_other_batches(gpt2_tokenizer, squad_file, mon
     assert merges
 
 
-@pytest.mark.parametrize("make_model", [tiny_gpt2, tiny_llama])
-@torch.no_grad()
-def test_shared_prefix_runs_in_bfloat16(make_model):
-    """Half-precision models (GPUs) keep their dtype; scores and softmax mass are accumulated in float32."""
-    model = make_model(vocab_size=100).to(torch.bfloat16)
-    prompts = _prompts(100)
-    reference = PaddedRowsBatch(model, prompts, pad_token_id=0)
-    expected = reference.prefill()
-    with _attention_implementation(model, SHARED_PREFIX_ATTENTION):
-        shared = SharedPrefixBatch(model, prompts, max_new_tokens=2)
-        ours = shared.prefill()
-        tokens = expected.argmax(-1)
-        ours_step = shared.step(tokens)
-    expected_step = reference.step(tokens)
-    for got, want in ((ours, expected), (ours_step, expected_step)):
-        assert got.dtype == torch.bfloat16
-        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0.02 * float(want.abs().max()))
-
-
 def test_shared_prefix_work_and_attention_restored(gpt2_tokenizer, squad_file):
     model = tiny_gpt2(vocab_size=len(gpt2_tokenizer))
     records = _records(squad_file, extra=3)
@@ -294,27 +203,6 @@ def test_sliding_window_models_decode_on_full_prompt_rows(smollm2_tokenizer, squ
         one_by_one_answers(model, smollm2_tokenizer, records, settings)
 
 
-@pytest.mark.parametrize("top_p", [0.5, 0.8, 0.9, 0.95])
-def test_nucleus_filter_equals_transformers_top_p(top_p):
-    """Peaked rows (decided among the top candidates) and flat ones (left to transformers) in one batch."""
-    from transformers import TopPLogitsWarper
-
-    g = torch.Generator().manual_seed(0)
-    scores = torch.randn(64, 5000, generator=g) * torch.tensor([0.5, 2.0, 8.0, 20.0]).repeat(16)[:, None]
-    torch.testing.assert_close(NucleusFilter(top_p)(None, scores), TopPLogitsWarper(top_p)(None, scores), rtol=0, atol=0)
-
-
-def test_sampling_draws_follow_the_distribution():
-    probabilities = torch.tensor([0.5, 0.3, 0.2, 0.0, 0.0])
-    rows = 20_000
-    logits = probabilities.log().expand(rows, -1)  # log 0 = -inf: tokens that must never be drawn
-    generators = [torch.Generator().manual_seed(i) for i in range(rows)]
-    drawn = _choose(lambda ids, scores: scores, logits, generators, range(rows))
-    frequencies = torch.bincount(drawn, minlength=5).double() / rows
-    torch.testing.assert_close(frequencies, probabilities.double(), rtol=0, atol=0.015)
-    assert frequencies[3:].sum() == 0
-
-
 def test_seeded_sampling_is_reproducible_and_batch_invariant(gpt2_tokenizer, squad_file):
     model = tiny_gpt2(vocab_size=len(gpt2_tokenizer))
     records = _records(squad_file, extra=4)
@@ -358,4 +246,3 @@ def test_decoding_settings_out_of_range(kwargs, message):
     with pytest.raises(ConfigError) as info:
         GenerationSettings(**kwargs)
     assert message in str(info.value)
-

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from loraqa.stats import bootstrap_ci, mcnemar_pvalue, paired_comparison, paired_permutation_pvalue
+from loraqa.stats import bootstrap_ci, holm, mcnemar_pvalue, paired_comparison, paired_permutation_pvalue
 
 
 def test_bootstrap_ci_matches_the_normal_approximation():
@@ -40,3 +40,56 @@ def test_paired_comparison_on_common_questions():
     assert r["exact_match"]["mcnemar"]["only_b_correct"] == 40 and r["exact_match"]["mcnemar"]["p_value"] < 1e-10
     assert r["f1"]["delta_ci"] == [pytest.approx(50.0), pytest.approx(50.0)]
     assert r["f1"]["permutation_p_value"] < 0.001
+
+
+def test_cluster_bootstrap_of_paragraph_constant_scores_is_the_bootstrap_of_paragraph_means():
+    rng = np.random.default_rng(1)
+    paragraph_scores = rng.integers(0, 2, 40).astype(float)
+    values = np.repeat(paragraph_scores, 5)  # five questions per paragraph, all scored alike
+    clusters = np.repeat([f"p{i:02d}" for i in range(40)], 5)  # labels sort in paragraph order
+    clustered = bootstrap_ci(values, clusters=clusters, seed=0)
+    assert clustered == [pytest.approx(x) for x in bootstrap_ci(paragraph_scores, seed=0)]
+    questions = bootstrap_ci(values, seed=0)
+    width = lambda ci: ci[1] - ci[0]  # noqa: E731
+    assert width(clustered) / width(questions) == pytest.approx(np.sqrt(5), rel=0.15)  # 40 units, not 200
+
+
+def test_cluster_bootstrap_averages_over_the_questions_drawn():
+    # paragraph "a": 3 questions scoring 1; "b": 1 question scoring 0. Resamples: aa (p=1/4) -> 1,
+    # ab (1/2) -> 3/4 (a question mean, not the paragraph means' 1/2), bb (1/4) -> 0
+    values, clusters = [1.0, 1.0, 1.0, 0.0], ["a", "a", "a", "b"]
+    assert bootstrap_ci(values, clusters=clusters, confidence=0.4) == [pytest.approx(0.75), pytest.approx(0.75)]
+    assert bootstrap_ci(values, clusters=clusters) == [0.0, 1.0]
+    with pytest.raises(ValueError, match="clusters: 3 labels for 4 values"):
+        bootstrap_ci(values, clusters=clusters[:3])
+
+
+def test_permutation_test_flips_whole_paragraphs():
+    diff = np.repeat([0.5] * 10, 20)  # 10 paragraphs of 20 questions, every difference positive
+    clusters = np.repeat(np.arange(10), 20)
+    assert paired_permutation_pvalue(diff, np.zeros(200)) == pytest.approx(1 / 10_001)
+    # only the all-plus and all-minus flips of 10 paragraphs reach the observed mean: p = 2 / 2**10
+    assert paired_permutation_pvalue(diff, np.zeros(200), clusters=clusters) == pytest.approx(2 / 1024, abs=0.001)
+
+
+def test_holm_matches_a_hand_worked_example():
+    # sorted: 0.005 * 4 = 0.02, 0.01 * 3 = 0.03, 0.03 * 2 = 0.06, 0.04 * 1 = 0.04 -> 0.06 (monotone)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.3]) == pytest.approx([0.6, 0.6])  # 0.3 * 2 = 0.6; 0.5 * 1 raised to 0.6 (monotone)
+    assert holm([0.7, 0.9]) == [1.0, 1.0]  # 0.7 * 2 capped at 1
+    assert holm([0.02]) == [0.02] and holm([]) == []
+
+
+def test_paired_comparison_resamples_paragraphs_when_given():
+    ids = [f"q{i}" for i in range(12)]
+    a = {q: {"exact_match": 0.0, "f1": 0.0} for q in ids}
+    b = {q: {"exact_match": float(i < 8), "f1": float(i < 8)} for i, q in enumerate(ids)}
+    paragraphs = {q: "p1" if i < 6 else "p2" for i, q in enumerate(ids)}  # p1 gains 6 of 6 questions, p2 2 of 6
+    r = paired_comparison(a, b, paragraphs=paragraphs)
+    assert r["resampled"] == "paragraphs"
+    # resamples p1 p1 -> 100, p1 p2 -> 66.7, p2 p2 -> 33.3 points
+    assert r["f1"]["delta_ci"] == r["exact_match"]["delta_ci"] == [pytest.approx(100 / 3), pytest.approx(100.0)]
+    # flips of the paragraph sums 6 and 2: |+-6 +-2| reaches 8 in half of them
+    assert r["f1"]["permutation_p_value"] == pytest.approx(0.5, abs=0.02)
+    plain = paired_comparison(a, b)  # 8 independent +1s: p = 2 / 2**8
+    assert plain["resampled"] == "questions" and plain["f1"]["permutation_p_value"] == pytest.approx(2 / 256, abs=0.003)

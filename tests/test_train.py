@@ -10,7 +10,7 @@ from loraqa.collator import QADataCollator, SharedContextCollator
 from loraqa.config import DataArguments, LoraArguments, LoraQATrainingArguments, ModelArguments
 from loraqa.data import build_train_dataset, load_squad
 from loraqa.modeling import ModelSetupError, attach_lora
-from loraqa.train import PARAGRAPH_ATTENTION, answer_loss, fit, setup, train
+from loraqa.train import PARAGRAPH_ATTENTION, answer_loss, fit, register_paragraph_attention, setup, train
 
 
 @pytest.mark.parametrize("collate", ["padded", "shared_context"])
@@ -51,6 +51,7 @@ def test_paragraph_attention_gives_the_block_mask_loss_and_grads(request, make_m
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     results = []
+    register_paragraph_attention()
     for attention in ("sdpa", PARAGRAPH_ATTENTION):
         model.set_attn_implementation(attention)
         model.zero_grad()

@@ -1,0 +1,563 @@
+"""A base model, its adapter and evaluation JSONs -> a local Gradio app (`loraqa demo`) with two tabs.
+
+Ask: a context and a question answered by the base model and by the adapter side by side, through the very
+prompt, prompt cut and decoder of `loraqa evaluate` (`generate.generate_answers`), each answer's tokens shaded
+by the model's probability, the answers' spans highlighted in the context, EM/F1 against gold answers when
+given. Errors: one or two evaluation JSONs as a table filterable by `loraqa failures`' categories, by "A
+right, B wrong" and by text; a selected question shows its context with the gold and predicted spans.
+
+Pure helpers (spans, HTML, filters) come first, then the models, then the page; Gradio is imported only by
+`build_demo` and `serve` (it is the optional extra `demo`).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import html
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .analysis import failure_category, read_evaluation
+from .config import ConfigError, GenerationSettings, ModelArguments
+from .data import SquadFormatError, encode_prompt_counting_cut, load_squad, take_subset
+from .evaluation import load_model_for_eval, training_max_length
+from .generate import generate_answers, max_prompt_tokens
+from .metrics import exact_match_score, f1_score, metric_max_over_ground_truths
+from .modeling import ModelSetupError
+
+logger = logging.getLogger(__name__)
+
+COMPARISONS = ("all", "A right, B wrong", "B right, A wrong", "both right", "both wrong")
+TABLE_HEADERS = ["id", "question", "gold", "A answer", "A category", "A F1", "B answer", "B category", "B F1"]
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+GOLD_SEPARATOR = " | "
+
+# ------------------------------------------------------------------------------------------ pure helpers
+
+
+def find_span(context: str, text: str) -> tuple[int, int] | None:
+    """Characters [start, end) of the first occurrence of `text` in `context`, exact, else ignoring case.
+
+    >>> find_span("The Denver Broncos won.", "denver broncos")
+    (4, 18)
+    """
+    text = text.strip()
+    if not text:
+        return None
+    start = context.find(text)
+    if start < 0:
+        start = context.lower().find(text.lower())
+    return (start, start + len(text)) if start >= 0 else None
+
+
+def highlight_spans(text: str, spans: list[tuple[int, int, str]]) -> str:
+    """HTML of `text` with each (start, end, css class) span in a <mark>; overlapping spans get both classes.
+
+    >>> highlight_spans("Paris is in France.", [(12, 18, "gold"), (9, 18, "pred-a")])
+    'Paris is <mark class="pred-a">in </mark><mark class="gold pred-a">France</mark>.'
+    """
+    spans = [(max(0, s), min(len(text), e), c) for s, e, c in spans if s < e]
+    bounds = sorted({0, len(text), *(s for s, _, _ in spans), *(e for _, e, _ in spans)})
+    pieces = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        classes = sorted({c for s, e, c in spans if s <= lo and hi <= e})
+        piece = html.escape(text[lo:hi])
+        pieces.append(f'<mark class="{" ".join(classes)}">{piece}</mark>' if classes else piece)
+    return "".join(pieces)
+
+
+def shade_tokens(tokens: list[tuple[str, float]]) -> str:
+    """HTML of tokens shaded by probability: red (0) to green (1), the probability in each one's tooltip.
+
+    >>> shade_tokens([(" Paris", 0.5)])
+    '<span class="tok" style="background:hsl(60,75%,80%)" title="p=0.500">&nbsp;Paris</span>'
+    """
+    return "".join(f'<span class="tok" style="background:hsl({round(120 * p)},75%,80%)" title="p={p:.3f}">'
+                   f'{html.escape(text).replace(" ", "&nbsp;")}</span>' for text, p in tokens)
+
+
+def parse_golds(text: str | None) -> list[str]:
+    """Gold answers typed on the page: separated by '|' (or one per line), blanks dropped.
+
+    >>> parse_golds("Denver Broncos | The Denver Broncos")
+    ['Denver Broncos', 'The Denver Broncos']
+    """
+    return [g.strip() for line in (text or "").splitlines() for g in line.split(GOLD_SEPARATOR.strip()) if g.strip()]
+
+
+def answer_scores(answer: str, golds: list[str]) -> tuple[float, float]:
+    """(EM, F1) in [0, 1] of one answer, the best over the gold answers (the official SQuAD rule)."""
+    return (metric_max_over_ground_truths(exact_match_score, answer, golds),
+            metric_max_over_ground_truths(f1_score, answer, golds))
+
+
+def error_rows(a: dict, b: dict | None, records: dict[str, dict]) -> list[dict]:
+    """One row per question of evaluation `a` found in `records` (id -> SQuAD record): the question, its
+    context and gold answers, and per evaluation (B where it scored the question) the prediction, EM, F1 and
+    `loraqa failures`' category."""
+    rows = []
+    for qid in a["per_question"]:
+        record = records.get(qid)
+        if record is None:
+            continue
+        golds = list(record["answers"]["text"])
+        sides = {}
+        for name, result in (("a", a), ("b", b)):
+            if result is None or qid not in result["per_question"]:
+                sides[name] = None
+                continue
+            score = result["per_question"][qid]
+            prediction = (result.get("predictions") or {}).get(qid, "")
+            sides[name] = {"answer": prediction, "em": score["exact_match"], "f1": score["f1"],
+                           "category": failure_category(prediction, golds, record["context"],
+                                                        score["exact_match"], score["f1"])}
+        rows.append({"id": qid, "question": record["question"], "context": record["context"], "golds": golds,
+                     "gold_starts": list(record["answers"]["answer_start"]), **sides})
+    return rows
+
+
+def _right(side: dict | None) -> bool | None:
+    return None if side is None else side["em"] >= 1.0
+
+
+def filter_rows(rows: list[dict], *, category: str = "all", comparison: str = "all", text: str = "") -> list[dict]:
+    """Rows whose A category is `category`, whose A/B outcome is `comparison` (one of COMPARISONS; rows without
+    a B answer never match a comparison) and which contain `text` (ignoring case) in the id, question,
+    context, gold or an answer; "all" and "" keep everything."""
+    wanted = {"A right, B wrong": (True, False), "B right, A wrong": (False, True), "both right": (True, True),
+              "both wrong": (False, False)}.get(comparison)
+    needle = text.strip().lower()
+    kept = []
+    for row in rows:
+        if category != "all" and (row["a"] or {}).get("category") != category:
+            continue
+        if wanted and (row["b"] is None or (_right(row["a"]), _right(row["b"])) != wanted):
+            continue
+        if needle:
+            haystack = [row["id"], row["question"], row["context"], *row["golds"],
+                        *(side["answer"] for side in (row["a"], row["b"]) if side)]
+            if not any(needle in field.lower() for field in haystack):
+                continue
+        kept.append(row)
+    return kept
+
+
+def table_rows(rows: list[dict]) -> list[list]:
+    """The Errors table (TABLE_HEADERS), one line per row."""
+    def side(s: dict | None) -> list:
+        return ["", "", ""] if s is None else [s["answer"], s["category"], round(100 * s["f1"], 1)]
+
+    return [[r["id"], r["question"], " | ".join(dict.fromkeys(r["golds"])), *side(r["a"]), *side(r["b"])]
+            for r in rows]
+
+
+def render_error(row: dict, names: tuple[str, str]) -> str:
+    """One question of the Errors tab: gold and predictions, and the context with their spans highlighted
+    (gold spans where the data puts them, predictions at their first occurrence)."""
+    spans = [(s, s + len(g), "gold") for g, s in zip(row["golds"], row["gold_starts"])]
+    lines = [f"<p><b>{html.escape(row['question'])}</b> <code>{html.escape(row['id'])}</code></p>",
+             "<p>gold: " + " / ".join(f'<mark class="gold">{html.escape(g)}</mark>'
+                                      for g in dict.fromkeys(row["golds"])) + "</p>"]
+    for key, name in zip(("a", "b"), names):
+        side = row[key]
+        if side is None:
+            continue
+        span = find_span(row["context"], side["answer"])
+        if span:
+            spans.append((*span, f"pred-{key}"))
+        where = "" if span or not side["answer"] else " (not found in the context)"
+        lines.append(f'<p>{key.upper()} ({html.escape(name)}): <mark class="pred-{key}">'
+                     f'{html.escape(side["answer"]) or "(empty)"}</mark>{where}: {html.escape(side["category"])}, '
+                     f'EM {100 * side["em"]:.0f}, F1 {100 * side["f1"]:.1f}</p>')
+    return "\n".join(lines) + f'\n<div class="context">{highlight_spans(row["context"], spans)}</div>'
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+@dataclass
+class DemoModels:
+    """The models of the Ask tab, loaded once: the base model and the adapter (merged, as `loraqa evaluate` and
+    `loraqa ask` load it), each with the max_length `evaluate` gives it, and why the adapter is missing."""
+    base: torch.nn.Module
+    adapted: torch.nn.Module | None
+    tokenizer: object
+    base_max_length: int
+    adapter_max_length: int
+    model_name: str
+    adapter: str | None
+    adapter_error: str | None = None
+
+
+def load_demo_models(model_args: ModelArguments, adapter: str | None, *, device: str = "auto",
+                     dtype: str = "auto") -> DemoModels:
+    """Both models; an adapter that cannot be loaded is logged and recorded in `adapter_error`, not raised."""
+    base, tokenizer, resolved = load_model_for_eval(model_args, None, device=device, dtype=dtype)
+    adapted, error, adapter_max_length = None, None, training_max_length(None)
+    if not adapter:
+        error = "no adapter given (start the demo with --adapter RUN_DIR)"
+    else:
+        try:
+            adapted, _, _ = load_model_for_eval(model_args, adapter, device=device, dtype=dtype)
+            adapter_max_length = training_max_length(adapter)
+        except (SquadFormatError, ModelSetupError, OSError, ValueError) as err:
+            error = f"the adapter {adapter} could not be loaded: {err}"
+    if error:
+        logger.warning("demo: %s; only the base model answers", error)
+    return DemoModels(base, adapted, tokenizer, training_max_length(None), adapter_max_length, resolved, adapter, error)
+
+
+@dataclass
+class Answer:
+    """One model's answer: text, tokens with probabilities, seconds, and how much of the context it saw."""
+    text: str
+    tokens: list[tuple[str, float]]
+    greedy_path: bool  # every token is the model's most probable one: these are greedy decoding's own tokens
+    seconds: float
+    context_cut: int  # context tokens cut off so that prompt + max_new_tokens fit max_length
+    context_chars_seen: int
+    max_length: int
+
+
+@torch.no_grad()
+def token_probabilities(model, tokenizer, prompt_ids: list[int], answer: str) -> tuple[list[tuple[str, float]], bool]:
+    """The answer's tokens and the model's probability of each after the prompt and the tokens before it, from
+    one teacher-forced forward pass, and whether each is also the most probable token (then they are exactly
+    greedy decoding's tokens). The answer was whitespace-stripped, so its tokens are those of " " + answer or
+    of answer, whichever the model finds more probable. Probabilities are the model's own (before top-k, top-p,
+    temperature).
+
+    >>> token_probabilities(model, tokenizer, prompt_ids, "France")
+    ([(' France', 0.93)], True)
+    """
+    candidates = [list(ids) for ids in dict.fromkeys(
+        tuple(tokenizer(text, add_special_tokens=False).input_ids) for text in (" " + answer, answer)) if ids]
+    if not answer or not candidates:
+        return [], True
+    longest = max(len(c) for c in candidates)
+    ids = torch.full((len(candidates), len(prompt_ids) + longest), tokenizer.pad_token_id or 0, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for r, candidate in enumerate(candidates):  # right-padded: a row's own positions never see the padding
+        ids[r, :len(prompt_ids) + len(candidate)] = torch.tensor(prompt_ids + candidate)
+        attention[r, :len(prompt_ids) + len(candidate)] = 1
+    logits = model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device),
+                   logits_to_keep=longest + 1).logits[:, :longest].float()  # (R, longest, V): predict answer tokens
+    log_probs = logits.log_softmax(-1)
+    best = None
+    for r, candidate in enumerate(candidates):
+        steps = torch.arange(len(candidate))
+        chosen = log_probs[r, steps, torch.tensor(candidate)]  # (len(candidate),)
+        if best is None or chosen.sum() > best[0]:
+            greedy = bool((log_probs[r, steps].argmax(-1).cpu() == torch.tensor(candidate)).all())
+            best = (chosen.sum(), candidate, chosen.exp().tolist(), greedy)
+    _, candidate, probs, greedy = best
+    return [(tokenizer.decode([t]), p) for t, p in zip(candidate, probs)], greedy
+
+
+def context_chars_seen(tokenizer, context: str, cut: int) -> int:
+    """How many characters of `context` the prompt keeps when its last `cut` context tokens are cut (the
+    context is encoded as " " + context, as `data.encode_prompt` does)."""
+    if not cut:
+        return len(context)
+    encoded = tokenizer(" " + context, add_special_tokens=False, return_offsets_mapping=True)
+    kept = len(encoded.input_ids) - cut
+    return max(0, encoded.offset_mapping[kept - 1][1] - 1) if kept > 0 else 0
+
+
+def answer(model, tokenizer, context: str, question: str, settings: GenerationSettings, max_length: int) -> Answer:
+    """`loraqa evaluate`'s answer to one question (same prompt, cut and decoder) with token probabilities.
+    The question id is `evaluation.answer_question`'s, so a sampled answer equals `loraqa ask`'s for a seed."""
+    limit = max_prompt_tokens(model, settings, max_length)
+    context_ids, question_ids, cut = encode_prompt_counting_cut(tokenizer, context, question, limit)
+    qid = hashlib.sha1(f"{context}\n{question}".encode()).hexdigest()
+    started = time.perf_counter()
+    text = generate_answers(model, tokenizer, [{"id": qid, "context": context, "question": question}],
+                            settings=settings, progress=False, max_length=max_length)[qid]
+    seconds = time.perf_counter() - started
+    tokens, greedy_path = token_probabilities(model, tokenizer, context_ids + question_ids, text)
+    return Answer(text, tokens, greedy_path, seconds, cut, context_chars_seen(tokenizer, context, cut), max_length)
+
+
+def demo_settings(do_sample: bool, top_k: float, top_p: float, temperature: float, seed: float,
+                  max_new_tokens: float) -> GenerationSettings:
+    """The page's controls as `GenerationSettings` (top_k 0 and top_p 1 mean off; greedy ignores them, as
+    `loraqa evaluate` does without sampling flags). Raises ConfigError for values out of range."""
+    if not do_sample:
+        return GenerationSettings(max_new_tokens=int(max_new_tokens), seed=int(seed or 0))
+    return GenerationSettings(max_new_tokens=int(max_new_tokens), do_sample=True, top_k=int(top_k) or None,
+                              top_p=None if top_p is None or float(top_p) >= 1.0 else float(top_p),
+                              temperature=float(temperature), seed=int(seed or 0))
+
+
+def render_answer(result: Answer, golds: list[str]) -> str:
+    """An answer's shaded tokens, EM/F1 when there are gold answers, the time taken and how it was decoded."""
+    parts = [f'<div class="answer-tokens">{shade_tokens(result.tokens) or "<i>(empty answer)</i>"}</div>']
+    facts = [f"answered in {result.seconds:.2f} s"]
+    if golds:
+        em, f1 = answer_scores(result.text, golds)
+        facts.insert(0, f"<b>EM {100 * em:.0f} · F1 {100 * f1:.1f}</b>")
+    if result.tokens and not result.greedy_path:
+        facts.append("shading: the model's probability of each token (not all are its most probable one)")
+    if result.context_cut:
+        facts.append(f"context cut by {result.context_cut} tokens (max_length {result.max_length})")
+    return "\n".join(parts) + f'<p class="answer-facts">{" · ".join(facts)}</p>'
+
+
+def ask(models: DemoModels, context: str, question: str, gold: str, settings: GenerationSettings) -> dict:
+    """Both answers to one question: {"status", "base", "adapter" (each {"text", "html"}), "context"}. Problems
+    (empty context or question) come back as a status message, never as an exception."""
+    context, question = (context or "").strip(), (question or "").strip()
+    golds = parse_golds(gold)
+    missing = [name for name, value in (("context", context), ("question", question)) if not value]
+    if missing:
+        message = f"Please type a {' and a '.join(missing)}: there is nothing to answer yet."
+        logger.warning("demo ask: empty %s", " and ".join(missing))
+        return {"status": message, "base": {"text": "", "html": ""}, "adapter": {"text": "", "html": ""},
+                "context": html.escape(context)}
+    results = {"base": answer(models.base, models.tokenizer, context, question, settings, models.base_max_length)}
+    if models.adapted is not None:
+        results["adapter"] = answer(models.adapted, models.tokenizer, context, question, settings,
+                                    models.adapter_max_length)
+    status = [f"Answered ({settings.name}, at most {settings.max_new_tokens} new tokens): "
+              + ", ".join(f"{name} in {r.seconds:.2f} s" for name, r in results.items()) + "."]
+    for name, r in results.items():
+        if r.context_cut:
+            status.append(f"The context is too long for the {name} model: its last {r.context_cut} tokens were cut "
+                          f"(struck through below) so that prompt + {settings.max_new_tokens} new tokens fit "
+                          f"max_length {r.max_length}, as `loraqa evaluate` cuts it.")
+            logger.info("demo ask: context cut by %d tokens for the %s model", r.context_cut, name)
+    if models.adapter_error:
+        status.append(f"No adapter answer: {models.adapter_error}.")
+    logger.info("demo ask: %s", " ".join(f"{name}={r.text!r} ({r.seconds:.2f} s)" for name, r in results.items()))
+    spans = [(*span, "gold") for g in golds if (span := find_span(context, g))]
+    spans += [(*span, f"pred-{name}") for name, r in results.items() if (span := find_span(context, r.text))]
+    seen = min(r.context_chars_seen for r in results.values())
+    spans += [(seen, len(context), "cut")] if seen < len(context) else []
+    adapter = results.get("adapter")
+    return {"status": " ".join(status),
+            "base": {"text": results["base"].text, "html": render_answer(results["base"], golds)},
+            "adapter": {"text": adapter.text if adapter else "",
+                        "html": render_answer(adapter, golds) if adapter
+                        else f'<p class="demo-error">{html.escape(models.adapter_error or "")}</p>'},
+            "context": highlight_spans(context, spans)}
+
+
+def dev_examples(source: str, n: int = 4) -> list[list[str]]:
+    """[context, question, gold answers joined by GOLD_SEPARATOR] for the first question of `n` short paragraphs of a
+    seeded dev subset (`data.take_subset`, seed 0)."""
+    dataset = take_subset(load_squad(source, "validation"), 40, 0)
+    examples, contexts = [], set()
+    for record in dataset:
+        if record["context"] not in contexts and len(record["context"]) <= 1200 and len(examples) < n:
+            contexts.add(record["context"])
+            examples.append([record["context"], record["question"], GOLD_SEPARATOR.join(dict.fromkeys(record["answers"]["text"]))])
+    return examples
+
+
+@functools.lru_cache(maxsize=4)
+def _records(data: str, split: str) -> dict[str, dict]:
+    return {r["id"]: r for r in load_squad(data, split)}
+
+
+def load_error_rows(path_a: str, path_b: str | None = None) -> tuple[list[dict], str]:
+    """(rows, a one-line summary) for the Errors tab from one or two evaluation JSONs; the contexts come from
+    the SQuAD file evaluation A names. Raises SquadFormatError with a clear message."""
+    a = read_evaluation(path_a)
+    b = read_evaluation(path_b) if path_b else None
+    split = "train" if (a.get("evaluate_args") or {}).get("heldout_articles") else "validation"
+    try:
+        records = _records(a.get("data") or "", split)
+    except (OSError, ValueError) as err:
+        raise SquadFormatError(f"{path_a}: its SQuAD file {a.get('data')!r} is not readable ({err})") from None
+    rows = error_rows(a, b, records)
+    summary = f"A = {path_a}: EM {a.get('exact_match', float('nan')):.1f}, F1 {a.get('f1', float('nan')):.1f}"
+    if b is not None:
+        summary += f"; B = {path_b}: EM {b.get('exact_match', float('nan')):.1f}, F1 {b.get('f1', float('nan')):.1f}"
+    return rows, f"{len(rows)} questions. {summary}."
+
+
+# -------------------------------------------------------------------------------------------------- page
+
+CSS = """
+mark.gold { background: #b6f0b6; } mark.pred-a, mark.pred-base { background: #add8ff; }
+mark.pred-b, mark.pred-adapter { background: #ffd59a; }
+mark.gold.pred-a, mark.gold.pred-b, mark.gold.pred-base, mark.gold.pred-adapter { outline: 2px solid #2a8a2a; }
+mark.pred-a.pred-b, mark.pred-base.pred-adapter { background: linear-gradient(#add8ff 50%, #ffd59a 50%); }
+mark.cut { background: #e5e5e5; color: #888; text-decoration: line-through; }
+.context { line-height: 1.6; white-space: pre-wrap; }
+.tok { border-radius: 3px; padding: 1px 0; margin-right: 1px; }
+.answer-facts { font-size: 0.9em; color: #555; } .demo-error { color: #b00020; }
+"""
+LEGEND = ('<p>In the context: <mark class="gold">gold</mark> <mark class="pred-base">base answer</mark> '
+          '<mark class="pred-adapter">adapter answer</mark> <mark class="cut">cut from the prompt</mark>. '
+          'Tokens: <span class="tok" style="background:hsl(0,75%,80%)">p=0</span> to '
+          '<span class="tok" style="background:hsl(120,75%,80%)">p=1</span> (hover for the probability).</p>')
+ERRORS_LEGEND = ('<p><mark class="gold">gold</mark> <mark class="pred-a">A\'s answer</mark> '
+                 '<mark class="pred-b">B\'s answer</mark></p>')
+
+
+def build_demo(models: DemoModels, *, examples: list[list[str]] = (), errors: tuple[str, ...] = ()):
+    """The Gradio Blocks of the two tabs (not launched)."""
+    import gradio as gr
+
+    adapter_label = models.adapter or "no adapter"
+    with gr.Blocks(title="loraqa demo", analytics_enabled=False) as demo:
+        gr.Markdown(f"## loraqa demo: {models.model_name} vs {adapter_label}")
+        with gr.Tab("Ask"):
+            with gr.Row():
+                with gr.Column(scale=3):
+                    context = gr.Textbox(label="Context", lines=8, elem_id="ask-context")
+                    question = gr.Textbox(label="Question", lines=1, elem_id="ask-question")
+                    gold = gr.Textbox(label=f"Gold answers (optional, separated by '{GOLD_SEPARATOR.strip()}'): "
+                                      "EM/F1 against them", lines=1, elem_id="ask-gold")
+                with gr.Column(scale=1):
+                    do_sample = gr.Checkbox(label="sample (unticked: greedy)", value=False, elem_id="ask-sample")
+                    top_k = gr.Slider(0, 100, value=0, step=1, label="top-k (0: off)", elem_id="ask-top-k")
+                    top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p (1: off)", elem_id="ask-top-p")
+                    temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="temperature",
+                                            elem_id="ask-temperature")
+                    seed = gr.Number(value=0, precision=0, label="seed", elem_id="ask-seed")
+                    max_new_tokens = gr.Slider(1, 128, value=GenerationSettings.max_new_tokens, step=1,
+                                               label="max new tokens", elem_id="ask-max-new-tokens")
+                    button = gr.Button("Answer", variant="primary", elem_id="ask-button")
+            status = gr.Markdown(elem_id="ask-status")
+            with gr.Row():
+                with gr.Column():
+                    gr.Markdown(f"### Base: {models.model_name}")
+                    base_text = gr.Textbox(label="answer", interactive=False, elem_id="base-answer")
+                    base_html = gr.HTML(elem_id="base-details")
+                with gr.Column():
+                    gr.Markdown(f"### Adapter: {adapter_label}")
+                    adapter_text = gr.Textbox(label="answer", interactive=False, elem_id="adapter-answer")
+                    adapter_html = gr.HTML(elem_id="adapter-details")
+            gr.HTML(LEGEND)
+            context_view = gr.HTML(elem_id="context-view", elem_classes=["context"])
+            if examples:
+                gr.Examples(examples=[list(e) for e in examples], inputs=[context, question, gold],
+                            label="Dev examples (click one: context, question and gold answers fill in)")
+
+            def on_ask(context, question, gold, do_sample, top_k, top_p, temperature, seed, max_new_tokens):
+                try:
+                    settings = demo_settings(do_sample, top_k, top_p, temperature, seed, max_new_tokens)
+                    out = ask(models, context, question, gold, settings)
+                except (ConfigError, ValueError, TypeError) as err:
+                    logger.warning("demo ask: %s", err)
+                    return f"Cannot answer: {err}", "", "", "", "", ""
+                except Exception as err:  # a page shows a message, never a traceback; the log keeps it
+                    logger.error("demo ask failed: %s", err, exc_info=logger.isEnabledFor(logging.DEBUG))
+                    return f"Something went wrong: {type(err).__name__}: {err}", "", "", "", "", ""
+                return (out["status"], out["base"]["text"], out["base"]["html"], out["adapter"]["text"],
+                        out["adapter"]["html"], out["context"])
+
+            ask_inputs = [context, question, gold, do_sample, top_k, top_p, temperature, seed, max_new_tokens]
+            ask_outputs = [status, base_text, base_html, adapter_text, adapter_html, context_view]
+            button.click(on_ask, ask_inputs, ask_outputs)
+            question.submit(on_ask, ask_inputs, ask_outputs)
+
+        with gr.Tab("Errors"):
+            with gr.Row():
+                path_a = gr.Textbox(label="evaluation A (e.g. the fine-tuned model's)",
+                                    value=errors[0] if errors else "", elem_id="eval-a")
+                path_b = gr.Textbox(label="evaluation B (optional, e.g. the baseline's)",
+                                    value=errors[1] if len(errors) > 1 else "", elem_id="eval-b")
+                load = gr.Button("Load", elem_id="errors-load")
+            errors_status = gr.Markdown(elem_id="errors-status")
+            with gr.Row():
+                category = gr.Dropdown(["all"], value="all", label="A's failure category (`loraqa failures`)",
+                                       elem_id="errors-category")
+                comparison = gr.Radio(list(COMPARISONS), value="all", label="A vs B (right = exact match)",
+                                      elem_id="errors-comparison")
+                search = gr.Textbox(label="text (id, question, context, answers)", elem_id="errors-search")
+            table = gr.Dataframe(headers=TABLE_HEADERS, value=[], interactive=False, wrap=True,
+                                 elem_id="errors-table")
+            qid = gr.Textbox(label="question id (click a row, or type one)", elem_id="errors-qid")
+            gr.HTML(ERRORS_LEGEND)
+            detail = gr.HTML(elem_id="errors-detail")
+            rows_state = gr.State([])
+            names_state = gr.State(("", ""))
+
+            def on_load(a, b):
+                a, b = (a or "").strip(), (b or "").strip()
+                if not a:
+                    return [], ("", ""), "Give evaluation A's path.", gr.Dropdown(["all"], value="all"), []
+                try:
+                    rows, summary = load_error_rows(a, b or None)
+                except (SquadFormatError, OSError, KeyError, TypeError, ValueError) as err:
+                    logger.warning("demo errors: %s", err)
+                    return [], ("", ""), f"Cannot load: {err}", gr.Dropdown(["all"], value="all"), []
+                counts: dict[str, int] = {}
+                for row in rows:
+                    counts[row["a"]["category"]] = counts.get(row["a"]["category"], 0) + 1
+                choices = ["all"] + sorted(counts, key=lambda c: -counts[c])
+                names = (os.path.basename(a), os.path.basename(b) if b else "")
+                return rows, names, summary, gr.Dropdown(choices, value="all"), table_rows(rows)
+
+            def on_filter(rows, category, comparison, search):
+                return table_rows(filter_rows(rows, category=category or "all", comparison=comparison or "all",
+                                              text=search or ""))
+
+            def on_show(rows, names, qid):
+                row = next((r for r in rows if r["id"] == (qid or "").strip()), None)
+                return render_error(row, names) if row else f"<p>No loaded question has the id {html.escape(qid or '')!r}.</p>"
+
+            def on_select(rows, names, evt: gr.SelectData):
+                chosen = evt.row_value[0] if evt.row_value else ""
+                return chosen, on_show(rows, names, chosen)
+
+            load_event = dict(fn=on_load, inputs=[path_a, path_b],
+                              outputs=[rows_state, names_state, errors_status, category, table])
+            load.click(**load_event)
+            demo.load(**load_event)
+            for control in (category, comparison):
+                control.change(on_filter, [rows_state, category, comparison, search], table)
+            search.submit(on_filter, [rows_state, category, comparison, search], table)
+            search.input(on_filter, [rows_state, category, comparison, search], table)
+            on_select.__annotations__["evt"] = gr.SelectData  # Gradio finds event data by the evaluated type
+            table.select(on_select, [rows_state, names_state], [qid, detail])
+            qid.submit(on_show, [rows_state, names_state, qid], detail)
+    return demo
+
+
+def serve(model_args: ModelArguments, adapter: str | None, *, host: str = "127.0.0.1", port: int = 7860,
+          examples: str | None = "squad", errors: tuple[str, ...] = (), device: str = "auto", dtype: str = "auto",
+          torch_threads: int | None = None) -> None:
+    """Load both models once, then serve the demo until interrupted (one request at a time, Gradio's queue)."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no telemetry, no version check: works offline
+    threads = torch_threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    torch.set_num_threads(max(1, threads or 1))  # once; requests run one at a time, so nothing oversubscribes
+    if host not in LOCAL_HOSTS:
+        logger.warning("demo: --host %s makes the demo reachable from other machines, without any authentication",
+                       host)
+    models = load_demo_models(model_args, adapter, device=device, dtype=dtype)
+    example_rows = []
+    if examples and examples != "none":
+        try:
+            from .assets import squad_file
+
+            example_rows = dev_examples(squad_file(examples, "validation", model_args.cache_dir))
+        except (SquadFormatError, OSError, ValueError) as err:
+            logger.warning("demo: no prefilled examples (%s)", err)
+    for path in errors:
+        if not os.path.exists(path):
+            logger.warning("demo: evaluation %s does not exist (the Errors tab will say so)", path)
+    if errors and os.path.exists(errors[0]):
+        try:  # read the SQuAD file once now, not at the first page load
+            load_error_rows(errors[0], errors[1] if len(errors) > 1 and os.path.exists(errors[1]) else None)
+        except SquadFormatError as err:
+            logger.warning("demo errors: %s", err)
+    import gradio as gr
+
+    demo = build_demo(models, examples=example_rows, errors=errors)
+    demo.queue(default_concurrency_limit=1)
+    logger.info("demo: http://%s:%d (Ctrl+C to stop)", host, port)
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                              font_mono=["ui-monospace", "monospace"])
+    try:
+        demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=False,
+                    theme=theme, css=CSS, footer_links=[])
+    except OSError as err:
+        raise ConfigError(f"port {port} on {host}: {err}") from None

@@ -1,0 +1,414 @@
+"""Result files -> the study's figures, PNG (README) and PDF (report), in one matplotlib style.
+
+Inputs: `results/evaluation_results.json` (`study.collect`'s schema), optionally strategy-grid evaluations
+(`loraqa evaluate --strategy_grid true`) and `results/padding_study.json` (`loraqa.padding`). Outputs, in
+`output_dir`: loss_curves, params_vs_f1, f1_heatmaps, cost, decoding_strategies, padding_study (.png, .pdf).
+
+The study fills its results file run by run, so every plot draws whatever runs exist and leaves out, with a
+logged note, what has no data yet; a plot with nothing to draw is not written. Each `plot_*` function takes
+the parsed JSON and returns the `Figure` (or None), so tests can read back what was drawn.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import EngFormatter, FuncFormatter
+
+logger = logging.getLogger(__name__)
+
+# One style for every figure: small multiples read at README width and in a two-column report.
+STYLE = {"font.size": 9, "axes.titlesize": 9, "axes.labelsize": 9, "legend.fontsize": 8, "xtick.labelsize": 8,
+         "ytick.labelsize": 8, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
+         "axes.spines.right": False, "lines.linewidth": 1.4, "lines.markersize": 4, "errorbar.capsize": 2,
+         "savefig.dpi": 200, "savefig.bbox": "tight", "pdf.fonttype": 42, "image.cmap": "viridis"}
+PALETTE = [matplotlib.colormaps["tab10"](i) for i in range(10)]
+MARKERS = "os^Dv<>p"
+
+
+def _styled(plot):
+    """Draw under STYLE, so a figure looks the same from `make_plots`, a test or a notebook."""
+    @functools.wraps(plot)
+    def wrapper(*args, **kwargs):
+        with matplotlib.rc_context(STYLE):
+            return plot(*args, **kwargs)
+    return wrapper
+
+
+def _figure(ncols: int = 1, nrows: int = 1, *, width: float = 3.2, height: float = 2.6, **kwargs):
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, **kwargs)
+    return fig, axes
+
+
+def _plain_log(axis) -> None:
+    """Log-scale ticks as plain numbers (300, not 3x10^2), minor ones at 2 and 5: these axes span about a decade."""
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:e}"[0] in "25" else ""))
+
+
+def _skip(plot: str, reason: str) -> None:
+    logger.info("plot %s: %s", plot, reason)
+
+
+def _fmt(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+def _runs(results: dict, group: str) -> list[dict]:
+    return [r for r in results.get("runs") or [] if r.get("group") == group]
+
+
+def _test(run: dict) -> dict | None:
+    return (run.get("scores") or {}).get("test")
+
+
+def _grid_levels(results: dict, setting: str) -> list:
+    """Levels of one setting in the spec's grid order (a tied axis such as {lora_r, lora_alpha} contributes
+    its `setting`), then any other level the grid runs have, sorted."""
+    levels = []
+    for axis, values in ((results.get("protocol") or {}).get("grid") or {}).items():
+        for value in values:
+            level = value.get(setting) if isinstance(value, dict) else (value if axis == setting else None)
+            if level is not None and level not in levels:
+                levels.append(level)
+    seen = {r["settings"].get(setting) for r in _runs(results, "grid")} - {None} - set(levels)
+    return levels + sorted(seen, key=str)
+
+
+def _sorted_levels(results: dict, setting: str) -> list:
+    levels = _grid_levels(results, setting)
+    return sorted(levels) if all(isinstance(v, (int, float)) for v in levels) else levels
+
+
+def _grid_n(results: dict) -> int | None:
+    """The number of test questions the grid runs were scored on (controls are drawn only when they match)."""
+    counts = Counter(_test(r)["n"] for r in _runs(results, "grid") if _test(r))
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def _baseline(results: dict, n: int | None) -> dict | None:
+    return next((r for r in _runs(results, "baseline") if _test(r) and _test(r)["n"] == n), None)
+
+
+def _full_ft(results: dict, n: int | None) -> dict | None:
+    """The full fine-tuning control that was selected (best on the selection split), else the best scored one."""
+    scored = [r for r in _runs(results, "full_ft") if _test(r) and _test(r)["n"] == n]
+    chosen = (results.get("selection") or {}).get("best_full_ft_run")
+    select_on = (results.get("selection") or {}).get("select_on", "validation")
+    return next((r for r in scored if r["run_id"] == chosen), None) or max(
+        scored, key=lambda r: (r["scores"].get(select_on) or {}).get("f1", -math.inf), default=None)
+
+
+# ---------------------------------------------------------------------------------------------- 1-4: the study
+
+@_styled
+def plot_loss_curves(results: dict) -> Figure | None:
+    """Training (solid) and validation (dashed, markers) loss of the grid runs: rows learning rate, columns
+    target modules, one colour per rank, so each panel isolates rank at a fixed step size and target set."""
+    runs = [r for r in _runs(results, "grid") if (r.get("curves") or {}).get("train") or
+            (r.get("curves") or {}).get("validation")]
+    if not runs:
+        _skip("loss_curves", "no grid run has loss curves yet")
+        return None
+    rates = [v for v in _sorted_levels(results, "learning_rate") if any(r["settings"].get("learning_rate") == v for r in runs)]
+    targets = [v for v in _grid_levels(results, "target_modules") if any(r["settings"].get("target_modules") == v for r in runs)]
+    ranks = _sorted_levels(results, "lora_r")
+    colours = {rank: matplotlib.colormaps["viridis"](i / max(1, len(ranks) - 1) * 0.9) for i, rank in enumerate(ranks)}
+    fig, axes = _figure(len(targets), len(rates), sharex=True, sharey=True)
+    for i, rate in enumerate(rates):
+        for j, target in enumerate(targets):
+            ax = axes[i][j]
+            ax.set_title(f"lr {_fmt(rate)} · {target}")
+            for run in sorted((r for r in runs if r["settings"].get("learning_rate") == rate
+                               and r["settings"].get("target_modules") == target), key=lambda r: r["settings"]["lora_r"]):
+                rank, curves = run["settings"]["lora_r"], run["curves"]
+                if curves.get("train"):
+                    x, y = zip(*curves["train"])
+                    ax.plot(x, y, color=colours[rank], label=f"r={rank} train")
+                if curves.get("validation"):
+                    x, y = zip(*curves["validation"])
+                    ax.plot(x, y, color=colours[rank], linestyle="--", marker="o", label=f"r={rank} validation")
+            if i == len(rates) - 1:
+                ax.set_xlabel("step")
+            if j == 0:
+                ax.set_ylabel("answer loss")
+    handles = [Line2D([], [], color=colours[r], label=f"r={r}") for r in ranks if any(r == x["settings"]["lora_r"] for x in runs)]
+    handles += [Line2D([], [], color="grey", label="train"),
+                Line2D([], [], color="grey", linestyle="--", marker="o", label="validation")]
+    fig.legend(handles=handles, loc="outside right center")
+    return fig
+
+
+@_styled
+def plot_params_vs_f1(results: dict) -> Figure | None:
+    """Test F1 (95% CI) against trainable parameters, one colour per target set and one marker per learning
+    rate; full fine-tuning and the untuned baseline as lines with their CI as a band: what each extra
+    parameter buys, and how far LoRA is from training everything."""
+    runs = [r for r in _runs(results, "grid") if _test(r) and r.get("trainable_params")]
+    if not runs:
+        _skip("params_vs_f1", "no grid run has test scores yet")
+        return None
+    n = _grid_n(results)
+    runs = [r for r in runs if _test(r)["n"] == n]
+    targets = [t for t in _grid_levels(results, "target_modules") if any(r["settings"].get("target_modules") == t for r in runs)]
+    rates = _sorted_levels(results, "learning_rate")
+    fig, axes = _figure(width=5.2, height=3.4)
+    ax = axes[0][0]
+    for i, target in enumerate(targets):
+        for k, rate in enumerate(rates):
+            members = sorted((r for r in runs if r["settings"].get("target_modules") == target
+                              and r["settings"].get("learning_rate") == rate), key=lambda r: r["trainable_params"])
+            if not members:
+                continue
+            x = [r["trainable_params"] for r in members]
+            y = [_test(r)["f1"] for r in members]
+            low = [_test(r)["f1"] - _test(r)["f1_ci"][0] for r in members]
+            high = [_test(r)["f1_ci"][1] - _test(r)["f1"] for r in members]
+            ax.errorbar(x, y, yerr=[low, high], color=PALETTE[i], marker=MARKERS[k % len(MARKERS)], linestyle="none",
+                        label=f"{target}, lr {_fmt(rate)}")
+    for name, run, colour in (("full fine-tuning", _full_ft(results, n), "black"),
+                              ("baseline (untuned)", _baseline(results, n), "grey")):
+        if run is None:
+            _skip("params_vs_f1", f"no {name} run scored on the grid's {n} test questions yet")
+            continue
+        score = _test(run)
+        lr = f", lr {_fmt(run['settings']['learning_rate'])}" if name.startswith("full") else ""
+        ax.axhline(score["f1"], color=colour, linestyle="--", label=f"{name}{lr}")
+        ax.axhspan(*score["f1_ci"], color=colour, alpha=0.12, linewidth=0, label=f"_{name} CI")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(EngFormatter())
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel(f"test F1 ({n} dev questions, 95% CI)")
+    ax.legend(loc="best", fontsize=7)
+    return fig
+
+
+def f1_matrix(results: dict, target: str) -> tuple[list, list, np.ndarray]:
+    """(ranks, learning rates, test F1 matrix ranks x rates) of one target set; NaN where no run is scored."""
+    ranks, rates = _sorted_levels(results, "lora_r"), _sorted_levels(results, "learning_rate")
+    matrix = np.full((len(ranks), len(rates)), np.nan)
+    for run in _runs(results, "grid"):
+        s = run["settings"]
+        if s.get("target_modules") == target and _test(run) and s.get("lora_r") in ranks and s.get("learning_rate") in rates:
+            matrix[ranks.index(s["lora_r"]), rates.index(s["learning_rate"])] = _test(run)["f1"]
+    return ranks, rates, matrix
+
+
+@_styled
+def plot_f1_heatmaps(results: dict) -> Figure | None:
+    """Test F1 over rank x learning rate, one panel per target set, one colour scale, values written in the
+    cells and missing runs left blank: where the good region is and whether it moves with the targets."""
+    targets = _grid_levels(results, "target_modules")
+    matrices = {t: f1_matrix(results, t) for t in targets}
+    if not any(np.isfinite(m).any() for _, _, m in matrices.values()):
+        _skip("f1_heatmaps", "no grid run has test scores yet")
+        return None
+    values = np.concatenate([m[np.isfinite(m)] for _, _, m in matrices.values()])
+    fig, axes = _figure(len(targets), width=3.0, height=2.8)
+    for ax, target in zip(axes[0], targets):
+        ranks, rates, matrix = matrices[target]
+        image = ax.imshow(np.ma.masked_invalid(matrix), vmin=values.min(), vmax=values.max(), aspect="auto",
+                          origin="lower")
+        ax.grid(False)
+        for (i, j), value in np.ndenumerate(matrix):
+            if np.isfinite(value):
+                ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=8,
+                        color="white" if value < (values.min() + values.max()) / 2 else "black")
+        ax.set_xticks(range(len(rates)), [_fmt(r) for r in rates])
+        ax.set_yticks(range(len(ranks)), [str(r) for r in ranks])
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("rank r")
+        ax.set_title(target)
+    fig.colorbar(image, ax=list(axes[0]), label="test F1")
+    return fig
+
+
+COST_METRICS = (("seconds_per_step", "seconds per step", 1.0), ("peak_memory_mb", "peak memory (MiB)", 1.0),
+                ("weights_bytes", "checkpoint size (MB)", 1e-6))
+
+
+def cost_series(results: dict, metric: str, target: str) -> tuple[list, list[float]]:
+    """(ranks, mean of `metric` over the grid runs of each rank, i.e. over learning rates) for one target set."""
+    scale = dict((m, s) for m, _, s in COST_METRICS)[metric]
+    ranks, means = [], []
+    for rank in _sorted_levels(results, "lora_r"):
+        values = [r[metric] * scale for r in _runs(results, "grid") if r.get(metric) is not None
+                  and r["settings"].get("target_modules") == target and r["settings"].get("lora_r") == rank]
+        if values:
+            ranks.append(rank)
+            means.append(float(np.mean(values)))
+    return ranks, means
+
+
+@_styled
+def plot_cost(results: dict) -> Figure | None:
+    """Seconds per step, peak memory and checkpoint size against rank, a line per target set (mean over
+    learning rates, each run a faint point), full fine-tuning as a dashed line: what LoRA saves, and what
+    rank and targets cost."""
+    targets = _grid_levels(results, "target_modules")
+    full = _runs(results, "full_ft")
+    if not any(cost_series(results, m, t)[0] for m, _, _ in COST_METRICS for t in targets) and not full:
+        _skip("cost", "no grid or full fine-tuning run has cost figures yet")
+        return None
+    fig, axes = _figure(len(COST_METRICS), width=3.0, height=2.6)
+    for ax, (metric, label, scale) in zip(axes[0], COST_METRICS):
+        for i, target in enumerate(targets):
+            ranks, means = cost_series(results, metric, target)
+            if ranks:
+                ax.plot(ranks, means, color=PALETTE[i], marker="o", label=f"LoRA {target}")
+                runs = [r for r in _runs(results, "grid") if r.get(metric) is not None and r["settings"].get("target_modules") == target]
+                ax.scatter([r["settings"]["lora_r"] for r in runs], [r[metric] * scale for r in runs],
+                           color=PALETTE[i], alpha=0.3, s=8, label=f"_{target} runs")
+        values = [r[metric] * scale for r in full if r.get(metric) is not None]
+        if values:
+            ax.axhline(float(np.mean(values)), color="black", linestyle="--", label="full fine-tuning")
+        else:
+            _skip("cost", f"no full fine-tuning run has {metric} yet")
+        ranks = _sorted_levels(results, "lora_r")
+        ax.set_xscale("log", base=2)
+        if ranks:
+            ax.set_xticks(ranks, [str(r) for r in ranks])
+        if metric == "weights_bytes":  # full fine-tuning's checkpoint is ~100x a LoRA adapter
+            ax.set_yscale("log")
+            _plain_log(ax.yaxis)
+        ax.set_xlabel("rank r")
+        ax.set_title(label)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            if l not in labels:
+                handles.append(h)
+                labels.append(l)
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels))
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- 5: decoding
+
+@_styled
+def plot_strategies(evaluations: Iterable[dict]) -> Figure | None:
+    """F1 against distinct-2 (answer diversity) for each decoding strategy, the seeds' standard deviation as
+    error bars: what sampling trades in accuracy for variety. One colour per evaluation file."""
+    fig, axes = _figure(width=5.0, height=3.4)
+    ax, drawn = axes[0][0], False
+    for i, evaluation in enumerate(evaluations):
+        rows = [r for r in evaluation.get("strategies") or [] if r.get("distinct_2") is not None and r.get("f1") is not None]
+        if not rows:
+            _skip("decoding_strategies", f"{evaluation.get('adapter') or evaluation.get('model')}: no strategy rows")
+            continue
+        label = (evaluation.get("label") or evaluation.get("adapter") or evaluation.get("model_resolved")
+                 or evaluation.get("model") or f"file {i + 1}")
+        ax.errorbar([r["distinct_2"] for r in rows], [r["f1"] for r in rows], yerr=[r.get("f1_sd") or 0.0 for r in rows],
+                    color=PALETTE[i], marker="o", linestyle="none", label=f"{label} (n={evaluation.get('n')})")
+        for r in rows:
+            ax.annotate(r["strategy"], (r["distinct_2"], r["f1"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        drawn = True
+    if not drawn:
+        _skip("decoding_strategies", "no strategy-grid evaluation given")
+        return None
+    ax.set_xlabel("distinct-2 of the answers (diversity)")
+    ax.set_ylabel("F1 (error bars: SD over seeds)")
+    ax.legend(loc="best")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- 6: padding
+
+PADDING_METRICS = (("padded_share", "padded share of tokens (%)"), ("tokens_per_question", "tokens computed per question"),
+                   ("step_seconds", "step time (s, forward+backward)"), ("peak_memory_mb", "peak memory over the model (MiB)"))
+
+
+def padding_series(study: dict, strategy: str, metric: str) -> tuple[list[int], list[float]]:
+    """(batch sizes, values) of one strategy; timed metrics only where the cell was timed."""
+    xs, ys = [], []
+    for cell in sorted((c for c in study["cells"] if c["strategy"] == strategy), key=lambda c: c["batch_size"]):
+        timing = cell.get("timing") or {}
+        value = {"padded_share": 100 * cell["padded_share"], "tokens_per_question": cell["tokens_per_question"],
+                 "step_seconds": timing.get("step_seconds_median"), "peak_memory_mb": timing.get("peak_memory_mb_max")}[metric]
+        if value is not None:
+            xs.append(cell["batch_size"])
+            ys.append(value)
+    return xs, ys
+
+
+@_styled
+def plot_padding(study: dict) -> Figure | None:
+    """Padded share, tokens computed per question, step time and peak memory against batch size, a line per
+    batching strategy: what padding costs as batches grow, and what grouping and packing take back."""
+    if not study.get("cells"):
+        _skip("padding_study", "the padding study has no cells")
+        return None
+    fig, axes = _figure(2, 2, width=3.4, height=2.6)
+    for ax, (metric, label) in zip(axes.flat, PADDING_METRICS):
+        for i, strategy in enumerate(study["strategies"]):
+            xs, ys = padding_series(study, strategy, metric)
+            if xs:
+                ax.plot(xs, ys, color=PALETTE[i], marker=MARKERS[i], label=strategy.replace("_", " "))
+            elif metric in ("step_seconds", "peak_memory_mb"):
+                _skip("padding_study", f"{strategy}: no timed batch size")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(study["batch_sizes"], [str(b) for b in study["batch_sizes"]])
+        if metric in ("step_seconds", "peak_memory_mb", "tokens_per_question"):
+            ax.set_yscale("log")
+            _plain_log(ax.yaxis)
+        ax.set_xlabel("batch size (questions)")
+        ax.set_title(label)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels))
+    machine = study.get("machine") or {}
+    if machine.get("cpu_model"):
+        fig.suptitle(f"{study.get('model', '')} LoRA r={(study.get('lora') or {}).get('lora_r')}: timed on "
+                     f"{machine['cpu_model']}, {machine.get('torch_threads')} thread(s)", fontsize=8)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- all
+
+def _read(path) -> dict | None:
+    if path is None:
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        logger.info("%s: not there yet; its plots are skipped", path)
+    except json.JSONDecodeError as err:
+        logger.warning("%s: not valid JSON (%s); its plots are skipped", path, err)
+    return None
+
+
+def make_plots(results_path: str | Path | None, output_dir: str | Path, *, strategies: Iterable[str | Path] = (),
+               padding: str | Path | None = None) -> list[Path]:
+    """Draw every plot whose data exists and write it as PNG and PDF into `output_dir`; returns the files."""
+    figures = {}
+    results = _read(results_path)
+    if results is not None:
+        figures.update(loss_curves=plot_loss_curves(results), params_vs_f1=plot_params_vs_f1(results),
+                       f1_heatmaps=plot_f1_heatmaps(results), cost=plot_cost(results))
+    evaluations = [{"label": Path(p).stem, **e} for p, e in ((p, _read(p)) for p in strategies) if e is not None]
+    figures["decoding_strategies"] = plot_strategies(evaluations) if evaluations else None
+    study = _read(padding)
+    figures["padding_study"] = plot_padding(study) if study is not None else None
+    logging.getLogger("fontTools").setLevel(logging.WARNING)  # the PDF backend's font subsetting chatters at INFO
+    with matplotlib.rc_context(STYLE):  # savefig's dpi and bbox
+        written = []
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, fig in figures.items():
+            if fig is None:
+                continue
+            for suffix in (".png", ".pdf"):
+                fig.savefig(out / f"{name}{suffix}", metadata={"CreationDate": None} if suffix == ".pdf" else None)
+                written.append(out / f"{name}{suffix}")
+    return written

@@ -1,0 +1,1057 @@
+"""Result files -> the technical report: Typst source with every number filled in -> `report.pdf` (+ PNG pages).
+
+Inputs: files in the results folder only, never models; each is optional and whatever is missing is
+printed as pending (the study fills in as its runs finish):
+    evaluation_results.json          the study (`loraqa.study.collect`)
+    eval_baseline_500.json, eval_finetuned_500.json, compare_500.json, main_run/{summary,run_config}.json
+                                     the preliminary `make run` adapter on the fixed 500-question dev subset
+    strategies_finetuned_500.json    decoding strategies;  bench.json: speed;  data_stats_<tokenizer>_<split>.json
+    label_example.json               one tokenized example (`write_label_example`, needs a tokenizer, run once)
+    failure_examples.json            failure categories and examples with context (`write_failure_examples`)
+    padding_study.json               the padding study (`loraqa padding-study`)
+    plots/<name>.pdf|png             figures (`loraqa plots`), looked up through FIGURES
+Output: `source_dir` (default report/build/) holding main.typ and sections/*.typ with every placeholder
+filled and the figures copied next to them; the PDF; optionally one PNG per page.
+
+The prose lives in report/sections/*.typ, one file per section, with `{{name}}` placeholders. A number
+enters the text only through `Values.put/number`, which records the files, JSON pointers, operation and
+format it came from, so a test can re-read every printed number from its source. A value that does not
+exist becomes `missing("name: where")`, which stops compilation with that message if the text around it is
+rendered; the sections guard such text with `#if` on `has_*` flags (an unset flag is false). Sentences
+whose truth depends on results come from the `claim_*` functions, which compare the numbers they print.
+The theory section's values come from `theory_values`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "report"
+SECTIONS = ("abstract", "introduction", "methodology", "results", "analysis", "theory", "conclusion")
+# figure name in the sections -> file stem under results/plots/ (a .pdf is preferred to a .png)
+FIGURES = {"loss_curves": "loss_curves", "params_vs_f1": "params_vs_f1", "f1_heatmaps": "f1_heatmaps",
+           "cost": "cost", "decoding_strategies": "decoding_strategies", "padding_study": "padding_study"}
+STUDY, PRE_BASE, PRE_TUNED = "evaluation_results.json", "eval_baseline_500.json", "eval_finetuned_500.json"
+PRE_COMPARE, PRE_SUMMARY, PRE_CONFIG = "compare_500.json", "main_run/summary.json", "main_run/run_config.json"
+STRATEGIES, BENCH, LABELS, FAILURES, PADDING = ("strategies_finetuned_500.json", "bench.json", "label_example.json",
+                                                "failure_examples.json", "padding_study.json")
+TOKENIZERS = {"gpt2-tokenizer": "GPT-2", "smollm2-135m": "SmolLM2"}
+PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
+MINUS = "\u2212"
+
+
+class ReportError(ValueError):
+    """The report cannot be built; the message names the placeholder, file or section."""
+
+
+# ---------------------------------------------------------------------------------------------- numbers
+
+def _signed(x: float, digits: int = 1) -> str:
+    return f"{x:+.{digits}f}".replace("-", MINUS)
+
+
+def _power(x: float, digits: int = 1) -> str:
+    """3.4e-67 -> '3.4×10#super[−67]' (Typst markup); 2e-4 -> '2×10#super[−4]' with digits=0."""
+    exponent = math.floor(math.log10(abs(x)))
+    mantissa = f"{x / 10 ** exponent:.{digits}f}"
+    if mantissa.startswith("10"):
+        mantissa, exponent = f"{1:.{digits}f}", exponent + 1
+    return f"{mantissa}×10#super[{str(exponent).replace('-', MINUS)}]"
+
+
+FORMATS = {
+    "score": lambda x: f"{x:.1f}", "signed": _signed, "int": lambda x: f"{round(x):,}",
+    "x": lambda x: f"{x:.1f}×" if x < 20 else f"{x:.0f}×",
+    "pct": lambda x: f"{x:.1f}%", "pct0": lambda x: f"{x:.0f}%",
+    "1": lambda x: f"{x:.1f}", "2": lambda x: f"{x:.2f}", "3": lambda x: f"{x:.3f}",
+    "millions": lambda x: f"{x / 1e6:.2f}M", "lr": lambda x: _power(x, 0) if x < 0.01 else f"{x:g}",
+    "p": lambda x: f"{x:.3f}" if x >= 1e-3 else _power(x),
+}
+OPS = {  # how a printed number is computed from the values at its sources
+    "value": lambda x: x, "ratio": lambda a, b: a / b, "diff": lambda a, b: a - b, "sum": lambda a, b: a + b,
+    "len": len,
+    "grid_size": lambda grid: math.prod(len(v) for v in grid.values()),
+    "n_significant": lambda tests: sum(t["p_holm"] < 0.05 for t in tests),
+    "n_survive_both": lambda tests: sum(t["p_holm"] < 0.05 and bool(t.get("survives_seed_sd")) for t in tests),
+}
+
+
+@dataclass(frozen=True)
+class Number:
+    """A number as printed, and where it came from: OPS[op](*values at sources) * scale, then FORMATS[fmt]."""
+    value: float
+    text: str
+    sources: tuple[str, ...] = ()
+    op: str = "value"
+    scale: float = 1.0
+    fmt: str = "score"
+
+
+class Inputs:
+    """The results folder: JSON files read on first use, values addressed as 'file.json#/json/pointer'."""
+
+    def __init__(self, results_dir: str | Path):
+        self.root = Path(results_dir)
+        self._cache: dict[str, object] = {}
+
+    def json(self, name: str):
+        if name not in self._cache:
+            try:
+                self._cache[name] = json.loads((self.root / name).read_text())
+            except (OSError, json.JSONDecodeError):
+                self._cache[name] = None
+        return self._cache[name]
+
+    def resolve(self, source: str):
+        """'bench.json#/train/speedup' -> its value; KeyError when the file or a field is missing."""
+        name, _, pointer = source.partition("#")
+        node = self.json(name)
+        if node is None:
+            raise KeyError(name)
+        for part in [p.replace("~1", "/").replace("~0", "~") for p in pointer.split("/")[1:]]:
+            if isinstance(node, list):
+                node = node[int(part)]
+            elif isinstance(node, dict) and part in node:
+                node = node[part]
+            else:
+                raise KeyError(f"{source}: {part}")
+            if node is None:
+                raise KeyError(f"{source}: {part} is null")
+        return node
+
+
+class Values:
+    """Placeholder name -> Typst markup, and every number printed, with its source."""
+
+    def __init__(self, inputs: Inputs):
+        self.inputs = inputs
+        self.fields: dict[str, str] = {}
+        self.missing: dict[str, str] = {}
+        self.numbers: list[Number] = []
+
+    def number(self, fmt: str, *sources: str, op: str = "value", scale: float = 1.0) -> Number | None:
+        try:
+            value = OPS[op](*(self.inputs.resolve(s) for s in sources)) * scale
+        except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError):
+            return None
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        number = Number(value, FORMATS[fmt](value), sources, op, scale, fmt)
+        self.numbers.append(number)
+        return number
+
+    def put(self, name: str, fmt: str, *sources: str, op: str = "value", scale: float = 1.0) -> Number | None:
+        number = self.number(fmt, *sources, op=op, scale=scale)
+        if number is None:
+            self.missing[name] = " ".join(sources)
+        else:
+            self.fields[name] = number.text
+        return number
+
+    def ci(self, source: str, name: str | None = None) -> str | None:
+        """'[lo, hi]' from a two-element list at `source`."""
+        lo, hi = self.number("score", f"{source}/0"), self.number("score", f"{source}/1")
+        text = f"[{lo.text}, {hi.text}]" if lo and hi else None
+        if name:
+            self.text(name, text, source)
+        return text
+
+    def text(self, name: str, markup: str | None, source: str = "") -> None:
+        if markup is None:
+            self.missing[name] = source
+        else:
+            self.fields[name] = markup
+
+    def flag(self, name: str, value: bool) -> bool:
+        self.fields[name] = "true" if value else "false"
+        return bool(value)
+
+
+def literal(text: str) -> str:
+    """Arbitrary text as a Typst string literal, which renders verbatim (no markup)."""
+    return '#"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
+
+
+# ---------------------------------------------------------------------------------------------- claims
+
+def claim_difference(a: str, b: str, delta: Number, ci: str, p_holm: Number, *, alpha: float = 0.05) -> str:
+    """A sentence on B - A (F1) that follows the numbers: who wins only when Holm's p says so."""
+    if p_holm.value < alpha and delta.value > 0:
+        return f"{b} beats {a} by {delta.text} F1 (95% CI {ci}, Holm-adjusted _p_ = {p_holm.text})"
+    if p_holm.value < alpha and delta.value < 0:
+        return f"{a} beats {b} by {FORMATS['signed'](-delta.value)} F1 (95% CI of {b} − {a}: {ci}, " \
+               f"Holm-adjusted _p_ = {p_holm.text})"
+    return f"{b} and {a} do not differ significantly ({b} − {a}: {delta.text} F1, 95% CI {ci}, " \
+           f"Holm-adjusted _p_ = {p_holm.text})"
+
+
+def claim_trend(levels: list[tuple[str, Number]], what: str) -> str:
+    """'F1 rises with rank' only when every step rises; likewise falls; else names the best level."""
+    values = [n.value for _, n in levels]
+    steps = [b - a for a, b in zip(values, values[1:])]
+    shown = ", ".join(f"{n.text} at {label}" for label, n in levels)
+    if len(values) > 1 and all(s > 0 for s in steps):
+        return f"mean test F1 rises with every step of {what} ({shown})"
+    if len(values) > 1 and all(s < 0 for s in steps):
+        return f"mean test F1 falls with every step of {what} ({shown})"
+    best = max(levels, key=lambda level: level[1].value)[0]
+    return f"mean test F1 is not monotonic in {what} and peaks at {best} ({shown})"
+
+
+def claim_best_strategy(rows: list[tuple[str, Number]]) -> str:
+    """Which decoding strategy has the highest mean F1; rows[0] is greedy."""
+    (greedy, greedy_f1), best = rows[0], max(rows, key=lambda row: row[1].value)
+    if best[0] == greedy or best[1].value <= greedy_f1.value:
+        return f"greedy decoding gives the highest F1 ({greedy_f1.text})"
+    return f"{best[0]} beats greedy decoding ({best[1].text} against {greedy_f1.text} F1)"
+
+
+def claim_curve(steps: list[Number], losses: list[Number]) -> str:
+    """Whether the validation loss still falls at the end of training or turned up before."""
+    best = min(range(len(losses)), key=lambda i: losses[i].value)
+    if best == len(losses) - 1:
+        return f"its validation loss falls to its lowest value, {losses[-1].text}, at the last evaluation " \
+               f"(step {steps[-1].text}): no sign of over-fitting within one epoch"
+    return f"its validation loss is lowest at step {steps[best].text} ({losses[best].text}) and ends at " \
+           f"{losses[-1].text} (step {steps[-1].text}): it starts to over-fit"
+
+
+def claim_sampling(greedy: str, closest: tuple[str, Number], worst: tuple[str, Number]) -> str:
+    """How much F1 sampling costs against greedy; the Numbers are greedy F1 minus the strategy's F1."""
+    (near, near_cost), (far, far_cost) = closest, worst
+    if near_cost.value > 0:
+        return f"Every sampled strategy loses F1 against {greedy}: from {near_cost.text} points ({near}) to " \
+               f"{far_cost.text} ({far})"
+    return f"Sampled strategies range from {FORMATS['1'](-near_cost.value)} F1 points above {greedy} ({near}) to " \
+           f"{FORMATS['1'](far_cost.value)} below it ({far})"
+
+
+def claim_bf16(identical: Number, n: Number) -> str:
+    if identical.value >= n.value:
+        return f"without changing an answer ({identical.text} of {n.text} equal to float32)"
+    return f"but change some answers (only {identical.text} of {n.text} equal to float32), so float32 stays " \
+           "the default where answers must be exact"
+
+
+FAILURE_MEANINGS = {
+    "wrong span of the context": "a span of the right paragraph that answers a different question: the model has "
+                                 "learnt the format and to copy, and fails at choosing the span",
+    "partial overlap": "an answer that shares words with the gold span but starts or ends elsewhere: the "
+                       "boundaries, not the location, are wrong",
+    "answer not in context": "an answer that is not copied from the paragraph: the model paraphrases or "
+                             "composes instead of extracting",
+    "right answer with extra words": "the gold answer with extra words around it: the span is too long",
+    "empty answer": "no answer at all",
+    "answered an unanswerable question": "an answer to a question that has none",
+}
+
+
+def claim_failure_top(category: str, share: Number) -> str:
+    meaning = FAILURE_MEANINGS.get(category, "a category without a description here")
+    return f"{literal(category)} ({share.text} of all questions), {meaning}"
+
+
+def claim_padding(steps: list[tuple[str, Number]], tokens: list[tuple[str, Number]]) -> str:
+    """Which collation computes the fewest tokens per question and, where timed, which steps fastest."""
+    fewest = min(tokens, key=lambda t: t[1].value)
+    most = max(tokens, key=lambda t: t[1].value)
+    text = f"{fewest[0]} computes the fewest tokens per question ({fewest[1].text}, against {most[1].text} for " \
+           f"{most[0]})"
+    if steps:
+        fastest = min(steps, key=lambda t: t[1].value)
+        text += f" and {fastest[0]} the fastest step ({fastest[1].text} s)"
+    return text
+
+
+def claim_count(count: Number, what: str, none: str) -> str:
+    return none if count.value == 0 else f"{count.text} {what}"
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+def table(header: list[str], rows: list[list[str] | str], align: str, widths: str | None = None,
+          size: str = "8pt") -> str:
+    """A booktabs-style Typst table; a str row is a full-width group label (or a pending note)."""
+    cols = len(header)
+    body = []
+    for row in rows:
+        if isinstance(row, str):
+            body.append(f"table.cell(colspan: {cols}, align: left)[{row}],")
+        else:
+            body.append(" ".join(f"[{cell}]," for cell in row))
+    columns = widths or f"({', '.join(['auto'] * cols)})"
+    aligns = ", ".join({"l": "left", "r": "right", "c": "center"}[c] for c in align)
+    return (f"{{ set text(size: {size}); set par(justify: false)\n"
+            f"table(columns: {columns}, align: ({aligns},), stroke: none, inset: (x: 3pt, y: 2pt),\n"
+            f"  table.hline(stroke: 0.8pt), table.header({' '.join(f'[{h}],' for h in header)}),\n"
+            f"  table.hline(stroke: 0.4pt),\n  " + "\n  ".join(body) + "\n  table.hline(stroke: 0.8pt)) }")
+
+
+def _scores(v: Values, base: str, split: str) -> list[str]:
+    """[EM [CI], F1 [CI]] cells for /scores/<split> under `base`."""
+    cells = []
+    for metric in ("exact_match", "f1"):
+        n, ci = v.number("score", f"{base}/{metric}"), v.ci(f"{base}/{metric}_ci")
+        cells.append(f"{n.text} {ci}" if n and ci else (n.text if n else "–"))
+    return cells
+
+
+def _lr(value: float) -> str:
+    return FORMATS["lr"](value)
+
+
+def describe(point: dict) -> str:
+    """Grid point -> 'attention, r = 16, lr = 2×10^−4' (Typst markup)."""
+    parts = []
+    for axis, value in point.items():
+        if isinstance(value, dict) and "lora_r" in value:
+            parts.append(f"_r_ = {value['lora_r']}")
+        elif axis == "learning_rate":
+            parts.append(f"lr = {_lr(value)}")
+        elif axis == "target_modules":
+            parts.append(literal(value))
+        else:
+            parts.append(f"{literal(axis)} = {literal(str(value))}")
+    return ", ".join(parts)
+
+
+def _test_label(name: str) -> str:
+    name = re.sub(r"rank=lora_r=(\d+),lora_alpha=(\d+)", r"r=\1", name)
+    name = name.replace("learning_rate=", "lr=").replace("target_modules=", "")
+    return literal(name)
+
+
+# ---------------------------------------------------------------------------------------------- values
+
+def _runs(inputs: Inputs) -> list[dict]:
+    return (inputs.json(STUDY) or {}).get("runs") or []
+
+
+def _run_index(inputs: Inputs, *, run_id: str | None = None, name: str | None = None) -> int | None:
+    for i, run in enumerate(_runs(inputs)):
+        if (run_id and run.get("run_id") == run_id) or (name and run.get("name") == name):
+            return i
+    return None
+
+
+def _headline(v: Values) -> None:
+    study, R = v.inputs.json(STUDY) or {}, f"{STUDY}#"
+    final = study.get("final") or {}
+    i = _run_index(v.inputs, run_id=final.get("run"))
+    has_final = v.flag("has_final", i is not None and bool(final.get("test")))
+    if has_final:
+        for key, src in (("final_em", "/final/test/exact_match"), ("final_f1", "/final/test/f1"),
+                         ("final_base_em", "/final/baseline_full_dev/exact_match"),
+                         ("final_base_f1", "/final/baseline_full_dev/f1"),
+                         ("final_delta_f1", "/final/comparison/delta_f1")):
+            v.put(key, "signed" if "delta" in key else "score", R + src)
+        v.ci(R + "/final/test/f1_ci", "final_f1_ci")
+        v.ci(R + "/final/comparison/delta_f1_ci", "final_delta_f1_ci")
+        v.put("final_p", "p", R + "/final/comparison/p_value")
+        v.put("final_n", "int", R + "/final/test/n")
+        v.put("final_trainable", "int", f"{R}/runs/{i}/trainable_params")
+        v.put("final_total_params", "int", f"{R}/runs/{i}/total_params")
+        v.put("final_reduction", "x", f"{R}/runs/{i}/total_params", f"{R}/runs/{i}/trainable_params", op="ratio")
+        v.put("final_train_questions", "int", f"{R}/runs/{i}/settings/max_train_samples")
+        v.put("final_train_hours", "1", f"{R}/runs/{i}/train_runtime_s", scale=1 / 3600)
+    has_pre = v.flag("has_preliminary", v.inputs.json(PRE_TUNED) is not None and v.inputs.json(PRE_BASE) is not None
+                     and v.inputs.json(PRE_SUMMARY) is not None)
+    if has_pre:
+        for key, name in (("pre_em", f"{PRE_TUNED}#/exact_match"), ("pre_f1", f"{PRE_TUNED}#/f1"),
+                          ("pre_base_em", f"{PRE_BASE}#/exact_match"), ("pre_base_f1", f"{PRE_BASE}#/f1")):
+            v.put(key, "score", name)
+        v.put("pre_n", "int", f"{PRE_TUNED}#/n")
+        v.put("pre_delta_f1", "signed", f"{PRE_COMPARE}#/f1/delta")
+        v.ci(f"{PRE_COMPARE}#/f1/delta_ci", "pre_delta_f1_ci")
+        v.put("pre_delta_em", "signed", f"{PRE_COMPARE}#/exact_match/delta")
+        v.put("pre_mcnemar_p", "p", f"{PRE_COMPARE}#/exact_match/mcnemar/p_value")
+        v.put("pre_perm_p", "p", f"{PRE_COMPARE}#/f1/permutation_p_value")
+        v.put("pre_trainable", "int", f"{PRE_SUMMARY}#/trainable_params")
+        v.put("pre_total_params", "int", f"{PRE_SUMMARY}#/total_params")
+        v.put("pre_reduction", "x", f"{PRE_SUMMARY}#/total_params", f"{PRE_SUMMARY}#/trainable_params", op="ratio")
+        v.put("pre_train_questions", "int", f"{PRE_SUMMARY}#/train_examples")
+        v.put("pre_train_minutes", "1", f"{PRE_SUMMARY}#/train_runtime_s", scale=1 / 60)
+        v.put("pre_steps", "int", f"{PRE_SUMMARY}#/global_steps")
+        v.put("pre_rank", "int", f"{PRE_CONFIG}#/lora/lora_r")
+        targets = ((v.inputs.json(PRE_CONFIG) or {}).get("lora") or {}).get("target_modules")
+        v.text("pre_targets", literal(targets) if targets else None, PRE_CONFIG)
+    counted = [k for k, run in enumerate(_runs(v.inputs)) if run.get("total_params")]
+    v.put("model_params", "int", f"{PRE_SUMMARY}#/total_params" if v.inputs.json(PRE_SUMMARY) or not counted
+          else f"{R}/runs/{counted[0]}/total_params")
+    v.flag("has_model_params", "model_params" in v.fields)
+
+
+def _bench(v: Values) -> None:
+    B = f"{BENCH}#"
+    if not v.flag("has_bench", v.inputs.json(BENCH) is not None):
+        return
+    v.put("cpu_count", "int", B + "/machine/cpu_count")
+    v.put("bench_train_speedup", "x", B + "/train/speedup")
+    v.put("bench_mem_ratio", "pct0", B + "/train/peak_rss_ratio", scale=100)
+    v.put("bench_mfu", "pct0", B + "/train/loraqa_mfu", scale=100)
+    v.put("bench_matmul_peak", "int", B + "/machine/matmul_peak_gflops")
+    v.put("bench_answer_logits_speedup", "2", B + "/train/padded_answer_only_logits/examples_per_s",
+          B + "/train/padded_full_logits/examples_per_s", op="ratio")
+    v.put("bench_packing_speedup", "1", B + "/train/speedup_over_padded_answer_only_logits")
+    v.put("bench_tokens_packed", "int", B + "/train/loraqa/processed_tokens")
+    v.put("bench_tokens_padded", "int", B + "/train/padded_answer_only_logits/processed_tokens")
+    v.put("bench_logits_answer", "int", B + "/train/loraqa/logit_positions")
+    v.put("bench_logits_full", "int", B + "/train/padded_full_logits/logit_positions")
+    v.put("bench_train_n", "int", B + "/settings/train_examples")
+    v.put("bench_train_steps", "int", B + "/settings/steps")
+    v.put("bench_train_loss", "3", B + "/train/loss_loraqa")
+    v.put("bench_eval_speedup", "x", B + "/eval/speedup")
+    v.put("bench_eval_identical", "int", B + "/eval/greedy_identical_count")
+    v.put("bench_eval_n", "int", B + "/eval/questions")
+    v.put("bench_eval_linear_bound", "x", B + "/eval/speedup_if_only_linear_layers")
+    v.put("bench_bf16_speedup", "x", B + "/eval/bf16/speedup_over_fp32_one_by_one")
+    identical = v.number("int", B + "/eval/bf16/identical_to_fp32_count")
+    n = v.number("int", B + "/eval/questions")
+    v.text("claim_bf16", claim_bf16(identical, n) if identical and n else None, BENCH)
+    rows = [("TRL SFTTrainer + PEFT", "reference_trl"), ("padded rows, full logits", "padded_full_logits"),
+            ("padded rows, answer-only logits", "padded_answer_only_logits"),
+            ("*loraqa* (shared contexts)", "loraqa")]
+    body: list = ["_Training_ (examples/s, same batches and loss)"]
+    for label, key in rows:
+        rate = v.number("2", f"{B}/train/{key}/examples_per_s")
+        mem = v.number("1", f"{B}/train/{key}/peak_rss_mb", scale=1 / 1024)
+        ratio = v.number("x", f"{B}/train/{key}/examples_per_s", f"{B}/train/reference_trl/examples_per_s", op="ratio")
+        body.append([label, rate.text if rate else "–", mem.text if mem else "–", ratio.text if ratio else "–"])
+    body.append("_Evaluation_ (questions/s, greedy)")
+    for label, key, ref in (("one-by-one `generate`", "one_by_one_questions_per_s", None),
+                            ("batched full-prompt rows", "full_prompt_rows_questions_per_s", None),
+                            ("*loraqa* (shared prefixes)", "loraqa_questions_per_s", None),
+                            ("*loraqa*, bf16 weights", "bf16/loraqa_questions_per_s", None)):
+        rate = v.number("2", f"{B}/eval/{key}")
+        ratio = v.number("x", f"{B}/eval/{key}", f"{B}/eval/one_by_one_questions_per_s", op="ratio")
+        body.append([label, rate.text if rate else "–", "–", ratio.text if ratio else "–"])
+    v.text("table_bench", table(["Variant", "Rate", "Peak GiB", "Speed-up"], body, "lrrr"))
+
+
+def _data_stats(v: Values) -> None:
+    names = {k: f"data_stats_{k}_train.json" for k in TOKENIZERS}
+    present = [k for k, f in names.items() if v.inputs.json(f) is not None]
+    if not v.flag("has_data_stats", "smollm2-135m" in present):
+        return
+    S = f"{names['smollm2-135m']}#"
+    v.put("ds_n_train", "int", S + "/n")
+    v.put("ds_n_dev", "int", "data_stats_smollm2-135m_validation.json#/n")
+    max_length = v.put("ds_max_length", "int", f"{PRE_CONFIG}#/data/max_length")
+    lengths = sorted((v.inputs.json(names["smollm2-135m"]) or {}).get("max_length", {}), key=int)
+    default = str(round(max_length.value)) if max_length else None
+    v.put("ds_trunc_default", "int", f"{S}/max_length/{default}/truncated")
+    v.put("ds_trunc_default_pct", "pct", f"{S}/max_length/{default}/truncated", f"{S}/n", op="ratio", scale=100)
+    v.put("ds_total_p50", "int", f"{S}/percentiles/total/p50")
+    v.put("ds_total_p99", "int", f"{S}/percentiles/total/p99")
+    v.put("ds_answer_p50", "int", f"{S}/percentiles/answer/p50")
+    v.flag("has_ds_default", "ds_trunc_default" in v.fields)
+    dropped = [v.number("int", f"{S}/max_length/{k}/dropped") for k in lengths]
+    most = max((d for d in dropped if d), key=lambda d: d.value, default=None)
+    v.text("claim_dropped", claim_count(most, "questions are dropped at the shortest length",
+                                        "no question is dropped at any of these lengths (every answer fits)")
+           if most else None, S)
+    header = ["Training set", *(TOKENIZERS[k] for k in present)]
+    rows: list = ["_Tokens of prompt + answer_"]
+    for p in ("p50", "p90", "p99", "p100"):
+        cells = [v.number("int", f"data_stats_{k}_train.json#/percentiles/total/{p}") for k in present]
+        rows.append([p if p != "p100" else "max", *(c.text if c else "–" for c in cells)])
+    rows.append("_Questions truncated (dropped) at max_length_")
+    for length in lengths:
+        cells = []
+        for k in present:
+            t = v.number("int", f"data_stats_{k}_train.json#/max_length/{length}/truncated")
+            d = v.number("int", f"data_stats_{k}_train.json#/max_length/{length}/dropped")
+            cells.append(f"{t.text} ({d.text})" if t and d else "–")
+        rows.append([length, *cells])
+    v.text("table_data_stats", table(header, rows, "l" + "r" * len(present)))
+
+
+def _label_example(v: Values) -> None:
+    example = v.inputs.json(LABELS)
+    if not v.flag("has_label_example", bool(example and example.get("tokens"))):
+        return
+    L = f"{LABELS}#"
+    v.put("lx_prompt_tokens", "int", L + "/prompt_tokens")
+    v.put("lx_target_tokens", "int", L + "/target_tokens")
+    v.text("lx_tokenizer", literal(TOKENIZERS.get(Path(example.get("tokenizer", "")).name,
+                                                  Path(example.get("tokenizer", "")).name)))
+    cells = ", ".join(f"({json.dumps(t['text'], ensure_ascii=False)}, {json.dumps(str(t['label']))}, "
+                      f"{json.dumps(t['kind'])})"
+                      for t in example["tokens"])
+    v.text("fig_labels", f"token-example(({cells},))")
+
+
+def _padding(v: Values) -> None:
+    """padding_study.json (`loraqa padding-study`): cells per strategy and batch size; the table shows the
+    training batch size (8 when measured, else the largest)."""
+    cells = (v.inputs.json(PADDING) or {}).get("cells") or []
+    if not v.flag("has_padding", bool(cells)):
+        return
+    P = f"{PADDING}#"
+    sizes = {c["batch_size"] for c in cells}
+    batch = 8 if 8 in sizes else max(sizes)
+    body, steps, tokens = [], [], []
+    for i, cell in enumerate(cells):
+        if cell["batch_size"] != batch:
+            continue
+        if not steps and not tokens:
+            v.put("pad_batch_size", "int", f"{P}/cells/{i}/batch_size")
+        name = literal(cell["strategy"].replace("_", " "))
+        share = v.number("pct0", f"{P}/cells/{i}/padded_share", scale=100)
+        per_question = v.number("int", f"{P}/cells/{i}/tokens_per_question")
+        step = v.number("2", f"{P}/cells/{i}/timing/step_seconds_median")
+        memory = v.number("1", f"{P}/cells/{i}/timing/peak_memory_mb_max", scale=1 / 1024)
+        body.append([name, *(n.text if n else "–" for n in (share, per_question, step, memory))])
+        steps += [(name, step)] if step else []
+        tokens += [(name, per_question)] if per_question else []
+    v.text("table_padding", table(["Collation", "Padding", "Tokens/q.", "s/step", "Peak GiB"], body, "lrrrr"))
+    v.text("claim_padding", claim_padding(steps, tokens) if tokens else None, PADDING)
+
+
+def _study(v: Values) -> None:
+    study, R = v.inputs.json(STUDY), f"{STUDY}#"
+    runs = _runs(v.inputs)
+    if not v.flag("has_study", bool(study and runs)):
+        return
+    v.put("runs_finished", "int", R + "/runs", op="len")
+    v.put("runs_pending", "int", R + "/pending", op="len")
+    v.flag("has_complete_study", not study.get("pending"))
+    base = R + "/protocol/base"
+    v.put("grid_size", "int", R + "/protocol/grid", op="grid_size")
+    for key, name in (("max_train_samples", "train_questions"), ("per_device_train_batch_size", "batch_size"),
+                      ("eval_steps", "eval_steps"), ("max_eval_samples", "val_loss_questions"),
+                      ("heldout_articles", "heldout_articles")):
+        v.put(name, "int", f"{base}/{key}")
+    v.put("lora_dropout", "2", f"{base}/lora_dropout")
+    grid = (study.get("protocol") or {}).get("grid") or {}
+    ranks = [p["lora_r"] for p in grid.get("rank", []) if isinstance(p, dict)]
+    v.text("grid_ranks", ", ".join(str(r) for r in ranks) or None, R + "/protocol/grid/rank")
+    v.text("grid_lrs", ", ".join(_lr(x) for x in grid.get("learning_rate", [])) or None,
+           R + "/protocol/grid/learning_rate")
+    v.text("grid_targets", " and ".join(literal(t) for t in grid.get("target_modules", [])) or None,
+           R + "/protocol/grid/target_modules")
+    v.text("centre_settings", describe((study.get("protocol") or {}).get("centre") or {}) or None,
+           R + "/protocol/centre")
+    selection = study.get("selection") or {}
+    any_val = next((k for k, r in enumerate(runs) if "validation" in r.get("scores", {})), None)
+    any_test = next((k for k, r in enumerate(runs) if "test" in r.get("scores", {}) and r.get("group") != "final"
+                     and not r.get("name", "").endswith("full_dev")), None)
+    v.put("val_n", "int", f"{R}/runs/{any_val}/scores/validation/n")
+    v.put("test_n", "int", f"{R}/runs/{any_test}/scores/test/n")
+    # trainable parameters over the grid
+    grid_runs = [(k, r) for k, r in enumerate(runs) if r.get("group") == "grid" and r.get("trainable_params")]
+    if grid_runs:
+        lo = min(grid_runs, key=lambda kr: kr[1]["trainable_params"])
+        hi = max(grid_runs, key=lambda kr: kr[1]["trainable_params"])
+        for tag, (k, run) in (("min", lo), ("max", hi)):
+            v.put(f"trainable_{tag}", "int", f"{R}/runs/{k}/trainable_params")
+            v.put(f"trainable_{tag}_pct", "2", f"{R}/runs/{k}/trainable_ratio", scale=100)
+            v.text(f"trainable_{tag}_at", describe({a: run["grid_point"][a] for a in ("target_modules", "rank")
+                                                    if a in run["grid_point"]}))
+    v.flag("has_grid_params", bool(grid_runs))
+    # selection
+    best = _run_index(v.inputs, run_id=selection.get("best_run"))
+    centre = _run_index(v.inputs, run_id=selection.get("centre_run"))
+    v.flag("has_best", best is not None)
+    v.flag("has_complete_grid", bool(selection.get("grid_complete")))
+    if best is not None:
+        v.text("best_settings", describe(runs[best]["grid_point"]))
+        v.put("best_val_f1", "score", f"{R}/runs/{best}/scores/validation/f1")
+        v.put("best_test_f1", "score", f"{R}/runs/{best}/scores/test/f1")
+    v.flag("has_centre", centre is not None)
+    if centre is not None:
+        v.put("centre_ci_halfwidth", "1", f"{R}/runs/{centre}/scores/test/f1_ci/1",
+              f"{R}/runs/{centre}/scores/test/f1_ci/0", op="diff", scale=0.5)
+        v.put("centre_s_per_step", "2", f"{R}/runs/{centre}/seconds_per_step")
+        v.put("centre_train_minutes", "1", f"{R}/runs/{centre}/train_runtime_s", scale=1 / 60)
+        v.put("centre_tokens_per_s", "int", f"{R}/runs/{centre}/train_tokens_per_s")
+        v.put("centre_peak_gib", "1", f"{R}/runs/{centre}/peak_memory_mb", scale=1 / 1024)
+        curve = runs[centre].get("curves", {}).get("validation") or []
+        if len(curve) >= 2:
+            steps = [v.number("int", f"{R}/runs/{centre}/curves/validation/{j}/0") for j in range(len(curve))]
+            losses = [v.number("3", f"{R}/runs/{centre}/curves/validation/{j}/1") for j in range(len(curve))]
+            v.text("claim_curve", claim_curve(steps, losses))
+    v.flag("has_curve", "claim_curve" in v.fields)
+    _effects(v, study)
+    _tests(v, study)
+    _seeds(v, study)
+    _full_ft(v, study, runs, best)
+
+
+def _main_table(v: Values) -> None:
+    R, study, runs = f"{STUDY}#", v.inputs.json(STUDY) or {}, _runs(v.inputs)
+    selection, final = study.get("selection") or {}, study.get("final") or {}
+    plan = [("Untuned (baseline)", _run_index(v.inputs, name="baseline"), "test"),
+            ("Grid best" + ("" if selection.get("grid_complete") else " so far"),
+             _run_index(v.inputs, run_id=selection.get("best_run")), "test"),
+            ("Grid centre", _run_index(v.inputs, run_id=selection.get("centre_run")), "test"),
+            ("Full fine-tuning", _run_index(v.inputs, run_id=selection.get("best_full_ft_run")), "test"),
+            ("Final model (full dev)", _run_index(v.inputs, run_id=final.get("run")), "test"),
+            ("Untuned (full dev)", _run_index(v.inputs, name="baseline_full_dev"), "test")]
+    rows: list = []
+    for label, k, split in plan:
+        if k is None or split not in runs[k].get("scores", {}):
+            rows.append(f"{label}: _pending_")
+            continue
+        run, base = runs[k], f"{R}/runs/{k}"
+        what = describe(run.get("grid_point") or {})
+        name = f"{label}" + (f" ({what})" if what else "")
+        params = v.number("int", f"{base}/trainable_params") if run.get("trainable_params") else None
+        questions = v.number("int", f"{base}/settings/max_train_samples") if run.get("group") != "baseline" else None
+        val = v.number("score", f"{base}/scores/validation/f1")
+        n = v.number("int", f"{base}/scores/{split}/n")
+        rows.append([name, questions.text if questions else "–", params.text if params else "–",
+                     val.text if val else "–", n.text if n else "–", *_scores(v, f"{base}/scores/{split}", split)])
+    if v.inputs.json(PRE_TUNED) is not None:
+        questions = v.number("int", f"{PRE_SUMMARY}#/train_examples")
+        params = v.number("int", f"{PRE_SUMMARY}#/trainable_params")
+        n = v.number("int", f"{PRE_TUNED}#/n")
+        rows.append(["Preliminary adapter (`make run`)", questions.text if questions else "–",
+                     params.text if params else "–", "–", n.text if n else "–",
+                     *_scores(v, f"{PRE_TUNED}#", "test")])
+        if v.inputs.json(PRE_BASE) is not None and _run_index(v.inputs, name="baseline") is None:
+            n = v.number("int", f"{PRE_BASE}#/n")
+            rows.append(["Untuned (preliminary evaluation)", "–", "–", "–", n.text if n else "–",
+                         *_scores(v, f"{PRE_BASE}#", "test")])
+    v.text("table_main", table(["Model", "Train q.", "Trainable", "Val. F1", "Test q.", "Test EM [95% CI]",
+                                "Test F1 [95% CI]"], rows, "lrrrrrr", widths="(1fr," + " auto," * 6 + ")"))
+
+
+def _effects(v: Values, study: dict) -> None:
+    R, effects = f"{STUDY}#", study.get("main_effects") or {}
+    rows: list = []
+    for axis, levels in effects.items():
+        if not levels:
+            continue
+        rows.append(f"_{literal(axis)}_")
+        trend = []
+        for j, level in enumerate(levels):
+            base = f"{R}/main_effects/{axis}/{j}"
+            f1, ci = v.number("score", f"{base}/f1"), v.ci(f"{base}/f1_ci")
+            val = v.number("score", f"{base}/validation_f1")
+            label = _level_label(axis, level["level"])
+            runs_n = v.number("int", f"{base}/runs")
+            rows.append([label, runs_n.text, f"{f1.text} {ci}", val.text if val else "–"])
+            trend.append((label, f1))
+        if axis in ("rank", "learning_rate") and len(trend) > 1:
+            v.text(f"claim_{axis}", claim_trend(trend, "rank" if axis == "rank" else "learning rate"))
+    for axis in ("rank", "learning_rate"):
+        v.flag(f"has_claim_{axis}", f"claim_{axis}" in v.fields)
+    v.flag("has_effects", bool(rows))
+    if rows:
+        v.text("table_effects", table(["Level", "Runs", "Test F1 [95% CI]", "Val. F1"], rows, "lrrr"))
+
+
+def _level_label(axis: str, level) -> str:
+    if isinstance(level, str) and level.startswith("lora_r="):
+        return "_r_ = " + level.split(",")[0].split("=")[1]
+    if axis == "learning_rate" and isinstance(level, (int, float)):
+        return _lr(level)
+    return literal(str(level))
+
+
+# test name pattern -> (placeholder, A label, B label)
+CLAIMS = {r"^centre vs target_modules=": ("claim_targets", "attention only", "attention+MLP"),
+          r"^centre vs best$": ("claim_best_vs_centre", "the centre", "the selected configuration"),
+          r"^answer-only loss": ("claim_masking", "answer-only loss", "loss on the whole sequence"),
+          r"^max_length 512 vs 256": ("claim_max_length", "max_length 512", "max_length 256"),
+          r"^LoRA \(best\) vs full": ("claim_full_ft", "LoRA", "full fine-tuning"),
+          r"^baseline vs LoRA": ("claim_baseline", "the untuned model", "LoRA")}
+
+
+def _tests(v: Values, study: dict) -> None:
+    R, tests = f"{STUDY}#", study.get("tests") or []
+    v.put("n_tests", "int", R + "/tests", op="len")
+    rows, alpha_claims = [], []
+    for j, t in enumerate(tests):
+        base = f"{R}/tests/{j}"
+        delta, ci = v.number("signed", f"{base}/delta_f1"), v.ci(f"{base}/delta_f1_ci")
+        p, p_holm = v.number("p", f"{base}/p_value"), v.number("p", f"{base}/p_holm")
+        em = v.number("signed", f"{base}/delta_exact_match")
+        n = v.number("int", f"{base}/n")
+        if not (delta and ci and p and p_holm):
+            continue
+        survives = {True: "yes", False: "no", None: "–"}[t.get("survives_seed_sd")]
+        rows.append([_test_label(t["name"]), n.text if n else "–", f"{delta.text} {ci}", em.text if em else "–",
+                     p.text, p_holm.text, "yes" if p_holm.value < 0.05 else "no", survives])
+        for pattern, (name, a, b) in CLAIMS.items():
+            if re.search(pattern, t["name"]):
+                v.text(name, claim_difference(a, b, delta, ci, p_holm))
+        found = re.match(r"alpha=2r vs alpha=(\d+) at r=(\d+)", t["name"])
+        if found:
+            alpha_claims.append(claim_difference("$alpha = 2r$", f"$alpha = {found.group(1)}$", delta, ci, p_holm)
+                                + f" at $r = {found.group(2)}$")
+    v.put("n_significant", "int", R + "/tests", op="n_significant")
+    v.text("claim_alpha", "; ".join(alpha_claims) if alpha_claims else None, "tests: alpha=2r vs alpha=...")
+    for name, *_ in CLAIMS.values():
+        v.flag(f"has_{name}", name in v.fields)
+    v.flag("has_claim_alpha", bool(alpha_claims))
+    v.flag("has_tests", bool(rows))
+    if rows:
+        v.text("table_tests", table(["Comparison (A vs B)", "Q.", "ΔF1 (B − A) [95% CI]", "ΔEM", "_p_", "_p_ Holm",
+                                     "Sig.", "> 2 seed sd"], rows, "lrrrrrcc"))
+
+
+def _seeds(v: Values, study: dict) -> None:
+    R, seeds = f"{STUDY}#", study.get("seeds") or {}
+    for label in ("centre", "best"):
+        has = v.flag(f"has_seeds_{label}", bool(seeds.get(label)))
+        if has:
+            v.put(f"seeds_{label}_n", "int", f"{R}/seeds/{label}/runs", op="len")
+            v.put(f"seeds_{label}_sd", "2", f"{R}/seeds/{label}/test_f1_sd")
+            v.put(f"seeds_{label}_mean", "score", f"{R}/seeds/{label}/test_f1_mean")
+    v.put("n_survive_both", "int", f"{R}/tests", op="n_survive_both")
+
+
+def _full_ft(v: Values, study: dict, runs: list[dict], best: int | None) -> None:
+    R = f"{STUDY}#"
+    full = _run_index(v.inputs, run_id=(study.get("selection") or {}).get("best_full_ft_run"))
+    lora = best if best is not None else _run_index(v.inputs, run_id=(study.get("selection") or {}).get("centre_run"))
+    if not v.flag("has_full_ft", full is not None and lora is not None):
+        return
+    rows = []
+    for label, k in (("LoRA, grid best" if best is not None else "LoRA, grid centre", lora),
+                     (f"Full FT (lr = {_lr(runs[full]['settings'].get('learning_rate', 0))})", full)):
+        base = f"{R}/runs/{k}"
+        cells = [v.number("int", f"{base}/trainable_params"), v.number("score", f"{base}/scores/test/f1"),
+                 v.number("2", f"{base}/seconds_per_step"), v.number("1", f"{base}/peak_memory_mb", scale=1 / 1024),
+                 v.number("1", f"{base}/weights_bytes", scale=1 / 2 ** 20)]
+        rows.append([label, *(c.text if c else "–" for c in cells)])
+    v.text("table_lora_full", table(["Method", "Trainable", "Test F1", "s/step", "Peak GiB", "Weights MiB"], rows,
+                                    "lrrrrr"))
+    v.put("full_step_ratio", "1", f"{R}/runs/{full}/seconds_per_step", f"{R}/runs/{lora}/seconds_per_step", op="ratio")
+    v.put("full_weights_ratio", "int", f"{R}/runs/{full}/weights_bytes", f"{R}/runs/{lora}/weights_bytes", op="ratio")
+    v.put("full_mem_ratio", "2", f"{R}/runs/{full}/peak_memory_mb", f"{R}/runs/{lora}/peak_memory_mb", op="ratio")
+
+
+def _strategies(v: Values) -> None:
+    data, S = v.inputs.json(STRATEGIES), f"{STRATEGIES}#"
+    rows = (data or {}).get("strategies") or []
+    if not v.flag("has_strategies", bool(rows) and rows[0].get("strategy") == "greedy"):
+        return
+    v.put("strat_n", "int", S + "/n")
+    v.put("strat_seeds", "int", f"{S}/strategies/{1 if len(rows) > 1 else 0}/seeds", op="len")
+    v.put("strat_minutes", "1", S + "/grid_seconds", scale=1 / 60)
+    v.text("strat_adapter", literal(Path(str(data.get("adapter") or "none")).name))
+    adapter = str(data.get("adapter") or "")
+    v.flag("has_strategies_on_final", "final" in adapter or "model_checkpoints" in adapter)
+    body, f1s = [], []
+    for j, row in enumerate(rows):
+        base = f"{S}/strategies/{j}"
+        em, f1 = v.number("score", f"{base}/exact_match"), v.number("score", f"{base}/f1")
+        sd = v.number("1", f"{base}/f1_sd")
+        cells = [v.number("2", f"{base}/{k}") for k in ("verbatim_in_context", "distinct_2", "seed_disagreement")]
+        body.append([literal(row["strategy"]), em.text, f"{f1.text} ± {sd.text}" if sd else f1.text,
+                     *(c.text if c else "–" for c in cells)])
+        f1s.append((literal(row["strategy"]), f1, j))
+    v.text("table_strategies", table(["Strategy", "EM", "F1 ± sd", "Verb.", "Dist-2", "Seeds ≠"], body, "lrrrrr"))
+    v.text("claim_decoding", claim_best_strategy([(name, f1) for name, f1, _ in f1s]))
+    sampled = f1s[1:]
+    if sampled:
+        worst = min(sampled, key=lambda s: s[1].value)
+        closest = max(sampled, key=lambda s: s[1].value)
+        costs = {tag: v.number("1", f"{S}/strategies/0/f1", f"{S}/strategies/{j}/f1", op="diff")
+                 for tag, (_, _, j) in (("closest", closest), ("worst", worst))}
+        v.text("claim_sampling", claim_sampling("greedy", (closest[0], costs["closest"]), (worst[0], costs["worst"])))
+    v.flag("has_sampled", bool(sampled))
+
+
+def _failures(v: Values) -> None:
+    data, F = v.inputs.json(FAILURES), f"{FAILURES}#"
+    if not v.flag("has_failures", bool(data and data.get("counts"))):
+        return
+    v.put("fail_n", "int", F + "/n")
+    v.text("fail_source", f"#raw({json.dumps(Path(data.get('evaluation', '')).name)})")
+    counts = data["counts"]
+    wrong = [(c, n) for c, n in counts.items() if c != "correct"]
+    ranked = sorted(wrong, key=lambda cn: -cn[1])
+    parts = []
+    for category, _ in ranked:
+        share = v.number("pct", f"{F}/counts/{category.replace('/', '~1')}", f"{F}/n", op="ratio", scale=100)
+        parts.append(f"{literal(category)} ({share.text})")
+    v.text("fail_categories", ", ".join(parts) or None, F)
+    if ranked:
+        share = v.number("pct", f"{F}/counts/{ranked[0][0].replace('/', '~1')}", f"{F}/n", op="ratio", scale=100)
+        v.text("claim_failure_top", claim_failure_top(ranked[0][0], share))
+    rows = []
+    for j, example in enumerate(data.get("examples") or []):
+        em = v.number("score", f"{F}/examples/{j}/f1", scale=100)
+        rows.append([literal(example["category"]), literal(example["question"]), _excerpt(example),
+                     " / ".join(literal(g) for g in dict.fromkeys(example["gold"])),
+                     f"{literal(example['prediction'])} ({em.text if em else '–'})"])
+    v.flag("has_fail_examples", bool(rows))
+    if rows:
+        v.text("table_failures", table(["Category", "Question", "Context excerpt", "Gold", "Prediction (F1)"], rows,
+                                       "lllll", widths="(auto, 1.3fr, 2.6fr, 0.8fr, 0.9fr)", size="7pt"))
+
+
+def _excerpt(example: dict) -> str:
+    """The excerpt with the gold span in bold and the predicted span underlined (they may overlap)."""
+    text = example["excerpt"]
+    flags = [[False, False] for _ in text]
+    for start, end, kind in example.get("spans") or []:
+        for i in range(max(start, 0), min(end, len(text))):
+            flags[i][kind != "gold"] = True
+    out, i = [], 0
+    while i < len(text):
+        j = i
+        while j < len(text) and flags[j] == flags[i]:
+            j += 1
+        piece = literal(text[i:j])
+        gold, predicted = flags[i]
+        piece = f"#strong[{piece}]" if gold else piece
+        out.append(f"#underline[{piece}]" if predicted else piece)
+        i = j
+    return "".join(out)
+
+
+def _figures(v: Values, plots: Path, figures_dir: Path | None) -> None:
+    for name, stem in FIGURES.items():
+        found = next((plots / f"{stem}{ext}" for ext in (".pdf", ".png") if (plots / f"{stem}{ext}").exists()), None)
+        v.flag(f"has_fig_{name}", found is not None)
+        if found is None:
+            v.text(f"fig_{name}", f'pending-figure("results/plots/{stem}.pdf")')
+            continue
+        if figures_dir is not None:
+            figures_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(found, figures_dir / found.name)
+        v.text(f"fig_{name}", f'image("/figures/{found.name}", width: 100%)')
+
+
+def _theory(v: Values) -> None:
+    """Placeholders of sections/theory.typ: closed-form counts and costs (`loraqa param-counts`, which runs
+    `loraqa.lora_math` on GPT-2's and SmolLM2's configs) and the study's masking ablation."""
+    counts = "parameter_counts.json#"
+    for model, key in (("gpt2", "gpt2"), ("smollm2", "smollm2-135m")):
+        v.put(f"{model}_base_params", "int", f"{counts}/{key}/base_params")
+        for preset, label in (("attention", "attention"), ("attention+mlp", "attention_mlp")):
+            v.put(f"{model}_{label}_r16_trainable", "int", f"{counts}/{key}/presets/{preset}/16/trainable_params")
+            v.put(f"{model}_{label}_r16_reduction", "1", f"{counts}/{key}/presets/{preset}/16/reduction_factor")
+    costs = f"{counts}/smollm2-135m/step_costs_r16/attention"
+    v.put("smollm2_attention_r16_flops_ratio", "2", f"{costs}/ratio/step_flops")
+    for method, name in (("full", "smollm2_full_train_state_mb"), ("lora", "smollm2_attention_r16_train_state_mb")):
+        v.put(name, "1", f"{costs}/{method}/grad_bytes", f"{costs}/{method}/optimizer_state_bytes", op="sum",
+              scale=1e-6)
+    v.put("prompt_token_share", "pct", f"{counts}/prompt_tokens/prompt_share", scale=100)
+    tests = (v.inputs.json("evaluation_results.json") or {}).get("tests") or []
+    index = next((i for i, t in enumerate(tests) if t["name"].startswith("answer-only loss")), None)
+    if v.flag("has_masking_ablation", index is not None):
+        source = f"evaluation_results.json#/tests/{index}"
+        # the test's delta is (whole-sequence loss) - (answer-only loss); the text states masked minus unmasked
+        v.put("masking_ablation_f1_delta", "signed", f"{source}/delta_f1", scale=-1)
+        lo = v.number("signed", f"{source}/delta_f1_ci/1", scale=-1)
+        hi = v.number("signed", f"{source}/delta_f1_ci/0", scale=-1)
+        v.text("masking_ablation_f1_ci", f"[{lo.text}, {hi.text}]" if lo and hi else None, source)
+
+
+def report_values(results_dir: str | Path, figures_dir: Path | None = None) -> Values:
+    """Every placeholder's value from the result files (figures are copied to `figures_dir` when given)."""
+    v = Values(Inputs(results_dir))
+    for part in (_headline, _bench, _data_stats, _label_example, _padding, _study, _main_table, _strategies,
+                 _failures):
+        part(v)
+    _figures(v, Path(results_dir) / "plots", figures_dir)
+    _theory(v)
+    return v
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+CODE_PREFIXES = ("table_", "fig_", "has_")  # placeholders that stand in Typst code (arguments, conditions)
+
+
+def fill(template: str, values: Values) -> str:
+    """Replace every {{name}} by its value. An unset `has_*` flag is false; any other value that does not
+    exist becomes `missing("name: where")`, which stops compilation with that message if the text around
+    it is rendered (so a section must guard it with a flag) and is harmless in a branch not taken."""
+
+    def value(match: re.Match) -> str:
+        name = match.group(1)
+        if name in values.fields:
+            return values.fields[name]
+        if name.startswith("has_"):
+            return "false"
+        where = values.missing.get(name, "no value computed")
+        call = f"missing({json.dumps(f'{name}: {where}')})"
+        return call if name.startswith(CODE_PREFIXES) else "#" + call
+
+    return PLACEHOLDER.sub(value, template)
+
+
+@dataclass
+class Report:
+    pdf: Path
+    pages: int
+    source_dir: Path
+    values: Values
+    png: list[Path] = field(default_factory=list)
+
+    @property
+    def pending(self) -> list[str]:
+        """Inputs and figures the report marks as pending (its has_* flags that are off, claims aside)."""
+        return sorted(k[4:] for k, val in self.values.fields.items()
+                      if k.startswith("has_") and val == "false" and not k.startswith(("has_claim_", "has_complete_")))
+
+
+def count_pages(pdf: Path) -> int:
+    """Pages of a PDF: pypdf when installed, else the page objects in the file."""
+    try:
+        from pypdf import PdfReader
+    except ImportError:
+        return len(re.findall(rb"/Type\s*/Page\b(?!s)", pdf.read_bytes()))
+    return len(PdfReader(str(pdf)).pages)
+
+
+def build_report(results_dir: str | Path, output: str | Path = "report.pdf", *, png_dir: str | Path | None = None,
+                 source_dir: str | Path | None = None, template_dir: str | Path = TEMPLATE_DIR,
+                 ppi: int = 110, serif: str | None = None) -> Report:
+    """Fill the report's sections from `results_dir`, write the Typst source to `source_dir` and compile it.
+
+    By default only the fonts inside the typst package are used (Libertinus Serif, New Computer Modern Math,
+    DejaVu Sans Mono), so every machine builds the same PDF; `serif` names an installed font to use instead
+    (it needs real small capitals for the headings, which Times-metric Liberation Serif lacks)."""
+    import typst
+
+    template, source = Path(template_dir), Path(source_dir or Path(template_dir) / "build")
+    if not (template / "main.typ").exists():
+        raise ReportError(f"{template}: main.typ not found (the report's Typst sources)")
+    if source.exists() and any(source.iterdir()):
+        if not (source / "main.typ").exists():
+            raise ReportError(f"{source}: not empty and not a previous report build (no main.typ); not deleting it")
+        shutil.rmtree(source)
+    (source / "sections").mkdir(parents=True)
+    values = report_values(results_dir, source / "figures")
+    for path in template.glob("*.*"):
+        if path.suffix in (".typ", ".bib", ".yml"):
+            text = path.read_text()
+            (source / path.name).write_text(fill(text, values) if path.suffix == ".typ" else text)
+    for name in SECTIONS:
+        path = template / "sections" / f"{name}.typ"
+        text = path.read_text() if path.exists() else \
+            f"#pending[{literal(f'report/sections/{name}.typ has not been written yet.')}]\n"
+        (source / "sections" / path.name).write_text('#import "/lib.typ": *\n' + fill(text, values))
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fonts = {"sys_inputs": {"serif": serif or "Libertinus Serif"}, "ignore_system_fonts": serif is None}
+    try:
+        typst.compile(str(source / "main.typ"), output=str(output), root=str(source), **fonts)
+        pngs = []
+        if png_dir is not None:
+            png_dir = Path(png_dir)
+            png_dir.mkdir(parents=True, exist_ok=True)
+            for old in png_dir.glob("page-*.png"):
+                old.unlink()
+            typst.compile(str(source / "main.typ"), output=str(png_dir / "page-{p}.png"), root=str(source),
+                          format="png", ppi=ppi, **fonts)
+            pngs = sorted(png_dir.glob("page-*.png"), key=lambda p: int(re.sub(r"\D", "", p.stem)))
+    except typst.TypstError as err:
+        raise ReportError(f"{source / 'main.typ'}: Typst could not compile the report:\n"
+                          f"{getattr(err, 'diagnostic', None) or err}") from None
+    return Report(output, count_pages(output), source, values, pngs)
+
+
+# ---------------------------------------------------------------------------------------------- inputs written once
+
+EXAMPLE = {"id": "56f8ca289b226e1400dd1007", "title": "Martin_Luther",  # a short SQuAD v1.1 dev paragraph
+           "context": "A piece of paper was later found on which Luther had written his last statement. The "
+                      "statement was in Latin, apart from \"We are beggars,\" which was in German.",
+           "question": "What was later discovered written by Luther?",
+           "answers": {"text": ["his last statement"], "answer_start": [64]}}
+
+
+def label_example(tokenizer, record: dict = EXAMPLE, max_length: int = 512) -> dict:
+    """One training row as `loraqa.data` builds it: each token's text, its label and whether it is prompt,
+    answer or EOS (the report's label-masking figure)."""
+    from .data import IGNORE_INDEX, preprocess_function
+
+    columns = {k: [record[k]] for k in ("context", "question", "answers")}
+    row = preprocess_function(columns, tokenizer, max_length=max_length)
+    ids, labels = row["input_ids"][0], row["labels"][0]
+    tokens = []
+    for position, (token, label) in enumerate(zip(ids, labels)):
+        kind = "prompt" if label == IGNORE_INDEX else ("eos" if position == len(ids) - 1 else "answer")
+        text = tokenizer.decode([token]) if kind != "eos" else tokenizer.eos_token
+        text = text.replace(" ", "␣").replace("\n", "↵")
+        tokens.append({"id": token, "text": text, "label": label, "kind": kind})
+    return {"tokenizer": str(getattr(tokenizer, "name_or_path", "")), "record": record, "tokens": tokens,
+            "prompt_tokens": sum(t["kind"] == "prompt" for t in tokens),
+            "target_tokens": sum(t["kind"] != "prompt" for t in tokens)}
+
+
+def write_label_example(tokenizer, output: str | Path = "results/label_example.json") -> dict:
+    example = label_example(tokenizer)
+    Path(output).write_text(json.dumps(example, indent=1, ensure_ascii=False) + "\n")
+    return example
+
+
+def _window(context: str, start: int, end: int, words: int) -> tuple[int, int]:
+    """Character window of `words` words either side of [start, end), cut at spaces."""
+    lo, hi = start, end
+    for _ in range(words):
+        lo = context.rfind(" ", 0, max(lo - 1, 0)) + 1 if lo > 0 else 0
+        nxt = context.find(" ", hi + 1)
+        hi = len(context) if nxt < 0 else nxt
+    return lo, hi
+
+
+def excerpt(context: str, gold: tuple[int, int], predicted: tuple[int, int] | None, words: int = 10) -> dict:
+    """Windows of `context` around the gold span and the predicted span (merged when they overlap), joined
+    by ' … ', with both spans' positions in the excerpt: {"excerpt", "spans": [[start, end, kind]]}."""
+    marks = [(*gold, "gold")] + ([(*predicted, "prediction")] if predicted else [])
+    windows = sorted(_window(context, s, e, words) for s, e, _ in marks)
+    merged = [list(windows[0])]
+    for lo, hi in windows[1:]:
+        if lo <= merged[-1][1]:
+            merged[-1][1] = max(hi, merged[-1][1])
+        else:
+            merged.append([lo, hi])
+    text, offsets = "", []
+    for lo, hi in merged:
+        text += ("… " if lo > 0 else "") if not text else " … "
+        offsets.append((lo, hi, len(text) - lo))
+        text += context[lo:hi]
+    if merged[-1][1] < len(context):
+        text += " …"
+    spans = [[s + shift, e + shift, kind] for s, e, kind in marks for lo, hi, shift in offsets if lo <= s and e <= hi]
+    return {"excerpt": text, "spans": spans}
+
+
+def failure_examples(eval_path: str, data_path: str | None = None, *, per_category: int = 1) -> dict:
+    """Failure categories over an evaluation and a few examples with a context excerpt (gold and predicted
+    spans marked), for the report: {evaluation, n, counts: {category: count}, examples: [...]}."""
+    from .analysis import failure_category, read_evaluation
+    from .data import load_squad
+
+    result = read_evaluation(eval_path)
+    records = {r["id"]: r for r in load_squad(data_path or result["data"], "validation")}
+    counts: dict[str, int] = {}
+    examples = []
+    for qid, score in result["per_question"].items():
+        record, prediction = records[qid], result["predictions"].get(qid, "")
+        category = failure_category(prediction, record["answers"]["text"], record["context"],
+                                    score["exact_match"], score["f1"])
+        counts[category] = counts.get(category, 0) + 1
+        if category == "correct" or sum(e["category"] == category for e in examples) >= per_category:
+            continue
+        context, start = record["context"], record["answers"]["answer_start"][0]
+        gold = (start, start + len(record["answers"]["text"][0]))
+        found = [m.start() for m in re.finditer(re.escape(prediction), context)] if prediction.strip() else []
+        nearest = min(found, key=lambda at: abs(at - start), default=None)
+        predicted = (nearest, nearest + len(prediction)) if nearest is not None else None
+        examples.append({"id": qid, "category": category, "question": record["question"].strip(),
+                         "gold": list(dict.fromkeys(record["answers"]["text"])), "prediction": prediction,
+                         "exact_match": score["exact_match"], "f1": score["f1"],
+                         **excerpt(context, gold, predicted)})
+    return {"evaluation": str(eval_path), "model": result.get("model"), "adapter": result.get("adapter"),
+            "n": len(result["per_question"]), "counts": counts, "examples": examples}
+
+
+def write_failure_examples(eval_path: str, output: str | Path = "results/failure_examples.json",
+                           data_path: str | None = None) -> dict:
+    examples = failure_examples(eval_path, data_path)
+    Path(output).write_text(json.dumps(examples, indent=1, ensure_ascii=False) + "\n")
+    return examples

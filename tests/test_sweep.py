@@ -1,0 +1,113 @@
+"""The sweep on a tiny GPT-2: every run once, resumable, printable as commands, collected into one table."""
+import json
+import shutil
+
+import pytest
+import yaml
+
+from loraqa.config import ConfigError
+from loraqa.data import heldout_split, load_squad
+from loraqa.sweep import commands, load_spec, plan, run_sweep
+
+
+def _spec(tmp_path, model_dir, squad_file) -> str:
+    spec = {
+        "base": {"model": str(model_dir), "train_file": str(squad_file), "validation_file": str(squad_file),
+                 "max_length": 128, "max_steps": 4, "per_device_train_batch_size": 2, "eval_steps": 2,
+                 "save_steps": 2, "logging_steps": 1, "disable_tqdm": True, "lora_dropout": 0.0},
+        "grid": {"learning_rate": [1.0e-3, 5.0e-3],
+                 "rank": [{"lora_r": 2, "lora_alpha": 4}, {"lora_r": 4, "lora_alpha": 8}]},
+        "centre": {"learning_rate": 1.0e-3, "rank": {"lora_r": 4, "lora_alpha": 8}},
+        "runs": {"baseline": {"train": False}, "best_again": {"from": "best", "seed": 1}},
+        "first": ["baseline"],
+        "evaluations": {"test": {"data": str(squad_file), "max_samples": 5, "max_new_tokens": 4}},
+        "select_on": "test",
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return str(path)
+
+
+def test_plan_orders_runs_and_ties_settings(tmp_path, tiny_gpt2_dir, squad_file):
+    runs = plan(load_spec(_spec(tmp_path, tiny_gpt2_dir, squad_file)))
+    assert [r.name for r in runs][:2] == ["baseline", "lr0.001-r4-alpha8"]  # first, then the centre
+    assert len(runs) == 5  # best_again waits for the grid
+    assert all(r.settings["lora_alpha"] == 2 * r.settings["lora_r"] for r in runs if r.kind == "grid")
+    assert len({r.run_id for r in runs}) == 5
+    line = commands(runs[1], tmp_path / runs[1].run_id)
+    assert line[0][:2] == ["loraqa", "train"] and "--lora_alpha" in line[0] and line[1][:2] == ["loraqa", "evaluate"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"grid": {"lora_r": 4}}, "grid.lora_r: expected a non-empty list"),
+    ({"grid": {"lora_rank": [4]}}, "unknown setting(s) lora_rank"),
+    ({"runs": {"x": {"from": "worst"}}}, "runs.x.from: only 'best'"),
+    ({"evaluations": {}}, "evaluations: at least one is needed"),
+])
+def test_bad_specs_are_one_clear_line(tmp_path, spec, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"evaluations": {"test": {}}, **spec}))
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_spec(path)
+    path.write_text("base: {model: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: line 2 not valid YAML"):
+        load_spec(path)
+
+
+def test_sweep_runs_each_run_once_resumes_and_collects(tmp_path, tiny_gpt2_dir, squad_file, capsys):
+    spec = _spec(tmp_path, tiny_gpt2_dir, squad_file)
+    out = tmp_path / "sweep"
+    # a time-boxed first session: two runs, then stop
+    first = run_sweep(spec, str(out), limit=2)
+    assert sorted(first.values()) == ["done", "done"]
+    capsys.readouterr()
+    pending = run_sweep(spec, str(out), print_commands=True)
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == len(pending) == 3 and all(line.startswith("loraqa train ") for line in printed)
+    # an interrupted run: its results are gone, its last checkpoint is not
+    resumed = next(p for p in out.iterdir() if p.name.startswith("lr0.001-r4"))
+    for name in ("done.json", "summary.json", "eval_test.json", "adapter_model.safetensors"):
+        (resumed / name).unlink()
+    shutil.rmtree(resumed / "checkpoint-4", ignore_errors=True)
+    second = run_sweep(spec, str(out))
+    assert sorted(second.values()) == ["done"] * 6  # 4 grid + baseline + best_again, each done
+    log = (resumed / "train.log").read_text()
+    assert "--resume_from_checkpoint" in log and "checkpoint-2" in log
+    assert log.count("$ loraqa train") == 2  # the first attempt and the resumed one
+    for run_dir in out.iterdir():
+        if run_dir.name != resumed.name and not run_dir.name.startswith("baseline"):
+            assert (run_dir / "train.log").read_text().count("$ loraqa train") == 1, run_dir.name  # never twice
+    assert run_sweep(spec, str(out)) == {r: "done" for r in second}  # a third call finds nothing to do
+
+    from loraqa.study import collect
+
+    results = collect(spec, str(out), str(tmp_path / "evaluation_results.json"))
+    on_disk = json.loads((tmp_path / "evaluation_results.json").read_text())
+    assert on_disk["selection"] == results["selection"] and not results["pending"]
+    grid = [r for r in results["runs"] if r["group"] == "grid"]
+    best = max(grid, key=lambda r: r["scores"]["test"]["f1"])
+    assert results["selection"]["best_run"] == best["run_id"]
+    best_again = next(r for r in results["runs"] if r["name"] == "best_again")
+    assert {k: v for k, v in best_again["settings"].items() if k != "seed"} == \
+        {k: v for k, v in best["settings"].items() if k != "seed"}
+    for run in grid:
+        assert run["trainable_params"] < run["total_params"] and run["weights_bytes"] > 0
+        assert [step for step, _ in run["curves"]["validation"]][:2] == [2, 4]
+        lo, hi = run["scores"]["test"]["f1_ci"]
+        assert lo <= run["scores"]["test"]["f1"] <= hi
+    assert {level["level"] for level in results["main_effects"]["learning_rate"]} == {0.001, 0.005}
+    assert all(level["runs"] == 2 for level in results["main_effects"]["learning_rate"])
+    names = {t["name"] for t in results["tests"]}
+    assert {"centre vs learning_rate=0.005", "centre vs rank=lora_r=2,lora_alpha=4", "baseline vs LoRA (best)"} <= names
+    assert all(t["p_value"] <= t["p_holm"] <= 1 for t in results["tests"])
+
+
+def test_heldout_articles_are_whole_and_never_trained_on(squad_file):
+    dataset = load_squad(str(squad_file))
+    rest, heldout = heldout_split(dataset, 1, seed=0)
+    assert set(rest["title"]).isdisjoint(heldout["title"]) and len(rest) + len(heldout) == len(dataset)
+    assert len(set(heldout["title"])) == 1
+    again_rest, again_heldout = heldout_split(dataset, 1, seed=0)
+    assert again_heldout["id"] == heldout["id"]  # seeded, not random
+    titles = {heldout_split(dataset, 1, seed=s)[1]["title"][0] for s in range(8)}
+    assert len(titles) == 2  # the seed chooses which article
