@@ -4,14 +4,14 @@ PY := $(VENV)/bin/python
 LORAQA := $(VENV)/bin/loraqa
 export LORAQA_CACHE ?= $(CURDIR)/data
 
-.PHONY: install fetch test test-all run bench results report
+.PHONY: install fetch test test-all run bench results report browser-test
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: the CPU wheel here (a bare `torch` would pull a multi-GB CUDA build)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test,bench]"
+	$(PY) -m pip install --quiet -e ".[test,bench,report]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -24,6 +24,14 @@ test: fetch
 
 test-all: fetch
 	$(PY) -m pytest -q -m ""
+
+# The demo's browser test (issue 15): Debian's chromium + chromium-driver when apt-get can install them (root),
+# gradio + selenium (the extra `demo`), then `loraqa demo` driven in headless Chromium.
+browser-test: fetch
+	command -v chromedriver >/dev/null || (apt-get update -qq && apt-get install -y chromium chromium-driver) || \
+		echo "chromium/chromium-driver not installed: the browser test will be skipped"
+	$(PY) -c "import gradio, selenium" 2>/dev/null || $(PY) -m pip install --quiet -e ".[demo]"
+	$(PY) -m pytest -q -rs tests/test_demo.py
 
 # The main job: fine-tune on a small budget (~20 min on 2 CPU cores), then baseline vs fine-tuned EM/F1.
 run: fetch

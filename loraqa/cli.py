@@ -1,26 +1,29 @@
 """`loraqa SUBCOMMAND ...`: a thin layer over the library: parse, build the config, call, say where output went.
 
-Subcommands: fetch, data-stats, score, train, evaluate, compare, failures, ask, bench, run.
-`train`, `evaluate` and `bench` take transformers-style flags (`--learning_rate`, dash spellings too)
-and `--config run.yaml`; flags override the YAML file.
+The subcommands are `COMMANDS` (listed by `loraqa --help`). `train`, `evaluate`, `ask`, `bench` and `run` take
+transformers-style flags (`--learning_rate`, dash spellings too) and `--config run.yaml`; flags override the YAML
+file. Errors are one line and exit with status 2 (argparse-based subcommands: `config.ArgumentParser`).
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import sys
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from .assets import ASSET_NAMES, FetchError
-from .config import ConfigError, default_cache_dir
+from .config import ArgumentParser, ConfigError, default_cache_dir
 
 log = logging.getLogger("loraqa")
 
 
 def _fetch(argv):
-    parser = argparse.ArgumentParser(prog="loraqa fetch", description="Fetch verified offline assets.")
+    parser = ArgumentParser(prog="loraqa fetch", description="Fetch verified offline assets.")
     parser.add_argument("assets", nargs="*", metavar="ASSET",
                         help=f"assets to fetch: {', '.join(ASSET_NAMES)} (default: all)")
     parser.add_argument("--cache_dir", "--cache-dir", default=default_cache_dir(), help="cache (env LORAQA_CACHE)")
@@ -32,7 +35,7 @@ def _fetch(argv):
 
 
 def _score(argv):
-    parser = argparse.ArgumentParser(prog="loraqa score", description="Official SQuAD v1.1 evaluation (unanswerable "
+    parser = ArgumentParser(prog="loraqa score", description="Official SQuAD v1.1 evaluation (unanswerable "
                                      "v2.0 questions as the v2.0 script scores them).")
     parser.add_argument("dataset_file", help="SQuAD v1.1 or v2.0 dataset JSON")
     parser.add_argument("prediction_file", help="JSON object {question id: answer text}")
@@ -56,7 +59,7 @@ def _score(argv):
 
 
 def _data_stats(argv):
-    parser = argparse.ArgumentParser(prog="loraqa data-stats", description="Token-length statistics of a SQuAD file.")
+    parser = ArgumentParser(prog="loraqa data-stats", description="Token-length statistics of a SQuAD file.")
     parser.add_argument("--model", default="smollm2-135m", help="model (or tokenizer folder) whose tokenizer to use")
     parser.add_argument("--data", default="squad", help="SQuAD JSON, or 'squad' for fetched v1.1")
     parser.add_argument("--split", default="train", choices=["train", "validation"])
@@ -85,19 +88,23 @@ def _data_stats(argv):
         write_json_atomic(args.output, stats)
 
 
-def _train(argv):
-    from .config import DataArguments, LoraArguments, LoraQATrainingArguments, ModelArguments, parse_config
+def _train(argv, defaults: dict | None = None):
+    """`loraqa train`; `defaults` are a calling command's own settings (`run`'s), below the user's file and flags."""
+    from .config import (DataArguments, LoraArguments, LoraQATrainingArguments, ModelArguments,
+                         parse_config_with_sources)
     from .train import train
 
-    model_args, lora_args, data_args, training_args = parse_config(
-        (ModelArguments, LoraArguments, DataArguments, LoraQATrainingArguments), argv)
-    result = train(model_args, lora_args, data_args, training_args)
+    (model_args, lora_args, data_args, training_args), sources = parse_config_with_sources(
+        (ModelArguments, LoraArguments, DataArguments, LoraQATrainingArguments), argv, defaults=defaults,
+        defaults_source="run")
+    result = train(model_args, lora_args, data_args, training_args, sources=sources)
     if result.summary:
         s = result.summary
         print(f"trained {s['model_resolved']} ({s['method']}): {s['trainable_params']:,} of {s['total_params']:,} "
-              f"parameters trainable (x{s['reduction_factor']}), {s['train_examples_per_s']:.2f} examples/s, "
-              f"final validation loss {s['final_validation_loss']}")
+              f"parameters trainable (x{s['reduction_factor']}), {s['global_steps']} steps, "
+              f"{s['train_examples_per_s']:.2f} examples/s, final validation loss {s['final_validation_loss']}")
         print(f"run directory: {result.output_dir}")
+    return model_args, result
 
 
 def _evaluate(argv):
@@ -116,7 +123,7 @@ def _evaluate(argv):
 
 
 def _compare(argv):
-    parser = argparse.ArgumentParser(prog="loraqa compare", description="Paired comparison of two evaluations.")
+    parser = ArgumentParser(prog="loraqa compare", description="Paired comparison of two evaluations.")
     parser.add_argument("a", help="evaluation JSON A (e.g. the baseline)")
     parser.add_argument("b", help="evaluation JSON B; deltas are B - A")
     parser.add_argument("--output", default=None, help="also write the comparison JSON here")
@@ -141,7 +148,7 @@ def _compare(argv):
 
 
 def _failures(argv):
-    parser = argparse.ArgumentParser(prog="loraqa failures", description="Failure categories as Markdown.")
+    parser = ArgumentParser(prog="loraqa failures", description="Failure categories as Markdown.")
     parser.add_argument("evaluation", help="evaluation JSON written by `loraqa evaluate`")
     parser.add_argument("--data", default=None, help="SQuAD JSON (default: the file the evaluation used)")
     parser.add_argument("--examples", type=int, default=3, help="examples per category")
@@ -157,24 +164,22 @@ def _failures(argv):
         print(report)
 
 
+@dataclass
+class AskArguments:
+    adapter: str | None = field(default=None, metadata={"help": "Run directory of a trained adapter (or full model)."})
+    context: str | None = field(default=None, metadata={"help": "The paragraph (asked for when missing)."})
+    question: str | None = field(default=None, metadata={"help": "The question (an interactive loop when missing)."})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when available, else cpu), cpu, cuda, ..."})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
+        "help": "auto: bfloat16 on a CUDA device that supports it, float32 elsewhere."})
+
+
 def _ask(argv):
-    parser = argparse.ArgumentParser(prog="loraqa ask", description="Answer questions about a context.")
-    parser.add_argument("--model", default="gpt2")
-    parser.add_argument("--adapter", default=None, help="run directory of a trained adapter")
-    parser.add_argument("--context", default=None, help="the paragraph (asked for when missing)")
-    parser.add_argument("--question", default=None, help="the question (interactive loop when missing)")
-    parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=32)
-    parser.add_argument("--cache_dir", "--cache-dir", default=default_cache_dir())
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available, else cpu), cpu, cuda, ...")
-    parser.add_argument("--dtype", default="auto",
-                        help="auto (bfloat16 on a CUDA device that supports it, float32 elsewhere), float32, bfloat16, float16")
-    args = parser.parse_args(argv)
-    from .config import GenerationSettings, ModelArguments
+    from .config import GenerationSettings, ModelArguments, parse_config
     from .evaluation import answer_question, load_model_for_eval
 
-    model, tokenizer, _ = load_model_for_eval(ModelArguments(args.model, args.cache_dir), args.adapter,
-                                              device=args.device, dtype=args.dtype)
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    model_args, args, settings = parse_config((ModelArguments, AskArguments, GenerationSettings), argv)
+    model, tokenizer, _ = load_model_for_eval(model_args, args.adapter, device=args.device, dtype=args.dtype)
     context = args.context if args.context is not None else input("Context: ")
     if args.question is not None:
         print(answer_question(model, tokenizer, context, args.question, settings))
@@ -203,20 +208,20 @@ def _bench(argv):
     print(f"written: {bench_args.output}")
 
 
-def _run(argv):
-    """The main job (`make run`): fetch, fine-tune on a small budget, evaluate baseline and tuned, compare."""
-    from .config import (DataArguments, GenerationSettings, LoraArguments, LoraQATrainingArguments, ModelArguments,
-                         parse_config)
-    from .analysis import compare
-    from .evaluation import EvaluateArguments, evaluate
-    from .train import train
+# `loraqa run`'s own settings: a user's --config file and flags override them (run_config.json: sources).
+# 12 minutes of training (steps sized by a speed probe) keep the whole job near 20 minutes on 2 CPU cores.
+RUN_DEFAULTS = {"output_dir": "runs/main", "max_train_samples": 3000, "max_eval_samples": 64, "eval_steps": 50,
+                "save_steps": 50, "logging_steps": 10, "max_train_minutes": 12}
 
-    model_args, lora_args, data_args, training_args = parse_config(
-        (ModelArguments, LoraArguments, DataArguments, LoraQATrainingArguments),
-        ["--output_dir", "runs/main", "--max_train_samples", "3000", "--max_eval_samples", "64",
-         "--eval_steps", "50", "--save_steps", "50", "--logging_steps", "10"] + argv)
-    result = train(model_args, lora_args, data_args, training_args)
-    out = Path(training_args.output_dir)
+
+def _run(argv):
+    """The main job (`make run`): fetch, fine-tune on a time budget, evaluate baseline and tuned, compare."""
+    from .analysis import compare
+    from .config import GenerationSettings, ModelArguments
+    from .evaluation import EvaluateArguments, evaluate
+
+    model_args, result = _train(argv, defaults=RUN_DEFAULTS)
+    out = Path(result.output_dir)
     settings = GenerationSettings()
     evaluations = {}
     for name, adapter in (("baseline", None), ("finetuned", str(out))):
@@ -239,7 +244,7 @@ def _run(argv):
 
 
 def _sweep(argv):
-    parser = argparse.ArgumentParser(prog="loraqa sweep", description="Run a sweep spec: train + evaluate per run, "
+    parser = ArgumentParser(prog="loraqa sweep", description="Run a sweep spec: train + evaluate per run, "
                                      "resumable (rerun the same command after an interruption).")
     parser.add_argument("spec", help="sweep spec YAML (see loraqa.sweep)")
     parser.add_argument("--output_dir", "--output-dir", required=True, help="where the run directories go")
@@ -269,7 +274,7 @@ def _sweep(argv):
 
 
 def _plots(argv):
-    parser = argparse.ArgumentParser(prog="loraqa plots", description="Draw the study's figures (PNG and PDF) from "
+    parser = ArgumentParser(prog="loraqa plots", description="Draw the study's figures (PNG and PDF) from "
                                      "its results files; plots without data yet are skipped with a note.")
     parser.add_argument("--results", default="results/evaluation_results.json", help="`loraqa sweep --collect` output")
     parser.add_argument("--output_dir", "--output-dir", default="results/plots")
@@ -295,7 +300,7 @@ def _padding_study(argv):
 
 
 def _report(argv):
-    parser = argparse.ArgumentParser(prog="loraqa report", description="Build the technical report (Typst -> PDF) from "
+    parser = ArgumentParser(prog="loraqa report", description="Build the technical report (Typst -> PDF) from "
                                      "the result files alone; what is not measured yet is printed as pending.")
     parser.add_argument("--results", default="results", help="folder of result files (never models)")
     parser.add_argument("--output", default="report.pdf")
@@ -316,7 +321,7 @@ def _report(argv):
 
 
 def _param_counts(argv):
-    parser = argparse.ArgumentParser(prog="loraqa param-counts", description="LoRA parameter counts and per-step "
+    parser = ArgumentParser(prog="loraqa param-counts", description="LoRA parameter counts and per-step "
                                      "costs in closed form (loraqa.lora_math) for GPT-2 (124M, from its config) and "
                                      "the fetched SmolLM2-135M, and the prompt-token share of the training rows.")
     parser.add_argument("--cache_dir", "--cache-dir", default=default_cache_dir())
@@ -387,10 +392,15 @@ COMMANDS = {"fetch": _fetch, "data-stats": _data_stats, "score": _score, "train"
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         print("\nusage: loraqa {" + ",".join(COMMANDS) + "} [--help]")
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+        return 0
+    if argv[0] not in COMMANDS:
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        print(f"loraqa: error: unknown command {argv[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+              + f"; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .data import SquadFormatError
     from .modeling import ModelSetupError

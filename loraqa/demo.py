@@ -25,7 +25,7 @@ from .analysis import failure_category, read_evaluation
 from .config import ConfigError, GenerationSettings, ModelArguments
 from .data import SquadFormatError, encode_prompt_counting_cut, load_squad, take_subset
 from .evaluation import load_model_for_eval, training_max_length
-from .generate import generate_answers, max_prompt_tokens
+from .generate import generate_answers, max_prompt_tokens, stop_token_ids
 from .metrics import exact_match_score, f1_score, metric_max_over_ground_truths
 from .modeling import ModelSetupError
 
@@ -146,10 +146,15 @@ def filter_rows(rows: list[dict], *, category: str = "all", comparison: str = "a
     return kept
 
 
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
+
+
 def table_rows(rows: list[dict]) -> list[list]:
-    """The Errors table (TABLE_HEADERS), one line per row."""
+    """The Errors table (TABLE_HEADERS), one line per row; answers past 80 characters are shortened (a
+    selected row shows them whole)."""
     def side(s: dict | None) -> list:
-        return ["", "", ""] if s is None else [s["answer"], s["category"], round(100 * s["f1"], 1)]
+        return ["", "", ""] if s is None else [_short(s["answer"]), s["category"], round(100 * s["f1"], 1)]
 
     return [[r["id"], r["question"], " | ".join(dict.fromkeys(r["golds"])), *side(r["a"]), *side(r["b"])]
             for r in rows]
@@ -317,7 +322,7 @@ def ask(models: DemoModels, context: str, question: str, gold: str, settings: Ge
         message = f"Please type a {' and a '.join(missing)}: there is nothing to answer yet."
         logger.warning("demo ask: empty %s", " and ".join(missing))
         return {"status": message, "base": {"text": "", "html": ""}, "adapter": {"text": "", "html": ""},
-                "context": html.escape(context)}
+                "context": f'<div class="context">{html.escape(context)}</div>'}
     results = {"base": answer(models.base, models.tokenizer, context, question, settings, models.base_max_length)}
     if models.adapted is not None:
         results["adapter"] = answer(models.adapted, models.tokenizer, context, question, settings,
@@ -343,7 +348,7 @@ def ask(models: DemoModels, context: str, question: str, gold: str, settings: Ge
             "adapter": {"text": adapter.text if adapter else "",
                         "html": render_answer(adapter, golds) if adapter
                         else f'<p class="demo-error">{html.escape(models.adapter_error or "")}</p>'},
-            "context": highlight_spans(context, spans)}
+            "context": f'<div class="context">{highlight_spans(context, spans)}</div>'}
 
 
 def dev_examples(source: str, n: int = 4) -> list[list[str]]:
@@ -435,7 +440,7 @@ def build_demo(models: DemoModels, *, examples: list[list[str]] = (), errors: tu
                     adapter_text = gr.Textbox(label="answer", interactive=False, elem_id="adapter-answer")
                     adapter_html = gr.HTML(elem_id="adapter-details")
             gr.HTML(LEGEND)
-            context_view = gr.HTML(elem_id="context-view", elem_classes=["context"])
+            context_view = gr.HTML(elem_id="context-view")
             if examples:
                 gr.Examples(examples=[list(e) for e in examples], inputs=[context, question, gold],
                             label="Dev examples (click one: context, question and gold answers fill in)")
@@ -455,10 +460,13 @@ def build_demo(models: DemoModels, *, examples: list[list[str]] = (), errors: tu
 
             ask_inputs = [context, question, gold, do_sample, top_k, top_p, temperature, seed, max_new_tokens]
             ask_outputs = [status, base_text, base_html, adapter_text, adapter_html, context_view]
-            button.click(on_ask, ask_inputs, ask_outputs)
-            question.submit(on_ask, ask_inputs, ask_outputs)
+            # a static note while answering, not Gradio's ticking timer: redrawing it every frame costs a CPU the
+            # models would rather have
+            for trigger in (button.click, question.submit):
+                trigger(lambda: "Answering with both models ...", None, status, queue=False).then(
+                    on_ask, ask_inputs, ask_outputs, show_progress="hidden")
 
-        with gr.Tab("Errors"):
+        with gr.Tab("Errors") as errors_tab:
             with gr.Row():
                 path_a = gr.Textbox(label="evaluation A (e.g. the fine-tuned model's)",
                                     value=errors[0] if errors else "", elem_id="eval-a")
@@ -472,7 +480,8 @@ def build_demo(models: DemoModels, *, examples: list[list[str]] = (), errors: tu
                 comparison = gr.Radio(list(COMPARISONS), value="all", label="A vs B (right = exact match)",
                                       elem_id="errors-comparison")
                 search = gr.Textbox(label="text (id, question, context, answers)", elem_id="errors-search")
-            table = gr.Dataframe(headers=TABLE_HEADERS, value=[], interactive=False, wrap=True,
+            table = gr.Dataframe(headers=TABLE_HEADERS, value=[], interactive=False, wrap=True, max_height=420,
+                                 column_widths=["11%", "21%", "12%", "12%", "10%", "5%", "12%", "12%", "5%"],
                                  elem_id="errors-table")
             qid = gr.Textbox(label="question id (click a row, or type one)", elem_id="errors-qid")
             gr.HTML(ERRORS_LEGEND)
@@ -511,7 +520,11 @@ def build_demo(models: DemoModels, *, examples: list[list[str]] = (), errors: tu
             load_event = dict(fn=on_load, inputs=[path_a, path_b],
                               outputs=[rows_state, names_state, errors_status, category, table])
             load.click(**load_event)
-            demo.load(**load_event)
+
+            def on_first_visit(rows, a, b):  # the table is drawn when first needed, not with every page load
+                return on_load(a, b) if not rows else gr.skip()
+
+            errors_tab.select(on_first_visit, [rows_state, path_a, path_b], load_event["outputs"])
             for control in (category, comparison):
                 control.change(on_filter, [rows_state, category, comparison, search], table)
             search.submit(on_filter, [rows_state, category, comparison, search], table)
@@ -533,6 +546,7 @@ def serve(model_args: ModelArguments, adapter: str | None, *, host: str = "127.0
         logger.warning("demo: --host %s makes the demo reachable from other machines, without any authentication",
                        host)
     models = load_demo_models(model_args, adapter, device=device, dtype=dtype)
+    stop_token_ids(models.tokenizer)  # decodes the whole vocabulary once: now, not during the first question
     example_rows = []
     if examples and examples != "none":
         try:

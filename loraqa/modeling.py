@@ -65,8 +65,9 @@ def resolve_model(name: str, cache_dir: str | os.PathLike) -> str:
     close = difflib.get_close_matches(name, MODEL_ALIASES, n=1)
     fetched = (Path(cache_dir) / "smollm2-135m" / "config.json").exists()
     raise ModelSetupError(
-        f"model {name!r}: no such directory, alias or hub model" + (" (the hub is unreachable)" if found is None else "")
-        + (f", did you mean {close[0]}?" if close else "") + "; aliases: gpt2 (the hub's GPT-2, else smollm2-135m), "
+        f"model {name!r}: no such directory, alias or hub model"
+        + (" (the hub is unreachable)" if found is None else "") + (f", did you mean {close[0]}?" if close else "")
+        + "; aliases: gpt2 (the hub's GPT-2, else smollm2-135m), "
         + (f"smollm2-135m (fetched in {cache_dir})" if fetched else "smollm2-135m (`loraqa fetch smollm2-135m`)"))
 
 

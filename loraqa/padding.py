@@ -39,7 +39,7 @@ STRATEGIES = ("static", "dynamic", "length_grouped", "shared_context")
 
 @dataclass
 class PaddingStudyArguments:
-    data: str = field(default="squad", metadata={"help": "SQuAD-format training JSON, or 'squad' (fetched v1.1 train)."})
+    data: str = field(default="squad", metadata={"help": "SQuAD-format training JSON or 'squad' (v1.1 train)."})
     questions: int = field(default=4096, metadata={"help": "Training questions in the pool (whole paragraphs)."})
     batch_sizes: str = field(default="1,2,4,8,16,32", metadata={"help": "Comma-separated questions per batch."})
     max_length: int = field(default=512, metadata={"help": "Row length limit, and the static padding length."})
@@ -188,11 +188,14 @@ MEMORY_METHOD = ("peak resident set size during the step minus the resident set 
                  "reset (/proc/self/clear_refs = 5) and read back as VmHWM after the step")
 
 
-def step_cost(model, batch: dict[str, torch.Tensor]) -> tuple[float, float | None]:
-    """(seconds, peak memory increase in MiB) of one forward+backward of the answer loss, no optimizer step.
+def step_cost(model, batch: dict[str, torch.Tensor]) -> dict[str, float | None]:
+    """Wall seconds, CPU seconds and peak memory increase (MiB) of one forward+backward of the answer loss, no
+    optimizer step.
 
-    On CUDA the increase is torch's peak allocated memory over the step; on the CPU see `MEMORY_METHOD`
-    (None when /proc/self/clear_refs cannot be written).
+    CPU seconds (the process's user+system time; None on CUDA) measure the work even when other jobs share the
+    core: wall time then also counts the time the step waited for it. On CUDA the memory is torch's peak
+    allocated memory over the step; on the CPU see `MEMORY_METHOD` (None when /proc/self/clear_refs cannot be
+    written).
     """
     from .train import answer_loss
 
@@ -208,18 +211,18 @@ def step_cost(model, batch: dict[str, torch.Tensor]) -> tuple[float, float | Non
             _libc.malloc_trim(0)
         resettable = _reset_peak_rss()
         before = _proc_status_mb("VmRSS")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     answer_loss(model, batch).backward()
     if cuda:
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     if cuda:
         peak = (torch.cuda.max_memory_allocated() - before) / 2**20
     else:
         after = _proc_status_mb("VmHWM")
         peak = after - before if resettable and after is not None and before is not None else None
     model.zero_grad(set_to_none=True)
-    return seconds, peak
+    return {"seconds": seconds, "cpu_seconds": None if cuda else cpu_seconds, "peak_memory_mb": peak}
 
 
 def time_cells(model, tokenizer, rows: dict[str, list], cells: list[dict], *, max_length: int, timed_tokens: int,
@@ -238,20 +241,23 @@ def time_cells(model, tokenizer, rows: dict[str, list], cells: list[dict], *, ma
             cell["timing_skipped"] = (f"a representative batch computes {chosen[0]['computed']} tokens, over "
                                       f"max_step_tokens={max_step_tokens}")
             continue
-        seconds, memory = [], []
+        costs = []
         for b in chosen:
             batch = collate(_features(rows, b["indices"]), cell["strategy"], tokenizer, max_length)
-            s, m = step_cost(model, {k: v.to(device) for k, v in batch.items()})
-            seconds.append(s)
-            memory.append(m)
+            costs.append(step_cost(model, {k: v.to(device) for k, v in batch.items()}))
         tokens = [b["computed"] for b in chosen]
-        cell["timing"] = {"batches": len(chosen), "computed_tokens": tokens, "step_seconds": seconds,
-                          "step_seconds_median": statistics.median(seconds),
-                          "tokens_per_s": sum(tokens) / sum(seconds),
+        seconds, cpu, memory = ([c[k] for c in costs] for k in ("seconds", "cpu_seconds", "peak_memory_mb"))
+        timed_on_cpu = None not in cpu
+        cell["timing"] = {"batches": len(chosen), "computed_tokens": tokens,
+                          "step_seconds": seconds, "step_seconds_median": statistics.median(seconds),
+                          "step_cpu_seconds": cpu if timed_on_cpu else None,
+                          "step_cpu_seconds_median": statistics.median(cpu) if timed_on_cpu else None,
+                          "tokens_per_s": sum(tokens) / sum(cpu if timed_on_cpu else seconds),
                           "peak_memory_mb": memory,
                           "peak_memory_mb_max": max(memory) if None not in memory else None}
-        logger.info("%s batch %d: %.2f s/step, %s MiB, %d tokens", cell["strategy"], cell["batch_size"],
-                    cell["timing"]["step_seconds_median"], cell["timing"]["peak_memory_mb_max"], tokens[0])
+        logger.info("%s batch %d: %.2f s/step (wall %.2f), %s MiB, %d tokens", cell["strategy"], cell["batch_size"],
+                    statistics.median(cpu if timed_on_cpu else seconds), cell["timing"]["step_seconds_median"],
+                    f"{memory[0]:.0f}" if memory[0] is not None else "?", tokens[0])
 
 
 # ---------------------------------------------------------------------------------------------- the study
@@ -263,7 +269,8 @@ def _machine(threads: int, note: str) -> dict:
             cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu_model)
     except OSError:
         pass
-    return {"cpu_model": cpu_model, "cpu_count": os.cpu_count(), "torch_threads": threads,
+    return {"cpu_model": cpu_model, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_count": os.cpu_count(), "torch_threads": threads,
             "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "note": note}
@@ -285,6 +292,8 @@ def padding_study(model, tokenizer, rows: dict[str, list], args: PaddingStudyArg
                      "question_tokens": sum(len(ids) for ids in rows["input_ids"])},
             "step": "forward + backward of the answer-only loss (train.answer_loss), model in training mode, no "
                     "optimizer step; shared_context runs attention per paragraph as training does",
+            "step_time": "step_cpu_seconds: the process's CPU time over the step (the work, whatever else shares the "
+                         "core; None on CUDA); step_seconds: wall time; tokens_per_s uses CPU time where there is one",
             "memory_method": MEMORY_METHOD if not torch.cuda.is_available() else "torch.cuda.max_memory_allocated "
                              "over the step minus memory allocated before it",
             "counting_seconds": counted - started, "timing_seconds": time.perf_counter() - counted}
@@ -334,7 +343,8 @@ def run_padding_study(model_args, args: PaddingStudyArguments) -> dict:
     machine["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     metadata = run_metadata()
     result.update(model=model_args.model, model_resolved=resolved, data=source, preprocessing=skipped,
-                  settings=to_dict(args), lora=to_dict(_lora_arguments(args)), wall_seconds=time.perf_counter() - started,
+                  settings=to_dict(args), lora=to_dict(_lora_arguments(args)),
+                  wall_seconds=time.perf_counter() - started,
                   peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   **{k: v for k, v in metadata.items() if k != "machine"},
                   machine={**metadata["machine"], **machine})
@@ -344,10 +354,12 @@ def run_padding_study(model_args, args: PaddingStudyArguments) -> dict:
 
 def summary_lines(result: dict) -> list[str]:
     """A table per batch size: padded share, tokens per question, step time, peak memory of each strategy."""
-    lines = [f"{'strategy':15s} {'batch':>5s} {'padded':>7s} {'tok/q':>6s} {'s/step':>7s} {'MiB':>7s}"]
+    lines = [f"{'strategy':15s} {'batch':>5s} {'padded':>7s} {'tok/q':>6s} {'s/step':>7s} {'MiB':>7s}"
+             f"   (s/step: CPU seconds on a CPU, wall seconds on CUDA)"]
     for cell in sorted(result["cells"], key=lambda c: (c["batch_size"], STRATEGIES.index(c["strategy"]))):
         timing = cell.get("timing") or {}
-        seconds = f"{timing['step_seconds_median']:7.2f}" if timing else f"{'-':>7s}"
+        seconds = timing.get("step_cpu_seconds_median") or timing.get("step_seconds_median")
+        seconds = f"{seconds:7.2f}" if seconds is not None else f"{'-':>7s}"
         memory = timing.get("peak_memory_mb_max")
         memory = f"{memory:7.0f}" if memory is not None else f"{'-':>7s}"
         lines.append(f"{cell['strategy']:15s} {cell['batch_size']:5d} {cell['padded_share']:7.1%} "

@@ -92,6 +92,11 @@ def _sorted_levels(results: dict, setting: str) -> list:
     return sorted(levels) if all(isinstance(v, (int, float)) for v in levels) else levels
 
 
+def _present(results: dict, setting: str, runs: list[dict]) -> list:
+    """The levels of `setting` (in `_sorted_levels` order) that some of `runs` have."""
+    return [v for v in _sorted_levels(results, setting) if any(r["settings"].get(setting) == v for r in runs)]
+
+
 def _grid_n(results: dict) -> int | None:
     """The number of test questions the grid runs were scored on (controls are drawn only when they match)."""
     counts = Counter(_test(r)["n"] for r in _runs(results, "grid") if _test(r))
@@ -122,8 +127,7 @@ def plot_loss_curves(results: dict) -> Figure | None:
     if not runs:
         _skip("loss_curves", "no grid run has loss curves yet")
         return None
-    rates = [v for v in _sorted_levels(results, "learning_rate") if any(r["settings"].get("learning_rate") == v for r in runs)]
-    targets = [v for v in _grid_levels(results, "target_modules") if any(r["settings"].get("target_modules") == v for r in runs)]
+    rates, targets = _present(results, "learning_rate", runs), _present(results, "target_modules", runs)
     ranks = _sorted_levels(results, "lora_r")
     colours = {rank: matplotlib.colormaps["viridis"](i / max(1, len(ranks) - 1) * 0.9) for i, rank in enumerate(ranks)}
     fig, axes = _figure(len(targets), len(rates), sharex=True, sharey=True)
@@ -131,8 +135,9 @@ def plot_loss_curves(results: dict) -> Figure | None:
         for j, target in enumerate(targets):
             ax = axes[i][j]
             ax.set_title(f"lr {_fmt(rate)} · {target}")
-            for run in sorted((r for r in runs if r["settings"].get("learning_rate") == rate
-                               and r["settings"].get("target_modules") == target), key=lambda r: r["settings"]["lora_r"]):
+            panel = [r for r in runs if r["settings"].get("learning_rate") == rate
+                     and r["settings"].get("target_modules") == target]
+            for run in sorted(panel, key=lambda r: r["settings"]["lora_r"]):
                 rank, curves = run["settings"]["lora_r"], run["curves"]
                 if curves.get("train"):
                     x, y = zip(*curves["train"])
@@ -144,7 +149,7 @@ def plot_loss_curves(results: dict) -> Figure | None:
                 ax.set_xlabel("step")
             if j == 0:
                 ax.set_ylabel("answer loss")
-    handles = [Line2D([], [], color=colours[r], label=f"r={r}") for r in ranks if any(r == x["settings"]["lora_r"] for x in runs)]
+    handles = [Line2D([], [], color=colours[r], label=f"r={r}") for r in _present(results, "lora_r", runs)]
     handles += [Line2D([], [], color="grey", label="train"),
                 Line2D([], [], color="grey", linestyle="--", marker="o", label="validation")]
     fig.legend(handles=handles, loc="outside right center")
@@ -162,7 +167,7 @@ def plot_params_vs_f1(results: dict) -> Figure | None:
         return None
     n = _grid_n(results)
     runs = [r for r in runs if _test(r)["n"] == n]
-    targets = [t for t in _grid_levels(results, "target_modules") if any(r["settings"].get("target_modules") == t for r in runs)]
+    targets = _present(results, "target_modules", runs)
     rates = _sorted_levels(results, "learning_rate")
     fig, axes = _figure(width=5.2, height=3.4)
     ax = axes[0][0]
@@ -201,7 +206,8 @@ def f1_matrix(results: dict, target: str) -> tuple[list, list, np.ndarray]:
     matrix = np.full((len(ranks), len(rates)), np.nan)
     for run in _runs(results, "grid"):
         s = run["settings"]
-        if s.get("target_modules") == target and _test(run) and s.get("lora_r") in ranks and s.get("learning_rate") in rates:
+        if (s.get("target_modules") == target and _test(run) and s.get("lora_r") in ranks
+                and s.get("learning_rate") in rates):
             matrix[ranks.index(s["lora_r"]), rates.index(s["learning_rate"])] = _test(run)["f1"]
     return ranks, rates, matrix
 
@@ -216,16 +222,18 @@ def plot_f1_heatmaps(results: dict) -> Figure | None:
         _skip("f1_heatmaps", "no grid run has test scores yet")
         return None
     values = np.concatenate([m[np.isfinite(m)] for _, _, m in matrices.values()])
+    low, high = values.min(), values.max()
+    if high - low < 1.0:  # one run, or all alike: a one-point scale would colour by rounding noise
+        low, high = (low + high) / 2 - 0.5, (low + high) / 2 + 0.5
     fig, axes = _figure(len(targets), width=3.0, height=2.8)
     for ax, target in zip(axes[0], targets):
         ranks, rates, matrix = matrices[target]
-        image = ax.imshow(np.ma.masked_invalid(matrix), vmin=values.min(), vmax=values.max(), aspect="auto",
-                          origin="lower")
+        image = ax.imshow(np.ma.masked_invalid(matrix), vmin=low, vmax=high, aspect="auto", origin="lower")
         ax.grid(False)
         for (i, j), value in np.ndenumerate(matrix):
             if np.isfinite(value):
                 ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=8,
-                        color="white" if value < (values.min() + values.max()) / 2 else "black")
+                        color="white" if value < (low + high) / 2 else "black")
         ax.set_xticks(range(len(rates)), [_fmt(r) for r in rates])
         ax.set_yticks(range(len(ranks)), [str(r) for r in ranks])
         ax.set_xlabel("learning rate")
@@ -268,7 +276,8 @@ def plot_cost(results: dict) -> Figure | None:
             ranks, means = cost_series(results, metric, target)
             if ranks:
                 ax.plot(ranks, means, color=PALETTE[i], marker="o", label=f"LoRA {target}")
-                runs = [r for r in _runs(results, "grid") if r.get(metric) is not None and r["settings"].get("target_modules") == target]
+                runs = [r for r in _runs(results, "grid")
+                        if r.get(metric) is not None and r["settings"].get("target_modules") == target]
                 ax.scatter([r["settings"]["lora_r"] for r in runs], [r[metric] * scale for r in runs],
                            color=PALETTE[i], alpha=0.3, s=8, label=f"_{target} runs")
         values = [r[metric] * scale for r in full if r.get(metric) is not None]
@@ -304,16 +313,19 @@ def plot_strategies(evaluations: Iterable[dict]) -> Figure | None:
     fig, axes = _figure(width=5.0, height=3.4)
     ax, drawn = axes[0][0], False
     for i, evaluation in enumerate(evaluations):
-        rows = [r for r in evaluation.get("strategies") or [] if r.get("distinct_2") is not None and r.get("f1") is not None]
+        rows = [r for r in evaluation.get("strategies") or []
+                if r.get("distinct_2") is not None and r.get("f1") is not None]
         if not rows:
             _skip("decoding_strategies", f"{evaluation.get('adapter') or evaluation.get('model')}: no strategy rows")
             continue
         label = (evaluation.get("label") or evaluation.get("adapter") or evaluation.get("model_resolved")
                  or evaluation.get("model") or f"file {i + 1}")
-        ax.errorbar([r["distinct_2"] for r in rows], [r["f1"] for r in rows], yerr=[r.get("f1_sd") or 0.0 for r in rows],
+        ax.errorbar([r["distinct_2"] for r in rows], [r["f1"] for r in rows],
+                    yerr=[r.get("f1_sd") or 0.0 for r in rows],
                     color=PALETTE[i], marker="o", linestyle="none", label=f"{label} (n={evaluation.get('n')})")
-        for r in rows:
-            ax.annotate(r["strategy"], (r["distinct_2"], r["f1"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        for k, r in enumerate(sorted(rows, key=lambda r: r["distinct_2"])):  # alternate sides: neighbours crowd
+            ax.annotate(r["strategy"], (r["distinct_2"], r["f1"]), textcoords="offset points",
+                        xytext=(4, 3 if k % 2 == 0 else -9), fontsize=7)
         drawn = True
     if not drawn:
         _skip("decoding_strategies", "no strategy-grid evaluation given")
@@ -326,21 +338,36 @@ def plot_strategies(evaluations: Iterable[dict]) -> Figure | None:
 
 # ---------------------------------------------------------------------------------------------- 6: padding
 
-PADDING_METRICS = (("padded_share", "padded share of tokens (%)"), ("tokens_per_question", "tokens computed per question"),
-                   ("step_seconds", "step time (s, forward+backward)"), ("peak_memory_mb", "peak memory over the model (MiB)"))
+PADDING_METRICS = (("padded_share", "padded share of tokens (%)"),
+                   ("tokens_per_question", "tokens computed per question"),
+                   ("step_seconds", "step time (s, forward+backward)"),
+                   ("peak_memory_mb", "peak memory over the model (MiB)"))
 
 
 def padding_series(study: dict, strategy: str, metric: str) -> tuple[list[int], list[float]]:
-    """(batch sizes, values) of one strategy; timed metrics only where the cell was timed."""
+    """(batch sizes, values) of one strategy; timed metrics only where the cell was timed. Step time is CPU
+    time where the study has it (the step's work, even beside other jobs on the core), else wall time."""
     xs, ys = [], []
     for cell in sorted((c for c in study["cells"] if c["strategy"] == strategy), key=lambda c: c["batch_size"]):
         timing = cell.get("timing") or {}
         value = {"padded_share": 100 * cell["padded_share"], "tokens_per_question": cell["tokens_per_question"],
-                 "step_seconds": timing.get("step_seconds_median"), "peak_memory_mb": timing.get("peak_memory_mb_max")}[metric]
+                 "step_seconds": timing.get("step_cpu_seconds_median") or timing.get("step_seconds_median"),
+                 "peak_memory_mb": timing.get("peak_memory_mb_max")}[metric]
         if value is not None:
             xs.append(cell["batch_size"])
             ys.append(value)
     return xs, ys
+
+
+def _untimed(study: dict) -> str:
+    """'; not timed: static at 16, 32, ...' for the cells the study skipped (too costly on its machine)."""
+    skipped = {}
+    for cell in study["cells"]:
+        if "timing" not in cell:
+            skipped.setdefault(cell["strategy"].replace("_", " "), []).append(str(cell["batch_size"]))
+    listed = "; ".join(f"{s} at {', '.join(sizes)}" for s, sizes in skipped.items())
+    return f"\nnot timed (over {study.get('settings', {}).get('max_step_tokens', 'the')} tokens a step): {listed}" \
+        if skipped else ""
 
 
 @_styled
@@ -368,9 +395,12 @@ def plot_padding(study: dict) -> Figure | None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=len(labels))
     machine = study.get("machine") or {}
-    if machine.get("cpu_model"):
-        fig.suptitle(f"{study.get('model', '')} LoRA r={(study.get('lora') or {}).get('lora_r')}: timed on "
-                     f"{machine['cpu_model']}, {machine.get('torch_threads')} thread(s)", fontsize=8)
+    on_cpu = any((c.get("timing") or {}).get("step_cpu_seconds_median") for c in study["cells"])
+    fig.suptitle(f"{study.get('model', '')} + LoRA r={(study.get('lora') or {}).get('lora_r')}, "
+                 f"{(study.get('pool') or {}).get('questions', '?')} SQuAD questions; timed on "
+                 f"{machine.get('cuda') or machine.get('cpu_model', '?')}"
+                 + (f", {machine.get('torch_threads')} thread(s), CPU seconds of the step" if on_cpu else "")
+                 + _untimed(study), fontsize=8)
     return fig
 
 

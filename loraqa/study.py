@@ -93,6 +93,8 @@ def _run_entry(run_dir: Path, done: dict) -> dict:
                    "validation": [[m["step"], m["eval_loss"]] for m in metrics if "eval_loss" in m]},
         "scores": {}, "_evaluations": {},
     }
+    config = _read_json(run_dir / "run_config.json") or {}
+    entry["torch_threads"] = (config.get("machine") or {}).get("torch_threads")
     for key in ("trainable_params", "total_params", "train_runtime_s", "train_examples_per_s", "train_tokens_per_s",
                 "peak_memory_mb", "final_train_loss", "final_validation_loss", "method", "model_resolved"):
         entry[key] = summary.get(key)
@@ -297,8 +299,11 @@ def main_table(results: dict) -> str:
     validation F1/EM with 95% CIs, trainable parameters and cost. Generated, never typed."""
     runs = {r["run_id"]: r for r in results["runs"]}
     selection = results["selection"]
+    finished = sum(r["group"] == "grid" for r in results["runs"])
+    best_label = ("LoRA, grid best (validation F1)" if selection.get("grid_complete")
+                  else f"LoRA, best of the {finished} grid runs done (validation F1)")
     picked = [("untuned baseline", next((r for r in results["runs"] if r["name"] == "baseline"), None)),
-              ("LoRA, grid best (validation F1)", runs.get(selection.get("best_run"))),
+              (best_label, runs.get(selection.get("best_run"))),
               ("LoRA, grid centre", runs.get(selection.get("centre_run"))),
               ("full fine-tuning (best lr)", runs.get(selection.get("best_full_ft_run")))]
     picked += [(f"ablation: {r['name']}", r) for r in results["runs"] if r["group"] in ("ablation", "alpha")]
@@ -311,7 +316,8 @@ def main_table(results: dict) -> str:
             continue
         settings = settings_text(run)
         params = f"{run['trainable_params']:,}" if run.get("trainable_params") else "-"
-        step = f"{run['seconds_per_step']:.2f}" if run.get("seconds_per_step") else "-"
+        step = (f"{run['seconds_per_step']:.2f} ({run['torch_threads']} thr.)" if run.get("seconds_per_step")
+                else "-")
         memory = f"{run['peak_memory_mb']:.0f}" if run.get("peak_memory_mb") else "-"
         lines.append(f"| {label} | {settings} | {params} | {_ci(run['scores'].get('test'), 'exact_match')} | "
                      f"{_ci(run['scores'].get('test'), 'f1')} | {_ci(run['scores'].get('validation'), 'f1')} | "
@@ -320,7 +326,9 @@ def main_table(results: dict) -> str:
     lines.append("")
     lines.append(f"{done} runs done, {len(results['pending'])} pending (`{results['spec']}`); 95% CIs resample "
                  "paragraphs; test = the same 500 SQuAD v1.1 dev questions for every run (the final model: all "
-                 "of dev), validation = 500 questions of held-out training articles.")
+                 "of dev), validation = 500 questions of held-out training articles; s/step is the run's own "
+                 "training time per step (validation included) at the torch threads shown, on the machine its "
+                 "run_config.json names.")
     return "\n".join(lines)
 
 

@@ -2,7 +2,9 @@
 
 `setup(...)` builds model, tokenizer, datasets and trainer; `fit(setup)` runs the Trainer and writes the
 run directory: the PEFT adapter (or the full model), the tokenizer, `run_config.json` (every resolved
-setting), `metrics.jsonl` and `summary.json`. Two things differ from a plain Trainer run:
+setting and where it came from), `metrics.jsonl` and `summary.json`. Every setting is checked before anything
+heavy loads, including that `output_dir` holds no run of another configuration. With `max_train_minutes`,
+a few steps timed before training size `max_steps` to the budget. Two things differ from a plain Trainer run:
 - the loss is computed from logits at answer positions only (`answer_loss`): the LM head over a
   50k vocabulary is a quarter of the compute and the largest activation, yet only answers carry loss;
 - by default a batch's questions on the same paragraph share one encoding of it (see `collator`).
@@ -10,6 +12,7 @@ Both leave the optimised objective unchanged: a token-level mean over answer tok
 """
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
@@ -17,16 +20,17 @@ import os
 import resource
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, Trainer, TrainerCallback, set_seed
+from transformers.trainer_utils import IntervalStrategy
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .assets import squad_file
+from .assets import hub_status, squad_file
 from .attention import supports_shared_prefix
 from .collator import ContextGroupedSampler, QADataCollator, SharedContextCollator
 from .config import (ConfigError, DataArguments, LoraArguments, LoraQATrainingArguments, ModelArguments, run_metadata,
@@ -190,6 +194,9 @@ class TrainingSetup:
     parameters: dict
     preprocessing: dict
     data_hash: str
+    sources: dict[str, str] | None = None
+    budget: dict | None = None
+    deadline: float | None = field(default=None, repr=False)  # time.time() by which training must stop
 
 
 @dataclass
@@ -234,12 +241,211 @@ def _check_resume(checkpoint: str, resolved_model: str, full_finetune: bool) -> 
                                   f"this run uses {resolved_model}")
 
 
-def setup(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataArguments,
-          training_args: LoraQATrainingArguments) -> TrainingSetup:
-    """Load model and data, attach LoRA (unless full fine-tuning), build the Trainer."""
+def run_settings(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataArguments,
+                 training_args: LoraQATrainingArguments) -> dict:
+    """The settings part of run_config.json."""
+    return {"model": to_dict(model_args), "lora": to_dict(lora_args), "data": to_dict(data_args),
+            "training": to_dict(training_args)}
+
+
+# Settings that say where a run reads and writes, how it reports or how it resumes, not what it trains.
+_NOT_IDENTITY = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "cache_dir", "torch_threads",
+                 "disable_tqdm", "local_rank"}
+
+
+def _differences(previous: dict, current: dict) -> list[str]:
+    """'name old -> new' for each setting both configs have (older run_config.json files lack newer settings)."""
+    ignored = _NOT_IDENTITY | ({"max_steps"} if previous.get("training", {}).get("max_train_minutes") else set())
+    differences = []
+    for section, values in current.items():
+        for name, value in values.items():
+            value = json.loads(json.dumps(value, default=str))  # as run_config.json stores it
+            old = previous.get(section, {}).get(name, value)
+            if name not in ignored and old != value:
+                differences.append(f"{name} {old!r} -> {value!r}")
+    return differences
+
+
+def check_output_dir(output_dir: str, settings: dict, training_args: LoraQATrainingArguments) -> None:
+    """Refuse a directory that holds another configuration's run (its checkpoints would mix with this run's
+    and the Trainer's rotation would delete the new ones first), or an unfinished run of this one that
+    should be resumed, unless --overwrite_output_dir or --resume_from_checkpoint says what to do with it."""
+    out = Path(output_dir)
+    if training_args.overwrite_output_dir or training_args.resume_from_checkpoint or not out.is_dir():
+        return
+    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
+                         if p.name.split("-")[-1].isdigit() else -1)
+    config_path = out / "run_config.json"
+    what = "--overwrite_output_dir true replaces it, or choose another --output_dir"
+    if not config_path.exists():
+        if checkpoints:
+            raise ConfigError(f"output_dir={output_dir!r} holds checkpoints of an unknown run (no run_config.json); "
+                              f"{what}")
+        return
+    try:
+        previous = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{config_path}: not readable ({err}); {what}") from None
+    differences = _differences(previous, settings)
+    if differences:
+        shown = ", ".join(differences[:4]) + (f" and {len(differences) - 4} more" if len(differences) > 4 else "")
+        raise ConfigError(f"output_dir={output_dir!r} holds a run of another configuration ({shown}); {what}")
+    if checkpoints and not (out / "summary.json").exists():
+        raise ConfigError(f"output_dir={output_dir!r} holds an unfinished run of this configuration: "
+                          f"--resume_from_checkpoint {checkpoints[-1]} continues it, --overwrite_output_dir true "
+                          f"starts it over")
+
+
+def _check_data_file(name: str, setting: str) -> None:
+    """A data setting is a file, the alias 'squad' or a hub dataset: say so now, not after the model loads."""
+    if name == "squad" or Path(name).exists():
+        return
+    if name.endswith(".json"):
+        raise ConfigError(f"{setting}={name!r}: no such file")
+    found = hub_status(name, "dataset")
+    if not found:
+        raise ConfigError(f"{setting}={name!r}: no such file or hub dataset"
+                          + (" (the hub is unreachable)" if found is None else "")
+                          + ("; did you mean squad, the fetched SQuAD v1.1?" if difflib.get_close_matches(
+                              name, ["squad"]) else "; 'squad' is the fetched SQuAD v1.1"))
+
+
+def check_settings(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataArguments,
+                   training_args: LoraQATrainingArguments) -> None:
+    """Everything that can be checked before the model and data load (each dataclass checked its own ranges)."""
     if data_args.train_on_prompt and training_args.packing != "none":
         raise ConfigError("train_on_prompt=True: needs --packing none (a shared context would carry loss once per "
                           "paragraph instead of once per question)")
+    check_output_dir(training_args.output_dir, run_settings(model_args, lora_args, data_args, training_args),
+                     training_args)
+    _check_data_file(data_args.train_file, "train_file")
+    if not data_args.heldout_articles:
+        _check_data_file(data_args.validation_file, "validation_file")
+
+
+def _evaluations(args: LoraQATrainingArguments, steps: int, steps_per_epoch: int) -> int:
+    """Validation passes in a run of `steps` optimizer steps: the periodic ones and `fit`'s final one."""
+    if args.eval_strategy == IntervalStrategy.NO:
+        return 0
+    if args.eval_strategy == IntervalStrategy.EPOCH:
+        return math.ceil(steps / steps_per_epoch) + 1
+    every = args.eval_steps if args.eval_steps >= 1 else math.ceil(args.eval_steps * steps)
+    return steps // max(int(every), 1) + 1
+
+
+def steps_within(budget_s: float, step_s: float, evaluation_s: float, evaluations) -> int:
+    """The most optimizer steps S with S * step_s + evaluations(S) * evaluation_s <= budget_s (0 if none fit)."""
+    low, high = 0, max(int(budget_s / step_s), 0)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if mid * step_s + evaluations(mid) * evaluation_s <= budget_s:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def probe_seconds(trainer: QATrainer, *, batches: int = 4) -> dict:
+    """Seconds per optimizer step and per validation pass, timed on real batches before training starts.
+
+    One warm-up and `batches` timed forward+backward passes on batches spread over the training set, and one
+    validation batch, under a forked RNG with gradients dropped afterwards: the weights never change and the
+    run trains exactly as it would have without the probe (tested).
+    """
+    args, model, collate = trainer.args, trainer.model, trainer.data_collator
+    rows, size = trainer.train_dataset, args.per_device_train_batch_size
+    starts = [i * max(len(rows) - size, 0) // max(batches, 1) for i in range(batches + 1)]
+    sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
+    was_training = model.training
+    seconds = []
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        model.train()
+        for start in starts:
+            batch = trainer._prepare_inputs(collate([rows[i] for i in range(start, min(start + size, len(rows)))]))
+            began = time.perf_counter()
+            answer_loss(model, batch, answer_only=trainer.answer_only_logits).backward()
+            sync()
+            seconds.append(time.perf_counter() - began)
+        model.zero_grad(set_to_none=True)
+        evaluation_s = 0.0
+        if trainer.eval_dataset is not None:
+            model.eval()
+            eval_rows, eval_size = trainer.eval_dataset, args.per_device_eval_batch_size
+            batch = trainer._prepare_inputs(collate([eval_rows[i] for i in range(min(eval_size, len(eval_rows)))]))
+            began = time.perf_counter()
+            with torch.no_grad():
+                answer_loss_sum(model, batch, answer_only=trainer.answer_only_logits)
+            sync()
+            evaluation_s = (time.perf_counter() - began) * math.ceil(len(eval_rows) / eval_size)
+    model.train(was_training)
+    micro_s = sum(seconds[1:]) / len(seconds[1:])  # the first pass pays one-time set-up costs
+    times = torch.tensor([micro_s, evaluation_s], dtype=torch.float64, device=args.device)
+    slowest = trainer.accelerator.gather(times.unsqueeze(0)).max(dim=0).values  # every process picks the same steps
+    return {"step_s": float(slowest[0]) * args.gradient_accumulation_steps, "evaluation_s": float(slowest[1]),
+            "timed_batches": batches, "warmup_batch_s": seconds[0]}
+
+
+def fit_to_budget(trainer: QATrainer, started: float) -> tuple[dict, float | None]:
+    """Size `max_steps` so that the whole `train` (counted from `started`, a time.time()) fits
+    `max_train_minutes`; the Trainer builds its scheduler for it, so the learning rate still decays to its end.
+    Returns (the budget record, the deadline for training) and says when the run is expected to finish."""
+    args = trainer.args
+    if args.resume_from_checkpoint:  # the checkpoint's schedule was sized when the run started
+        state = json.loads((Path(args.resume_from_checkpoint) / "trainer_state.json").read_text())
+        args.max_steps = state["max_steps"]
+        return {"max_train_minutes": args.max_train_minutes, "max_steps": args.max_steps,
+                "resumed_from": args.resume_from_checkpoint}, None
+    probe_began = time.time()
+    probe = probe_seconds(trainer)
+    probe["probe_s"] = time.time() - probe_began
+    batches = math.ceil(len(trainer.train_dataset) / (args.per_device_train_batch_size * args.world_size))
+    steps_per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+    own_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    budget_s = 60 * args.max_train_minutes
+    spent = time.time() - started
+    # 5% of what is left covers what the probe does not time: optimizer steps, logging, checkpoints
+    steps = steps_within(0.95 * (budget_s - spent), probe["step_s"], probe["evaluation_s"],
+                         lambda s: _evaluations(args, s, steps_per_epoch))
+    if steps < 1:
+        raise ConfigError(f"max_train_minutes={args.max_train_minutes}: not one step fits ({spent:.0f} s went to "
+                          f"loading and the probe, a step takes {probe['step_s']:.1f} s)")
+    limited = steps < own_steps
+    steps = min(steps, own_steps)
+    if limited:
+        args.max_steps = steps
+    expected = spent + steps * probe["step_s"] + _evaluations(args, steps, steps_per_epoch) * probe["evaluation_s"]
+    finish = time.strftime("%H:%M:%S", time.localtime(started + expected))
+    logger.info("max_train_minutes=%s: %.2f s per step, %.1f s per validation pass (probe) -> %d steps (%d without "
+                "the budget); expected to finish at %s", args.max_train_minutes, probe["step_s"],
+                probe["evaluation_s"], steps, own_steps, finish)
+    budget = {"max_train_minutes": args.max_train_minutes, "probe": probe, "setup_s": spent, "max_steps": steps,
+              "steps_without_budget": own_steps, "limited": limited, "expected_s": expected,
+              "expected_finish": finish}
+    return budget, started + budget_s - probe["evaluation_s"]  # the final validation pass must still fit
+
+
+class Deadline(TrainerCallback):
+    """Stop training at the budget's deadline: a safeguard for a probe that was too optimistic (the run then
+    ends before its schedule does, and summary.json says so). One process only: processes that stopped at
+    different steps would wait for each other forever."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self.stopped_at = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.time() > self.deadline and state.global_step < state.max_steps:
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+
+
+def setup(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataArguments,
+          training_args: LoraQATrainingArguments, *, sources: dict[str, str] | None = None) -> TrainingSetup:
+    """Check every setting, load model and data, attach LoRA (unless full fine-tuning), build the Trainer and,
+    with a time budget, size its steps. `sources` (from `config.parse_config_with_sources`) go into
+    run_config.json."""
+    started = time.time()
+    check_settings(model_args, lora_args, data_args, training_args)
     if training_args.torch_threads:
         torch.set_num_threads(training_args.torch_threads)
     set_seed(training_args.seed)
@@ -266,7 +472,6 @@ def setup(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataA
     collator = SharedContextCollator() if training_args.packing == "shared_context" else QADataCollator(tokenizer)
     if training_args.eval_strategy == "no":
         eval_rows = None
-    training_args.prediction_loss_only = True
     trainer = QATrainer(model=model, args=training_args, train_dataset=train_rows, eval_dataset=eval_rows,
                         data_collator=collator, processing_class=tokenizer,
                         answer_only_logits=training_args.answer_only_logits, packing=training_args.packing)
@@ -279,9 +484,12 @@ def setup(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataA
     preprocessing = {"train": train_counts, "validation": eval_counts, "validation_source": validation_source}
     if data_args.heldout_articles:
         preprocessing["heldout_titles"] = sorted(set(validation_all["title"]))
+    budget, deadline = fit_to_budget(trainer, started) if training_args.max_train_minutes else (None, None)
+    if budget and sources is not None and (budget.get("limited") or budget.get("resumed_from")):
+        sources = {**sources, "max_steps": "checkpoint" if budget.get("resumed_from") else "max_train_minutes"}
     return TrainingSetup(model_args, lora_args, data_args, training_args, trainer, tokenizer, resolved, parameters,
-                         preprocessing,
-                         data_fingerprint(datasets.concatenate_datasets([train_raw, eval_raw])))
+                         preprocessing, data_fingerprint(datasets.concatenate_datasets([train_raw, eval_raw])),
+                         sources, budget, deadline)
 
 
 def _save_final(trainer: Trainer, tokenizer, output_dir: Path) -> None:
@@ -301,11 +509,18 @@ def fit(run: TrainingSetup) -> TrainResult:
     output_dir = Path(args.output_dir)
     metrics_path = output_dir / "metrics.jsonl"
     if not args.resume_from_checkpoint and trainer.is_world_process_zero():
-        metrics_path.unlink(missing_ok=True)
-    config = {"model": to_dict(run.model_args), "lora": to_dict(run.lora_args), "data": to_dict(run.data_args),
-              "training": to_dict(args), "resolved_model": run.resolved_model, **run_metadata()}
+        for stale in [metrics_path, output_dir / "summary.json", *output_dir.glob("checkpoint-*")]:  # a previous run's
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink(missing_ok=True)
+    config = {**run_settings(run.model_args, run.lora_args, run.data_args, args), "sources": run.sources,
+              "resolved_model": run.resolved_model, **run_metadata()}
     if trainer.is_world_process_zero():
         write_json_atomic(output_dir / "run_config.json", config)
+    deadline = Deadline(run.deadline) if run.deadline and args.world_size == 1 else None
+    if deadline:
+        trainer.add_callback(deadline)
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     runtime = time.perf_counter() - started
@@ -334,11 +549,13 @@ def fit(run: TrainingSetup) -> TrainResult:
         "processed_tokens": trainer.processed_tokens, "logit_positions": trainer.logit_positions,
         "preprocessing": run.preprocessing, "data_hash": run.data_hash,
     }
+    if run.budget:
+        summary["budget"] = {**run.budget, "stopped_at_deadline": deadline.stopped_at if deadline else None}
     write_json_atomic(output_dir / "summary.json", summary)
     return TrainResult(str(output_dir), summary)
 
 
 def train(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataArguments,
-          training_args: LoraQATrainingArguments) -> TrainResult:
+          training_args: LoraQATrainingArguments, *, sources: dict[str, str] | None = None) -> TrainResult:
     """setup + fit: the whole recipe in one call, for notebooks."""
-    return fit(setup(model_args, lora_args, data_args, training_args))
+    return fit(setup(model_args, lora_args, data_args, training_args, sources=sources))

@@ -315,7 +315,7 @@ def test_browser_ask_shows_the_answers_of_loraqa_ask(files, models, server, brow
                          "adapter": answer_question(merged, tokenizer, context, question, settings)}
         assert _csss(browser, "#base-details span.tok") and _csss(browser, "#adapter-details span.tok")
         assert "EM 0 · F1 0.0" in _css(browser, "#adapter-details").text  # a random model misses the gold
-        assert _css(browser, "#context-view").text.startswith("Super Bowl 50 was played")
+        assert _css(browser, "#context-view .context").text.startswith("Super Bowl 50 was played")
     browser.find_element("xpath", "//button[contains(., 'Which team won Super Bowl 50?')] | "
                                   "//td[contains(., 'Which team won Super Bowl 50?')]").click()  # a dev example
     _wait(browser, lambda d: _css(d, "#ask-question textarea").get_property("value") == QUESTION,
@@ -324,8 +324,8 @@ def test_browser_ask_shows_the_answers_of_loraqa_ask(files, models, server, brow
 
 
 def _table_ids(driver) -> list[str]:
-    return [row.find_elements("css selector", "td")[0].text
-            for row in _csss(driver, "#errors-table tbody tr") if row.find_elements("css selector", "td")]
+    """The id column of the Errors table as shown (Gradio draws its body rows as role=row divs)."""
+    return [cell.text for cell in _csss(driver, "#errors-table [role=row] [role=gridcell][data-col='0']")]
 
 
 def test_browser_errors_tab_filters_and_highlights(server, browser):
@@ -340,7 +340,7 @@ def test_browser_errors_tab_filters_and_highlights(server, browser):
     search.clear()
     search.send_keys(" ")  # an input event with an empty filter
     _wait(browser, lambda d: _table_ids(d) == ["q1", "q4"], "the cleared text filter", server)
-    browser.find_element("xpath", "//*[@id='errors-table']//td[contains(., 'Which team won')]").click()
+    browser.find_element("xpath", "//*[@id='errors-table']//*[@role='gridcell'][contains(., 'Which team won')]").click()
     _wait(browser, lambda d: _csss(d, "#errors-detail mark.pred-a"), "the selected question", server)
     assert _css(browser, "#errors-qid textarea").get_property("value") == "q1"
     marks = {cls: [m.text for m in _csss(browser, f"#errors-detail .context mark.{cls}")]

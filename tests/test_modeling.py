@@ -3,9 +3,10 @@ import warnings
 import pytest
 import torch
 
-from conftest import tiny_gpt2, tiny_llama
+from conftest import CACHE, tiny_gpt2, tiny_llama
 from loraqa.config import LoraArguments
-from loraqa.modeling import ModelSetupError, attach_lora, count_parameters, load_adapter, resolve_target_modules
+from loraqa.modeling import (ModelSetupError, attach_lora, count_parameters, load_adapter, resolve_model,
+                             resolve_target_modules)
 
 
 def _lora_layers(peft_model):
@@ -85,3 +86,64 @@ def test_adapter_for_another_model_is_rejected(tmp_path):
     attach_lora(tiny_gpt2(vocab_size=100), LoraArguments(lora_r=4)).save_pretrained(tmp_path)
     with pytest.raises(ModelSetupError, match="does not fit this llama model|does not match this llama"):
         load_adapter(tiny_llama(vocab_size=100), tmp_path)
+
+
+def _no_hub(monkeypatch, answer=None):
+    """The hub as `hub_status` sees it: None unreachable, False no such repo; records what was asked."""
+    asked = []
+    monkeypatch.setattr("loraqa.modeling.hub_status",
+                        lambda repo_id, repo_type="model": asked.append(repo_id) or answer)
+    return asked
+
+
+def test_unloadable_model_names_itself_and_the_aliases(monkeypatch, tmp_path):
+    asked = _no_hub(monkeypatch, None)
+    with pytest.raises(ModelSetupError, match=r"^model 'smolm2-135m': no such directory, alias or hub model \(the hub "
+                                              r"is unreachable\), did you mean smollm2-135m\?; aliases: gpt2 .*"
+                                              r"smollm2-135m \(`loraqa fetch smollm2-135m`\)$"):
+        resolve_model("smolm2-135m", tmp_path)  # an empty cache: the alias is not fetched there
+    _no_hub(monkeypatch, False)
+    with pytest.raises(ModelSetupError, match=r"^model 'runs/r16': no such directory, alias or hub model; "
+                                              r"aliases: gpt2 \(the hub's GPT-2, else smollm2-135m\), "
+                                              r"smollm2-135m \(fetched in "):
+        resolve_model("runs/r16", CACHE)
+    assert asked == ["smolm2-135m"]
+
+
+def test_gpt2_falls_back_after_one_quick_hub_request(monkeypatch):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HTTPError
+
+    from loraqa.assets import GPT2_HUB_ID, HUB_TIMEOUT_S, hub_status
+
+    calls = []
+
+    def unreachable(self, repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        raise HTTPError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(HfApi, "repo_info", unreachable)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # HF_HUB_OFFLINE=1 would skip the request
+    hub_status.cache_clear()
+    try:
+        assert resolve_model("gpt2", CACHE) == str(CACHE / "smollm2-135m")
+        assert resolve_model("gpt2", CACHE) == str(CACHE / "smollm2-135m")
+    finally:
+        hub_status.cache_clear()
+    assert calls == [(GPT2_HUB_ID, {"repo_type": "model", "timeout": HUB_TIMEOUT_S})]  # once, no retries
+    _no_hub(monkeypatch, True)
+    assert resolve_model("gpt2", CACHE) == GPT2_HUB_ID
+
+
+def test_offline_mode_asks_the_hub_nothing(monkeypatch):
+    from huggingface_hub import HfApi
+
+    from loraqa.assets import hub_status
+
+    monkeypatch.setattr(HfApi, "repo_info", lambda *a, **k: pytest.fail("the hub was asked in offline mode"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    hub_status.cache_clear()
+    try:
+        assert hub_status("openai-community/gpt2") is None
+    finally:
+        hub_status.cache_clear()

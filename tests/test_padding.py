@@ -8,6 +8,7 @@ import pytest
 from conftest import tiny_llama
 from loraqa import padding
 from loraqa.cli import main
+from loraqa.collator import QADataCollator
 from loraqa.data import IGNORE_INDEX, build_train_dataset, load_squad
 from loraqa.padding import STRATEGIES, PaddingStudyArguments
 
@@ -41,6 +42,12 @@ def test_count_tokens_of_a_hand_checked_batch(gpt2_tokenizer):
     # packed: context A once + both of its blocks, context B + its block; nothing is padding
     packed = padding.count_tokens(padding.collate(HAND, "shared_context", gpt2_tokenizer, MAX_LENGTH))
     assert packed == {"computed": (3 + 3 + 1) + (2 + 2), "padding": 0}
+
+
+def test_count_tokens_docstring_example(gpt2_tokenizer):
+    batch = QADataCollator(gpt2_tokenizer)([{"input_ids": [5, 6, 7], "labels": [-100, 7, 2]},
+                                            {"input_ids": [5], "labels": [2]}])
+    assert padding.count_tokens(batch) == {"computed": 6, "padding": 2}
 
 
 def test_token_accounting_padded_share_is_one_minus_real_over_computed(gpt2_tokenizer):
@@ -116,7 +123,7 @@ def test_study_times_a_lora_step_per_cell_and_skips_over_the_token_cap(squad_fil
             assert int(cell["timing_skipped"].split(" computes ")[1].split()[0]) > args.max_step_tokens
             continue
         timing = cell["timing"]
-        assert timing["batches"] == 1 and timing["step_seconds_median"] > 0
+        assert timing["batches"] == 1 and timing["step_seconds_median"] > 0 and timing["step_cpu_seconds_median"] > 0
         if padding._reset_peak_rss():  # Linux lets the process reset its peak RSS mark
             assert timing["peak_memory_mb_max"] >= 0
         else:
