@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: the CPU wheel here (a bare `torch` would pull a multi-GB CUDA build)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test,bench,report]"
+	$(PY) -m pip install --quiet -e ".[test,bench,report,demo]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -20,7 +20,7 @@ fetch: install
 	$(LORAQA) fetch
 
 test: fetch
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 test-all: fetch
 	$(PY) -m pytest -q -m ""
@@ -33,7 +33,7 @@ browser-test: fetch
 	$(PY) -c "import gradio, selenium" 2>/dev/null || $(PY) -m pip install --quiet -e ".[demo]"
 	$(PY) -m pytest -q -rs tests/test_demo.py
 
-# The main job: fine-tune on a small budget (~20 min on 2 CPU cores), then baseline vs fine-tuned EM/F1.
+# The main job: fine-tune within a 12-minute training budget, then baseline vs fine-tuned EM/F1.
 run: fetch
 	$(LORAQA) run
 

@@ -6,7 +6,6 @@ file. Errors are one line and exit with status 2 (argparse-based subcommands: `c
 """
 from __future__ import annotations
 
-import argparse
 import difflib
 import json
 import logging
@@ -176,13 +175,14 @@ class AskArguments:
 
 def _ask(argv):
     from .config import GenerationSettings, ModelArguments, parse_config
-    from .evaluation import answer_question, load_model_for_eval
+    from .evaluation import answer_question, load_model_for_eval, training_max_length
 
     model_args, args, settings = parse_config((ModelArguments, AskArguments, GenerationSettings), argv)
+    max_length = training_max_length(args.adapter)  # long contexts are cut as `evaluate` cuts them
     model, tokenizer, _ = load_model_for_eval(model_args, args.adapter, device=args.device, dtype=args.dtype)
     context = args.context if args.context is not None else input("Context: ")
     if args.question is not None:
-        print(answer_question(model, tokenizer, context, args.question, settings))
+        print(answer_question(model, tokenizer, context, args.question, settings, max_length))
         return
     while True:
         try:
@@ -191,7 +191,7 @@ def _ask(argv):
             return
         if not question:
             return
-        print(f"Answer: {answer_question(model, tokenizer, context, question, settings)}")
+        print(f"Answer: {answer_question(model, tokenizer, context, question, settings, max_length)}")
 
 
 def _bench(argv):
@@ -351,7 +351,7 @@ def _param_counts(argv):
 
 
 def _demo(argv):
-    parser = argparse.ArgumentParser(prog="loraqa demo", description="A local web demo: base vs adapter answers side "
+    parser = ArgumentParser(prog="loraqa demo", description="A local web demo: base vs adapter answers side "
                                      "by side (Ask) and an evaluation browser (Errors). Needs the extra `demo`.")
     parser.add_argument("--model", default="gpt2", help="base model (alias, hub id or folder)")
     parser.add_argument("--adapter", default=None, help="run directory of a trained adapter")

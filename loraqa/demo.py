@@ -314,10 +314,10 @@ def render_answer(result: Answer, golds: list[str]) -> str:
 
 def ask(models: DemoModels, context: str, question: str, gold: str, settings: GenerationSettings) -> dict:
     """Both answers to one question: {"status", "base", "adapter" (each {"text", "html"}), "context"}. Problems
-    (empty context or question) come back as a status message, never as an exception."""
-    context, question = (context or "").strip(), (question or "").strip()
-    golds = parse_golds(gold)
-    missing = [name for name, value in (("context", context), ("question", question)) if not value]
+    (empty context or question) come back as a status message, never as an exception. The texts are used as
+    typed (not stripped), as `loraqa ask` uses them."""
+    context, question, golds = context or "", question or "", parse_golds(gold)
+    missing = [name for name, value in (("context", context), ("question", question)) if not value.strip()]
     if missing:
         message = f"Please type a {' and a '.join(missing)}: there is nothing to answer yet."
         logger.warning("demo ask: empty %s", " and ".join(missing))
@@ -352,14 +352,15 @@ def ask(models: DemoModels, context: str, question: str, gold: str, settings: Ge
 
 
 def dev_examples(source: str, n: int = 4) -> list[list[str]]:
-    """[context, question, gold answers joined by GOLD_SEPARATOR] for the first question of `n` short paragraphs of a
-    seeded dev subset (`data.take_subset`, seed 0)."""
+    """[context, question, gold answers joined by GOLD_SEPARATOR] for the first question of `n` short
+    paragraphs of a seeded dev subset (`data.take_subset`, seed 0)."""
     dataset = take_subset(load_squad(source, "validation"), 40, 0)
     examples, contexts = [], set()
     for record in dataset:
         if record["context"] not in contexts and len(record["context"]) <= 1200 and len(examples) < n:
             contexts.add(record["context"])
-            examples.append([record["context"], record["question"], GOLD_SEPARATOR.join(dict.fromkeys(record["answers"]["text"]))])
+            golds = GOLD_SEPARATOR.join(dict.fromkeys(record["answers"]["text"]))
+            examples.append([record["context"], record["question"], golds])
     return examples
 
 
@@ -400,7 +401,8 @@ mark.cut { background: #e5e5e5; color: #888; text-decoration: line-through; }
 LEGEND = ('<p>In the context: <mark class="gold">gold</mark> <mark class="pred-base">base answer</mark> '
           '<mark class="pred-adapter">adapter answer</mark> <mark class="cut">cut from the prompt</mark>. '
           'Tokens: <span class="tok" style="background:hsl(0,75%,80%)">p=0</span> to '
-          '<span class="tok" style="background:hsl(120,75%,80%)">p=1</span> (hover for the probability).</p>')
+          '<span class="tok" style="background:hsl(120,75%,80%)">p=1</span>: the model\'s probability of the token, '
+          'before top-k, top-p and temperature (hover for the number).</p>')
 ERRORS_LEGEND = ('<p><mark class="gold">gold</mark> <mark class="pred-a">A\'s answer</mark> '
                  '<mark class="pred-b">B\'s answer</mark></p>')
 
@@ -449,7 +451,7 @@ def build_demo(models: DemoModels, *, examples: list[list[str]] = (), errors: tu
                 try:
                     settings = demo_settings(do_sample, top_k, top_p, temperature, seed, max_new_tokens)
                     out = ask(models, context, question, gold, settings)
-                except (ConfigError, ValueError, TypeError) as err:
+                except (ValueError, TypeError) as err:  # ConfigError included: a setting out of range
                     logger.warning("demo ask: %s", err)
                     return f"Cannot answer: {err}", "", "", "", "", ""
                 except Exception as err:  # a page shows a message, never a traceback; the log keeps it
@@ -460,11 +462,12 @@ def build_demo(models: DemoModels, *, examples: list[list[str]] = (), errors: tu
 
             ask_inputs = [context, question, gold, do_sample, top_k, top_p, temperature, seed, max_new_tokens]
             ask_outputs = [status, base_text, base_html, adapter_text, adapter_html, context_view]
-            # a static note while answering, not Gradio's ticking timer: redrawing it every frame costs a CPU the
-            # models would rather have
+            # A static note while answering, not Gradio's ticking timer: redrawing it every frame costs a CPU the
+            # models would rather have. One concurrency id: the models answer one request at a time.
             for trigger in (button.click, question.submit):
                 trigger(lambda: "Answering with both models ...", None, status, queue=False).then(
-                    on_ask, ask_inputs, ask_outputs, show_progress="hidden")
+                    on_ask, ask_inputs, ask_outputs, show_progress="hidden", concurrency_limit=1,
+                    concurrency_id="models")
 
         with gr.Tab("Errors") as errors_tab:
             with gr.Row():
@@ -511,7 +514,9 @@ def build_demo(models: DemoModels, *, examples: list[list[str]] = (), errors: tu
 
             def on_show(rows, names, qid):
                 row = next((r for r in rows if r["id"] == (qid or "").strip()), None)
-                return render_error(row, names) if row else f"<p>No loaded question has the id {html.escape(qid or '')!r}.</p>"
+                if row is None:
+                    return f"<p>No loaded question has the id {html.escape(qid or '')!r}.</p>"
+                return render_error(row, names)
 
             def on_select(rows, names, evt: gr.SelectData):
                 chosen = evt.row_value[0] if evt.row_value else ""
@@ -567,7 +572,7 @@ def serve(model_args: ModelArguments, adapter: str | None, *, host: str = "127.0
 
     demo = build_demo(models, examples=example_rows, errors=errors)
     demo.queue(default_concurrency_limit=1)
-    logger.info("demo: http://%s:%d (Ctrl+C to stop)", host, port)
+    logger.info("demo: starting on http://%s:%d (Ctrl+C to stop)", host, port)
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])
     try:

@@ -218,11 +218,13 @@ def strategy_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def answer_question(model, tokenizer, context: str, question: str, settings: GenerationSettings) -> str:
-    """One answer, through the same prompt and decoder as evaluation."""
+def answer_question(model, tokenizer, context: str, question: str, settings: GenerationSettings,
+                    max_length: int | None = None) -> str:
+    """One answer, through the same prompt, cut (`max_length`: pass `training_max_length(adapter)`, as
+    `evaluate` does) and decoder as evaluation."""
     qid = hashlib.sha1(f"{context}\n{question}".encode()).hexdigest()
     return generate_answers(model, tokenizer, [{"id": qid, "context": context, "question": question}],
-                            settings=settings, progress=False)[qid]
+                            settings=settings, progress=False, max_length=max_length)[qid]
 
 
 def one_by_one_answers(model, tokenizer, records: list[dict], settings: GenerationSettings) -> dict[str, str]:

@@ -60,7 +60,7 @@ def _power(x: float, digits: int = 1) -> str:
     mantissa = f"{x / 10 ** exponent:.{digits}f}"
     if mantissa.startswith("10"):
         mantissa, exponent = f"{1:.{digits}f}", exponent + 1
-    return f"{mantissa}×10#super[{str(exponent).replace('-', MINUS)}]"
+    return f"{mantissa}×10#super[{str(exponent).replace('-', MINUS)}];"  # `;`: see literal()
 
 
 FORMATS = {
@@ -77,6 +77,8 @@ OPS = {  # how a printed number is computed from the values at its sources
     "grid_size": lambda grid: math.prod(len(v) for v in grid.values()),
     "n_significant": lambda tests: sum(t["p_holm"] < 0.05 for t in tests),
     "n_survive_both": lambda tests: sum(t["p_holm"] < 0.05 and bool(t.get("survives_seed_sd")) for t in tests),
+    "len_sum": lambda a, b: len(a) + len(b),
+    "n_grid": lambda runs: sum(r.get("group") == "grid" for r in runs),
 }
 
 
@@ -172,20 +174,31 @@ class Values:
 
 
 def literal(text: str) -> str:
-    """Arbitrary text as a Typst string literal, which renders verbatim (no markup)."""
-    return '#"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
+    """Arbitrary text as a Typst string literal, which renders verbatim (no markup). The `;` ends the embedded
+    expression: without it a `;` that follows the placeholder in the prose would be taken as the end marker
+    and vanish."""
+    return '#"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '";'
 
 
 # ---------------------------------------------------------------------------------------------- claims
 
-def claim_difference(a: str, b: str, delta: Number, ci: str, p_holm: Number, *, alpha: float = 0.05) -> str:
-    """A sentence on B - A (F1) that follows the numbers: who wins only when Holm's p says so."""
+def _unsigned(number: Number) -> str:
+    """A signed number's printed digits without the sign (the margin of a difference)."""
+    return number.text.lstrip("+" + MINUS + "-")
+
+
+def claim_difference(a: str, b: str, delta: Number, ci: str, p_holm: Number, *, alpha: float = 0.05,
+                     flipped_ci: str | None = None) -> str:
+    """A sentence on B - A (F1) that follows the numbers: who wins only when Holm's p says so. The winner's
+    margin is printed unsigned, with the CI of A - B (`flipped_ci`) when A wins."""
     if p_holm.value < alpha and delta.value > 0:
-        return f"{b} beats {a} by {delta.text} F1 (95% CI {ci}, Holm-adjusted _p_ = {p_holm.text})"
+        return f"{b} beats {a} by {_unsigned(delta)} F1 points (95% CI {ci}, Holm-adjusted " \
+               f"_p_ = {p_holm.text})"
     if p_holm.value < alpha and delta.value < 0:
-        return f"{a} beats {b} by {FORMATS['signed'](-delta.value)} F1 (95% CI of {b} − {a}: {ci}, " \
+        interval = f"95% CI {flipped_ci}" if flipped_ci else f"95% CI of {b} − {a}: {ci}"
+        return f"{a} beats {b} by {_unsigned(delta)} F1 points ({interval}, " \
                f"Holm-adjusted _p_ = {p_holm.text})"
-    return f"{b} and {a} do not differ significantly ({b} − {a}: {delta.text} F1, 95% CI {ci}, " \
+    return f"{b} and {a} do not differ significantly ({delta.text} F1 for {b}, 95% CI {ci}, " \
            f"Holm-adjusted _p_ = {p_holm.text})"
 
 
@@ -210,14 +223,19 @@ def claim_best_strategy(rows: list[tuple[str, Number]]) -> str:
     return f"{best[0]} beats greedy decoding ({best[1].text} against {greedy_f1.text} F1)"
 
 
-def claim_curve(steps: list[Number], losses: list[Number]) -> str:
-    """Whether the validation loss still falls at the end of training or turned up before."""
-    best = min(range(len(losses)), key=lambda i: losses[i].value)
-    if best == len(losses) - 1:
-        return f"its validation loss falls to its lowest value, {losses[-1].text}, at the last evaluation " \
-               f"(step {steps[-1].text}): no sign of over-fitting within one epoch"
+def claim_curve(steps: list[Number], losses: list[Number], *, tolerance: float = 0.01) -> str:
+    """Whether the validation loss still falls at the end of training, levels off (ends within `tolerance`,
+    relative, of its minimum) or turned up before. Of equal losses the last one counts as the lowest."""
+    best = min(reversed(range(len(losses))), key=lambda i: losses[i].value)
+    last = len(losses) - 1
+    if best == last or losses[last].value <= losses[best].value:
+        return f"its validation loss falls to its lowest value, {losses[last].text}, at the last evaluation " \
+               f"(step {steps[last].text}): no sign of over-fitting within one epoch"
+    if losses[last].value - losses[best].value <= tolerance * abs(losses[best].value):
+        return f"its validation loss levels off: it is lowest at step {steps[best].text} ({losses[best].text}) " \
+               f"and ends at {losses[last].text} (step {steps[last].text})"
     return f"its validation loss is lowest at step {steps[best].text} ({losses[best].text}) and ends at " \
-           f"{losses[-1].text} (step {steps[-1].text}): it starts to over-fit"
+           f"{losses[last].text} (step {steps[last].text}): it starts to over-fit"
 
 
 def claim_sampling(greedy: str, closest: tuple[str, Number], worst: tuple[str, Number]) -> str:
@@ -250,9 +268,9 @@ FAILURE_MEANINGS = {
 }
 
 
-def claim_failure_top(category: str, share: Number) -> str:
+def claim_failure_top(category: str) -> str:
     meaning = FAILURE_MEANINGS.get(category, "a category without a description here")
-    return f"{literal(category)} ({share.text} of all questions), {meaning}"
+    return f"_{literal(category)}_, is {meaning}"
 
 
 def claim_padding(steps: list[tuple[str, Number]], tokens: list[tuple[str, Number]]) -> str:
@@ -271,6 +289,37 @@ def claim_count(count: Number, what: str, none: str) -> str:
     return none if count.value == 0 else f"{count.text} {what}"
 
 
+def plural(count: Number, singular: str, plural_form: str | None = None) -> str:
+    """'1 test', '9 tests'."""
+    return f"{count.text} {singular if count.value == 1 else plural_form or singular + 's'}"
+
+
+def claim_significant(significant: Number, tests: Number) -> str:
+    """'4 of the 9 differences are significant', with the singular cases spelled out."""
+    if tests.value == 1:
+        return "the difference is significant" if significant.value else "the difference is not significant"
+    if significant.value == 0:
+        return f"none of the {tests.text} differences is significant"
+    if significant.value == tests.value:
+        return f"all {tests.text} differences are significant"
+    return f"{significant.text} of the {tests.text} differences {'is' if significant.value == 1 else 'are'} significant"
+
+
+def claim_same_loss(losses: list[Number], *, tolerance: float = 1e-4) -> str:
+    """Whether the training variants' mean losses agree (relative `tolerance`)."""
+    lo, hi = min(losses, key=lambda n: n.value), max(losses, key=lambda n: n.value)
+    if hi.value - lo.value <= tolerance * abs(hi.value):
+        return f"reach the same mean loss ({hi.text})"
+    return f"reach mean losses from {lo.text} to {hi.text}"
+
+
+def claim_identical(identical: Number, n: Number) -> str:
+    """Whether two generation paths gave the same greedy answer to every question."""
+    if identical.value >= n.value:
+        return f"with identical greedy answers ({identical.text} of {n.text})"
+    return f"with the same greedy answer to {identical.text} of {n.text} questions"
+
+
 # ---------------------------------------------------------------------------------------------- tables
 
 def table(header: list[str], rows: list[list[str] | str], align: str, widths: str | None = None,
@@ -284,7 +333,7 @@ def table(header: list[str], rows: list[list[str] | str], align: str, widths: st
         else:
             body.append(" ".join(f"[{cell}]," for cell in row))
     columns = widths or f"({', '.join(['auto'] * cols)})"
-    aligns = ", ".join({"l": "left", "r": "right", "c": "center"}[c] for c in align)
+    aligns = ", ".join({"l": "left", "r": "right", "c": "center"}[c] + " + top" for c in align)
     return (f"{{ set text(size: {size}); set par(justify: false)\n"
             f"table(columns: {columns}, align: ({aligns},), stroke: none, inset: (x: 3pt, y: 2pt),\n"
             f"  table.hline(stroke: 0.8pt), table.header({' '.join(f'[{h}],' for h in header)}),\n"
@@ -357,7 +406,11 @@ def _headline(v: Values) -> None:
         v.put("final_total_params", "int", f"{R}/runs/{i}/total_params")
         v.put("final_reduction", "x", f"{R}/runs/{i}/total_params", f"{R}/runs/{i}/trainable_params", op="ratio")
         v.put("final_train_questions", "int", f"{R}/runs/{i}/settings/max_train_samples")
-        v.put("final_train_hours", "1", f"{R}/runs/{i}/train_runtime_s", scale=1 / 3600)
+        seconds = f"{R}/runs/{i}/train_runtime_s"
+        hours = v.number("1", seconds, scale=1 / 3600)
+        minutes = None if hours is None or hours.value >= 2 else v.number("int", seconds, scale=1 / 60)
+        v.text("final_train_time", f"{minutes.text} minutes" if minutes else f"{hours.text} h" if hours else None,
+               seconds)
     has_pre = v.flag("has_preliminary", v.inputs.json(PRE_TUNED) is not None and v.inputs.json(PRE_BASE) is not None
                      and v.inputs.json(PRE_SUMMARY) is not None)
     if has_pre:
@@ -379,9 +432,8 @@ def _headline(v: Values) -> None:
         v.put("pre_rank", "int", f"{PRE_CONFIG}#/lora/lora_r")
         targets = ((v.inputs.json(PRE_CONFIG) or {}).get("lora") or {}).get("target_modules")
         v.text("pre_targets", literal(targets) if targets else None, PRE_CONFIG)
-    counted = [k for k, run in enumerate(_runs(v.inputs)) if run.get("total_params")]
-    v.put("model_params", "int", f"{PRE_SUMMARY}#/total_params" if v.inputs.json(PRE_SUMMARY) or not counted
-          else f"{R}/runs/{counted[0]}/total_params")
+    # the pretrained model's own size (`loraqa param-counts`), not the adapted model's
+    v.put("model_params", "int", "parameter_counts.json#/smollm2-135m/base_params")
     v.flag("has_model_params", "model_params" in v.fields)
 
 
@@ -403,10 +455,16 @@ def _bench(v: Values) -> None:
     v.put("bench_logits_full", "int", B + "/train/padded_full_logits/logit_positions")
     v.put("bench_train_n", "int", B + "/settings/train_examples")
     v.put("bench_train_steps", "int", B + "/settings/steps")
-    v.put("bench_train_loss", "3", B + "/train/loss_loraqa")
+    v.put("bench_padded_vs_trl", "1", B + "/train/padded_full_logits/examples_per_s",
+          B + "/train/reference_trl/examples_per_s", op="ratio")
+    losses = [v.number("3", f"{B}/train/{key}/mean_train_loss")
+              for key in ("reference_trl", "padded_full_logits", "padded_answer_only_logits", "loraqa")]
+    losses = [n for n in losses if n]
+    v.text("claim_bench_loss", claim_same_loss(losses) if losses else None, BENCH)
     v.put("bench_eval_speedup", "x", B + "/eval/speedup")
-    v.put("bench_eval_identical", "int", B + "/eval/greedy_identical_count")
-    v.put("bench_eval_n", "int", B + "/eval/questions")
+    identical = v.put("bench_eval_identical", "int", B + "/eval/greedy_identical_count")
+    n = v.put("bench_eval_n", "int", B + "/eval/questions")
+    v.text("claim_eval_identical", claim_identical(identical, n) if identical and n else None, BENCH)
     v.put("bench_eval_linear_bound", "x", B + "/eval/speedup_if_only_linear_layers")
     v.put("bench_bf16_speedup", "x", B + "/eval/bf16/speedup_over_fp32_one_by_one")
     identical = v.number("int", B + "/eval/bf16/identical_to_fp32_count")
@@ -519,6 +577,10 @@ def _study(v: Values) -> None:
         return
     v.put("runs_finished", "int", R + "/runs", op="len")
     v.put("runs_pending", "int", R + "/pending", op="len")
+    v.put("runs_total", "int", R + "/runs", R + "/pending", op="len_sum")
+    grid_done = v.put("grid_finished", "int", R + "/runs", op="n_grid")
+    # figures over the grid (parameters vs F1, heatmaps, cost) say something only with two grid points or more
+    v.flag("has_grid_spread", bool(grid_done and grid_done.value >= 2))
     v.flag("has_complete_study", not study.get("pending"))
     base = R + "/protocol/base"
     v.put("grid_size", "int", R + "/protocol/grid", op="grid_size")
@@ -553,6 +615,7 @@ def _study(v: Values) -> None:
             v.text(f"trainable_{tag}_at", describe({a: run["grid_point"][a] for a in ("target_modules", "rank")
                                                     if a in run["grid_point"]}))
     v.flag("has_grid_params", bool(grid_runs))
+    v.flag("has_param_range", bool(grid_runs) and lo[1]["trainable_params"] != hi[1]["trainable_params"])
     # selection
     best = _run_index(v.inputs, run_id=selection.get("best_run"))
     centre = _run_index(v.inputs, run_id=selection.get("centre_run"))
@@ -585,17 +648,18 @@ def _study(v: Values) -> None:
 def _main_table(v: Values) -> None:
     R, study, runs = f"{STUDY}#", v.inputs.json(STUDY) or {}, _runs(v.inputs)
     selection, final = study.get("selection") or {}, study.get("final") or {}
+    best_label = "Grid best" + ("" if selection.get("grid_complete") else " so far")
+    best, centre = (_run_index(v.inputs, run_id=selection.get(key)) for key in ("best_run", "centre_run"))
     plan = [("Untuned (baseline)", _run_index(v.inputs, name="baseline"), "test"),
-            ("Grid best" + ("" if selection.get("grid_complete") else " so far"),
-             _run_index(v.inputs, run_id=selection.get("best_run")), "test"),
-            ("Grid centre", _run_index(v.inputs, run_id=selection.get("centre_run")), "test"),
+            (f"Grid centre = {best_label.lower()}" if best is not None and best == centre else best_label, best,
+             "test"),
+            ("Grid centre", None if best == centre else centre, "test"),
             ("Full fine-tuning", _run_index(v.inputs, run_id=selection.get("best_full_ft_run")), "test"),
             ("Final model (full dev)", _run_index(v.inputs, run_id=final.get("run")), "test"),
             ("Untuned (full dev)", _run_index(v.inputs, name="baseline_full_dev"), "test")]
     rows: list = []
-    for label, k, split in plan:
+    for label, k, split in plan:  # rows not measured yet are left out (the Results section lists them)
         if k is None or split not in runs[k].get("scores", {}):
-            rows.append(f"{label}: _pending_")
             continue
         run, base = runs[k], f"{R}/runs/{k}"
         what = describe(run.get("grid_point") or {})
@@ -641,7 +705,7 @@ def _effects(v: Values, study: dict) -> None:
             v.text(f"claim_{axis}", claim_trend(trend, "rank" if axis == "rank" else "learning rate"))
     for axis in ("rank", "learning_rate"):
         v.flag(f"has_claim_{axis}", f"claim_{axis}" in v.fields)
-    v.flag("has_effects", bool(rows))
+    v.flag("has_effects", any(len(levels or []) >= 2 for levels in effects.values()))
     if rows:
         v.text("table_effects", table(["Level", "Runs", "Test F1 [95% CI]", "Val. F1"], rows, "lrrr"))
 
@@ -678,19 +742,27 @@ def _tests(v: Values, study: dict) -> None:
         survives = {True: "yes", False: "no", None: "–"}[t.get("survives_seed_sd")]
         rows.append([_test_label(t["name"]), n.text if n else "–", f"{delta.text} {ci}", em.text if em else "–",
                      p.text, p_holm.text, "yes" if p_holm.value < 0.05 else "no", survives])
+        lo, hi = (v.number("1", f"{base}/delta_f1_ci/{end}", scale=-1) for end in (1, 0))
+        flipped = f"[{lo.text}, {hi.text}]" if lo and hi else None  # the CI of A - B
         for pattern, (name, a, b) in CLAIMS.items():
             if re.search(pattern, t["name"]):
-                v.text(name, claim_difference(a, b, delta, ci, p_holm))
+                v.text(name, claim_difference(a, b, delta, ci, p_holm, flipped_ci=flipped))
         found = re.match(r"alpha=2r vs alpha=(\d+) at r=(\d+)", t["name"])
         if found:
-            alpha_claims.append(claim_difference("$alpha = 2r$", f"$alpha = {found.group(1)}$", delta, ci, p_holm)
-                                + f" at $r = {found.group(2)}$")
-    v.put("n_significant", "int", R + "/tests", op="n_significant")
+            alpha_claims.append(claim_difference("$alpha = 2r$", f"$alpha = {found.group(1)}$", delta, ci, p_holm,
+                                                 flipped_ci=flipped) + f" at $r = {found.group(2)}$")
+    significant = v.put("n_significant", "int", R + "/tests", op="n_significant")
+    n_tests = v.number("int", R + "/tests", op="len")
+    v.text("n_tests_phrase", plural(n_tests, "test") if n_tests else None, R + "/tests")
+    v.text("claim_significant", claim_significant(significant, n_tests) if significant and n_tests else None,
+           R + "/tests")
     v.text("claim_alpha", "; ".join(alpha_claims) if alpha_claims else None, "tests: alpha=2r vs alpha=...")
     for name, *_ in CLAIMS.values():
         v.flag(f"has_{name}", name in v.fields)
     v.flag("has_claim_alpha", bool(alpha_claims))
     v.flag("has_tests", bool(rows))
+    v.flag("has_test_table", len(rows) >= 2)  # a single comparison is stated in the text, without a table
+    v.text("only_test", _test_label(tests[0]["name"]) if tests else None, R + "/tests/0/name")
     if rows:
         v.text("table_tests", table(["Comparison (A vs B)", "Q.", "ΔF1 (B − A) [95% CI]", "ΔEM", "_p_", "_p_ Holm",
                                      "Sig.", "> 2 seed sd"], rows, "lrrrrrcc"))
@@ -725,7 +797,21 @@ def _full_ft(v: Values, study: dict, runs: list[dict], best: int | None) -> None
                                     "lrrrrr"))
     v.put("full_step_ratio", "1", f"{R}/runs/{full}/seconds_per_step", f"{R}/runs/{lora}/seconds_per_step", op="ratio")
     v.put("full_weights_ratio", "int", f"{R}/runs/{full}/weights_bytes", f"{R}/runs/{lora}/weights_bytes", op="ratio")
-    v.put("full_mem_ratio", "2", f"{R}/runs/{full}/peak_memory_mb", f"{R}/runs/{lora}/peak_memory_mb", op="ratio")
+    v.put("full_mem_ratio", "1", f"{R}/runs/{full}/peak_memory_mb", f"{R}/runs/{lora}/peak_memory_mb", op="ratio")
+
+
+def _adapter_name(v: Values, adapter: str | None) -> str:
+    """Which adapter an evaluation used, in words: 'the final', 'the preliminary' or its folder name."""
+    adapter = str(adapter or "")
+    final = ((v.inputs.json(STUDY) or {}).get("final") or {}).get("run")
+    # the preliminary adapter is `make run`'s output (runs/main, copied to results/main_run/)
+    preliminary = ((v.inputs.json(PRE_CONFIG) or {}).get("training") or {}).get("output_dir") or \
+        ("runs/main" if v.inputs.json(PRE_SUMMARY) is not None else None)
+    if "model_checkpoints" in adapter or (final and final in adapter):
+        return "the final"
+    if adapter and preliminary and Path(adapter) == Path(preliminary):
+        return "the preliminary"
+    return "the " + literal(Path(adapter).name) if adapter else "no"
 
 
 def _strategies(v: Values) -> None:
@@ -736,7 +822,7 @@ def _strategies(v: Values) -> None:
     v.put("strat_n", "int", S + "/n")
     v.put("strat_seeds", "int", f"{S}/strategies/{1 if len(rows) > 1 else 0}/seeds", op="len")
     v.put("strat_minutes", "1", S + "/grid_seconds", scale=1 / 60)
-    v.text("strat_adapter", literal(Path(str(data.get("adapter") or "none")).name))
+    v.text("strat_adapter", _adapter_name(v, data.get("adapter")))
     adapter = str(data.get("adapter") or "")
     v.flag("has_strategies_on_final", "final" in adapter or "model_checkpoints" in adapter)
     body, f1s = [], []
@@ -765,18 +851,18 @@ def _failures(v: Values) -> None:
     if not v.flag("has_failures", bool(data and data.get("counts"))):
         return
     v.put("fail_n", "int", F + "/n")
-    v.text("fail_source", f"#raw({json.dumps(Path(data.get('evaluation', '')).name)})")
+    v.text("fail_source", f"#raw({json.dumps(Path(data.get('evaluation', '')).name)});")
+    v.text("fail_adapter", _adapter_name(v, data.get("adapter")))
     counts = data["counts"]
     wrong = [(c, n) for c, n in counts.items() if c != "correct"]
     ranked = sorted(wrong, key=lambda cn: -cn[1])
     parts = []
     for category, _ in ranked:
         share = v.number("pct", f"{F}/counts/{category.replace('/', '~1')}", f"{F}/n", op="ratio", scale=100)
-        parts.append(f"{literal(category)} ({share.text})")
+        parts.append(f"_{literal(category)}_ ({share.text})")
     v.text("fail_categories", ", ".join(parts) or None, F)
     if ranked:
-        share = v.number("pct", f"{F}/counts/{ranked[0][0].replace('/', '~1')}", f"{F}/n", op="ratio", scale=100)
-        v.text("claim_failure_top", claim_failure_top(ranked[0][0], share))
+        v.text("claim_failure_top", claim_failure_top(ranked[0][0]))
     rows = []
     for j, example in enumerate(data.get("examples") or []):
         em = v.number("score", f"{F}/examples/{j}/f1", scale=100)
@@ -834,7 +920,7 @@ def _theory(v: Values) -> None:
     costs = f"{counts}/smollm2-135m/step_costs_r16/attention"
     v.put("smollm2_attention_r16_flops_ratio", "2", f"{costs}/ratio/step_flops")
     for method, name in (("full", "smollm2_full_train_state_mb"), ("lora", "smollm2_attention_r16_train_state_mb")):
-        v.put(name, "1", f"{costs}/{method}/grad_bytes", f"{costs}/{method}/optimizer_state_bytes", op="sum",
+        v.put(name, "int", f"{costs}/{method}/grad_bytes", f"{costs}/{method}/optimizer_state_bytes", op="sum",
               scale=1e-6)
     v.put("prompt_token_share", "pct", f"{counts}/prompt_tokens/prompt_share", scale=100)
     tests = (v.inputs.json("evaluation_results.json") or {}).get("tests") or []
@@ -848,6 +934,22 @@ def _theory(v: Values) -> None:
         v.text("masking_ablation_f1_ci", f"[{lo.text}, {hi.text}]" if lo and hi else None, source)
 
 
+def _pending(v: Values) -> None:
+    """One list of the study's parts that have no result yet, for the single 'still running' note."""
+    on = lambda name: v.fields.get(name) == "true"  # noqa: E731
+    parts = [("the remaining grid runs", on("has_complete_grid")),
+             ("the extra seeds", on("has_seeds_centre") and on("has_seeds_best")),
+             ("the fixed-$alpha$ series", on("has_claim_alpha")),
+             ("full fine-tuning", on("has_full_ft")),
+             ("the prompt-masking ablation", on("has_claim_masking")),
+             ("the `max_length` ablation", on("has_claim_max_length")),
+             ("the final model", on("has_final"))]
+    missing = [name for name, done in parts if not done]
+    text = ", ".join(missing[:-1]) + (" and " if len(missing) > 1 else "") + missing[-1] if missing else \
+        "the runs still queued"
+    v.text("pending_parts", text)
+
+
 def report_values(results_dir: str | Path, figures_dir: Path | None = None) -> Values:
     """Every placeholder's value from the result files (figures are copied to `figures_dir` when given)."""
     v = Values(Inputs(results_dir))
@@ -856,6 +958,7 @@ def report_values(results_dir: str | Path, figures_dir: Path | None = None) -> V
         part(v)
     _figures(v, Path(results_dir) / "plots", figures_dir)
     _theory(v)
+    _pending(v)
     return v
 
 
@@ -882,6 +985,10 @@ def fill(template: str, values: Values) -> str:
     return PLACEHOLDER.sub(value, template)
 
 
+# flags that describe the results rather than name an input: never listed as pending
+STATE_FLAGS = ("has_claim_", "has_complete_", "has_grid_spread", "has_param_range", "has_test_table")
+
+
 @dataclass
 class Report:
     pdf: Path
@@ -894,7 +1001,7 @@ class Report:
     def pending(self) -> list[str]:
         """Inputs and figures the report marks as pending (its has_* flags that are off, claims aside)."""
         return sorted(k[4:] for k, val in self.values.fields.items()
-                      if k.startswith("has_") and val == "false" and not k.startswith(("has_claim_", "has_complete_")))
+                      if k.startswith("has_") and val == "false" and not k.startswith(STATE_FLAGS))
 
 
 def count_pages(pdf: Path) -> int:

@@ -237,8 +237,9 @@ def _run_one(run: Run, run_dir: Path, log, torch_threads: int | None = None) -> 
         train_line = lines.pop(0)
         if not (run_dir / "summary.json").exists():
             checkpoint = _latest_checkpoint(run_dir)
-            if checkpoint:
-                train_line += ["--resume_from_checkpoint", str(checkpoint)]
+            # the sweep owns its run directories: an attempt that left no checkpoint starts over
+            train_line += (["--resume_from_checkpoint", str(checkpoint)] if checkpoint
+                           else ["--overwrite_output_dir", "true"])
             _call(train_line, log, torch_threads)
     for line in lines:
         if not Path(line[line.index("--output") + 1]).exists():

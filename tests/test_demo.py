@@ -293,6 +293,13 @@ def _csss(driver, selector):
     return driver.find_elements(By.CSS_SELECTOR, selector)
 
 
+def _type(driver, selector, text):
+    """Set a text box at once (typing 6,000 words key by key takes minutes), as typing does: an input event."""
+    driver.execute_script("arguments[0].value = arguments[1];"
+                          "arguments[0].dispatchEvent(new Event('input', {bubbles: true}));",
+                          _css(driver, selector), text)
+
+
 def test_browser_ask_shows_the_answers_of_loraqa_ask(files, models, server, browser):
     merged, tokenizer, _ = load_model_for_eval(ModelArguments(str(files["model"])), str(files["adapter"]), device="cpu")
     context = "Super Bowl 50 was played in Santa Clara. The Denver Broncos won it against the Carolina Panthers."
@@ -316,6 +323,14 @@ def test_browser_ask_shows_the_answers_of_loraqa_ask(files, models, server, brow
         assert _csss(browser, "#base-details span.tok") and _csss(browser, "#adapter-details span.tok")
         assert "EM 0 · F1 0.0" in _css(browser, "#adapter-details").text  # a random model misses the gold
         assert _css(browser, "#context-view .context").text.startswith("Super Bowl 50 was played")
+    _type(browser, "#ask-context textarea", TREASURE)  # ~6,000 tokens: longer than max_length
+    _css(browser, "#ask-button").click()
+    _wait(browser, lambda d: "too long for the adapter model" in _css(d, "#ask-status").text, "the cut", server)
+    assert f"max_length {ADAPTER_MAX_LENGTH}" in _css(browser, "#ask-status").text
+    assert _csss(browser, "#context-view mark.cut")
+    _type(browser, "#ask-question textarea", "")
+    _css(browser, "#ask-button").click()
+    _wait(browser, lambda d: _css(d, "#ask-status").text.startswith("Please type a question"), "the message", server)
     browser.find_element("xpath", "//button[contains(., 'Which team won Super Bowl 50?')] | "
                                   "//td[contains(., 'Which team won Super Bowl 50?')]").click()  # a dev example
     _wait(browser, lambda d: _css(d, "#ask-question textarea").get_property("value") == QUESTION,

@@ -57,25 +57,32 @@ def test_bad_specs_are_one_clear_line(tmp_path, spec, message):
 def test_sweep_runs_each_run_once_resumes_and_collects(tmp_path, tiny_gpt2_dir, squad_file, capsys):
     spec = _spec(tmp_path, tiny_gpt2_dir, squad_file)
     out = tmp_path / "sweep"
-    # a time-boxed first session: two runs, then stop
-    first = run_sweep(spec, str(out), limit=2)
-    assert sorted(first.values()) == ["done", "done"]
+    # a time-boxed first session: three runs, then stop
+    first = run_sweep(spec, str(out), limit=3)
+    assert sorted(first.values()) == ["done"] * 3
     capsys.readouterr()
     pending = run_sweep(spec, str(out), print_commands=True)
     printed = capsys.readouterr().out.strip().splitlines()
-    assert len(printed) == len(pending) == 3 and all(line.startswith("loraqa train ") for line in printed)
+    assert len(printed) == len(pending) == 2 and all(line.startswith("loraqa train ") for line in printed)
     # an interrupted run: its results are gone, its last checkpoint is not
     resumed = next(p for p in out.iterdir() if p.name.startswith("lr0.001-r4"))
     for name in ("done.json", "summary.json", "eval_test.json", "adapter_model.safetensors"):
         (resumed / name).unlink()
     shutil.rmtree(resumed / "checkpoint-4", ignore_errors=True)
+    # a run killed before its first checkpoint: its directory holds a config and metrics, nothing to resume
+    restarted = next(p for p in out.iterdir() if not p.name.startswith(("baseline", "lr0.001-r4")))
+    for name in ("done.json", "summary.json", "eval_test.json", "adapter_model.safetensors"):
+        (restarted / name).unlink()
+    for checkpoint in restarted.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
     second = run_sweep(spec, str(out))
     assert sorted(second.values()) == ["done"] * 6  # 4 grid + baseline + best_again, each done
     log = (resumed / "train.log").read_text()
     assert "--resume_from_checkpoint" in log and "checkpoint-2" in log
     assert log.count("$ loraqa train") == 2  # the first attempt and the resumed one
+    assert "--overwrite_output_dir true" in (restarted / "train.log").read_text()
     for run_dir in out.iterdir():
-        if run_dir.name != resumed.name and not run_dir.name.startswith("baseline"):
+        if run_dir.name not in (resumed.name, restarted.name) and not run_dir.name.startswith("baseline"):
             assert (run_dir / "train.log").read_text().count("$ loraqa train") == 1, run_dir.name  # never twice
     assert run_sweep(spec, str(out)) == {r: "done" for r in second}  # a third call finds nothing to do
 
