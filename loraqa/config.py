@@ -226,16 +226,21 @@ def unknown_arguments(extras: list[str], options: list[str]) -> str:
     return f"unknown flag{'s' if len(named) > 1 else ''} {', '.join(named)}"
 
 
-def read_settings_file(path: str, known: set[str]) -> dict[str, Any]:
-    """A `--config` YAML mapping of setting names to values; one-line errors name the file (and the line)."""
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's content; one-line errors name the file (and the line)."""
     try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
+        return yaml.safe_load(Path(path).read_text())
     except OSError as err:
         raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
         raise ConfigError(f"{path}:{where} not valid YAML ({getattr(err, 'problem', None) or err})") from None
+
+
+def read_settings_file(path: str, known: set[str]) -> dict[str, Any]:
+    """A `--config` YAML mapping of setting names to values; one-line errors name the file (and the line)."""
+    values = read_yaml(path) or {}
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of setting names to values")
     unknown = sorted(set(values) - known)

@@ -36,10 +36,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from .config import (ConfigError, DataArguments, GenerationSettings, LoraArguments, LoraQATrainingArguments,
-                     ModelArguments, write_json_atomic)
+                     ModelArguments, read_yaml, write_json_atomic)
 
 SPEC_KEYS = {"base", "grid", "centre", "runs", "first", "evaluations", "select_on"}
 RUN_KEYS = {"train", "from", "evaluate"}  # run-level keys that are not `loraqa train` settings
@@ -77,14 +75,7 @@ class Run:
 
 def load_spec(path: str | Path) -> dict:
     """Read and check a spec; errors name the file and the key."""
-    try:
-        spec = yaml.safe_load(Path(path).read_text())
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read the sweep spec ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(err, 'problem', err)})") from None
+    spec = read_yaml(path)
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: expected a mapping with keys {', '.join(sorted(SPEC_KEYS))}")
     unknown = set(spec) - SPEC_KEYS

@@ -50,7 +50,7 @@ def test_bad_specs_are_one_clear_line(tmp_path, spec, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_spec(path)
     path.write_text("base: {model: [unclosed\n")
-    with pytest.raises(ConfigError, match="bad.yaml: line 2 not valid YAML"):
+    with pytest.raises(ConfigError, match="bad.yaml: line 2, column 1: not valid YAML"):
         load_spec(path)
 
 
