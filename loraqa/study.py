@@ -100,7 +100,8 @@ def _run_entry(run_dir: Path, done: dict) -> dict:
         entry[key] = summary.get(key)
     if entry["trainable_params"] and entry["total_params"]:
         entry["trainable_ratio"] = entry["trainable_params"] / entry["total_params"]
-    entry["seconds_per_step"] = summary["train_runtime_s"] / steps if steps else None
+    # the steps this run's last process trained (a resumed run timed only those); older summaries: all steps
+    entry["seconds_per_step"] = summary.get("seconds_per_step") or (summary["train_runtime_s"] / steps if steps else None)
     for split in done["evaluations"]:
         evaluation = _read_json(run_dir / f"eval_{split}.json")
         if evaluation is None:

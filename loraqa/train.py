@@ -34,7 +34,7 @@ from .assets import hub_status, squad_file
 from .attention import supports_shared_prefix
 from .collator import ContextGroupedSampler, QADataCollator, SharedContextCollator
 from .config import (ConfigError, DataArguments, LoraArguments, LoraQATrainingArguments, ModelArguments, run_metadata,
-                     to_dict, write_json_atomic)
+                     to_dict, write_json_atomic, write_text_atomic)
 from .data import IGNORE_INDEX, build_train_dataset, data_fingerprint, heldout_split, load_squad, take_subset
 from .modeling import ModelSetupError, attach_lora, count_parameters, load_model_and_tokenizer
 
@@ -503,6 +503,14 @@ def _save_final(trainer: Trainer, tokenizer, output_dir: Path) -> None:
     staging.rmdir()
 
 
+def _checkpoint_step(checkpoint: str | None) -> int:
+    """The global step a checkpoint was saved at (0 for a fresh run)."""
+    if not checkpoint:
+        return 0
+    state = Path(checkpoint) / "trainer_state.json"
+    return int(json.loads(state.read_text())["global_step"]) if state.exists() else 0
+
+
 def fit(run: TrainingSetup) -> TrainResult:
     """Train (resuming if asked), then write weights, config and summary into the run directory."""
     args, trainer = run.training_args, run.trainer
@@ -514,6 +522,11 @@ def fit(run: TrainingSetup) -> TrainResult:
                 shutil.rmtree(stale)
             else:
                 stale.unlink(missing_ok=True)
+    first_step = _checkpoint_step(args.resume_from_checkpoint)
+    if first_step and trainer.is_world_process_zero() and metrics_path.exists():
+        # records past the checkpoint are logged again by the resumed run: keep each step once
+        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= first_step]
+        write_text_atomic(metrics_path, "".join(f"{line}\n" for line in kept))
     config = {**run_settings(run.model_args, run.lora_args, run.data_args, args), "sources": run.sources,
               "resolved_model": run.resolved_model, **run_metadata()}
     if trainer.is_world_process_zero():
@@ -531,13 +544,18 @@ def fit(run: TrainingSetup) -> TrainResult:
     train_losses = [json.loads(line).get("loss") for line in metrics_path.read_text().splitlines()] \
         if metrics_path.exists() else []
     train_losses = [x for x in train_losses if x is not None]
-    examples = output.metrics.get("train_samples_per_second", 0.0)
+    # speed from the steps this process trained (a resumed run's Trainer divides all samples by its own time)
+    steps_timed = output.global_step - first_step
+    examples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    examples = steps_timed * examples_per_step / runtime if steps_timed else 0.0
     tokens_per_example = sum(trainer.train_dataset["length"]) / len(trainer.train_dataset)
     summary = {
         "model": run.model_args.model, "model_resolved": run.resolved_model,
         "method": "full_finetune" if run.lora_args.full_finetune else "lora",
         **run.parameters,
         "train_examples": len(trainer.train_dataset), "global_steps": output.global_step,
+        "resumed_from_step": first_step, "steps_timed": steps_timed,
+        "seconds_per_step": runtime / steps_timed if steps_timed else None,
         "train_runtime_s": runtime, "train_examples_per_s": examples,
         "train_tokens_per_s": examples * tokens_per_example,
         "peak_memory_mb": peak_memory_mb(),

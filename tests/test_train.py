@@ -126,6 +126,12 @@ def test_resume_reaches_the_same_final_state(tmp_path, tiny_gpt2_dir, squad_file
     assert not (tmp_path / "b" / "run" / "summary.json").exists()
     args[3].resume_from_checkpoint = str(tmp_path / "b" / "run" / "checkpoint-3")
     resumed = train(*args)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [json.loads(line)["step"] for line in (tmp_path / "a" / "run" / "metrics.jsonl").read_text()
+                     .splitlines() if "loss" in json.loads(line)]  # steps 4 (logged before the kill) not twice
+    assert (resumed.summary["resumed_from_step"], resumed.summary["steps_timed"]) == (3, 3)
+    assert resumed.summary["seconds_per_step"] == pytest.approx(resumed.summary["train_runtime_s"] / 3)
     a = load_file(f"{straight.output_dir}/adapter_model.safetensors")
     b = load_file(f"{resumed.output_dir}/adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
