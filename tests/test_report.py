@@ -9,10 +9,12 @@ import pytest
 
 pytest.importorskip("typst")
 
-from loraqa.report import (FIGURES, FORMATS, OPS, PLACEHOLDER, Number, ReportError, build_report,  # noqa: E402
-                           claim_best_strategy, claim_bf16, claim_curve, claim_difference, claim_identical,
-                           claim_padding, claim_same_loss, claim_sampling, claim_significant, claim_trend,
-                           count_pages, excerpt, label_example, report_values)
+from loraqa.report import PLACEHOLDER, ReportError, build_report, count_pages  # noqa: E402
+from loraqa.report_inputs import excerpt, label_example  # noqa: E402
+from loraqa.report_text import (FORMATS, OPS, Number, claim_best_strategy, claim_bf16, claim_curve,  # noqa: E402
+                                claim_difference, claim_identical, claim_padding, claim_same_loss, claim_sampling,
+                                claim_significant, claim_trend)
+from loraqa.report_values import FIGURES, report_values  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 FIXTURE = Path(__file__).parent / "fixtures" / "report"
@@ -132,7 +134,6 @@ def test_partial_results_render_and_say_what_is_pending(tmp_path, monkeypatch):
         (results / name).unlink()
     built = build_report(results, tmp_path / "r.pdf", source_dir=tmp_path / "source")
     assert built.pages >= 1
-    source = _source_text(built.source_dir)
     rendered = _rendered_paragraphs(built.source_dir)
     text = " ".join(rendered)
     # the study's missing parts are listed once, in one status note, not marked pending section by section

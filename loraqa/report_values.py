@@ -1,0 +1,666 @@
+"""Result files -> the value of every placeholder of the report's sections (`report_values`).
+
+Each part reads one kind of result (the study, the preliminary adapter, bench, data statistics, padding
+study, decoding strategies, failures, plots, the theory's closed-form counts) and records its numbers with
+their sources through `loraqa.report_text.Values`; what does not exist yet is left missing and flagged
+pending, never guessed. Tables are Typst code built here from the same recorded numbers.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from .report_text import (FORMATS, Inputs, Values, claim_best_strategy, claim_bf16, claim_count, claim_curve, claim_difference, claim_failure_top, claim_identical, claim_padding, claim_same_loss, claim_sampling, claim_significant, claim_trend, literal, plural)
+
+# figure name in the sections -> file stem under results/plots/ (a .pdf is preferred to a .png)
+FIGURES = {"loss_curves": "loss_curves", "params_vs_f1": "params_vs_f1", "f1_heatmaps": "f1_heatmaps",
+           "cost": "cost", "decoding_strategies": "decoding_strategies", "padding_study": "padding_study"}
+STUDY, PRE_BASE, PRE_TUNED = "evaluation_results.json", "eval_baseline_500.json", "eval_finetuned_500.json"
+PRE_COMPARE, PRE_SUMMARY, PRE_CONFIG = "compare_500.json", "main_run/summary.json", "main_run/run_config.json"
+STRATEGIES, BENCH, LABELS, FAILURES, PADDING = ("strategies_finetuned_500.json", "bench.json", "label_example.json",
+                                                "failure_examples.json", "padding_study.json")
+TOKENIZERS = {"gpt2-tokenizer": "GPT-2", "smollm2-135m": "SmolLM2"}
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+def table(header: list[str], rows: list[list[str] | str], align: str, widths: str | None = None,
+          size: str = "8pt") -> str:
+    """A booktabs-style Typst table; a str row is a full-width group label (or a pending note)."""
+    cols = len(header)
+    body = []
+    for row in rows:
+        if isinstance(row, str):
+            body.append(f"table.cell(colspan: {cols}, align: left)[{row}],")
+        else:
+            body.append(" ".join(f"[{cell}]," for cell in row))
+    columns = widths or f"({', '.join(['auto'] * cols)})"
+    aligns = ", ".join({"l": "left", "r": "right", "c": "center"}[c] + " + top" for c in align)
+    return (f"{{ set text(size: {size}); set par(justify: false)\n"
+            f"table(columns: {columns}, align: ({aligns},), stroke: none, inset: (x: 3pt, y: 2pt),\n"
+            f"  table.hline(stroke: 0.8pt), table.header({' '.join(f'[{h}],' for h in header)}),\n"
+            f"  table.hline(stroke: 0.4pt),\n  " + "\n  ".join(body) + "\n  table.hline(stroke: 0.8pt)) }")
+
+
+def _scores(v: Values, base: str, split: str) -> list[str]:
+    """[EM [CI], F1 [CI]] cells for /scores/<split> under `base`."""
+    cells = []
+    for metric in ("exact_match", "f1"):
+        n, ci = v.number("score", f"{base}/{metric}"), v.ci(f"{base}/{metric}_ci")
+        cells.append(f"{n.text} {ci}" if n and ci else (n.text if n else "–"))
+    return cells
+
+
+def _lr(value: float) -> str:
+    return FORMATS["lr"](value)
+
+
+def describe(point: dict) -> str:
+    """Grid point -> 'attention, r = 16, lr = 2×10^−4' (Typst markup)."""
+    parts = []
+    for axis, value in point.items():
+        if isinstance(value, dict) and "lora_r" in value:
+            parts.append(f"_r_ = {value['lora_r']}")
+        elif axis == "learning_rate":
+            parts.append(f"lr = {_lr(value)}")
+        elif axis == "target_modules":
+            parts.append(literal(value))
+        else:
+            parts.append(f"{literal(axis)} = {literal(str(value))}")
+    return ", ".join(parts)
+
+
+def _test_label(name: str) -> str:
+    name = re.sub(r"rank=lora_r=(\d+),lora_alpha=(\d+)", r"r=\1", name)
+    name = name.replace("learning_rate=", "lr=").replace("target_modules=", "")
+    return literal(name)
+
+
+# ---------------------------------------------------------------------------------------------- values
+
+def _runs(inputs: Inputs) -> list[dict]:
+    return (inputs.json(STUDY) or {}).get("runs") or []
+
+
+def _run_index(inputs: Inputs, *, run_id: str | None = None, name: str | None = None) -> int | None:
+    for i, run in enumerate(_runs(inputs)):
+        if (run_id and run.get("run_id") == run_id) or (name and run.get("name") == name):
+            return i
+    return None
+
+
+def _headline(v: Values) -> None:
+    study, R = v.inputs.json(STUDY) or {}, f"{STUDY}#"
+    final = study.get("final") or {}
+    i = _run_index(v.inputs, run_id=final.get("run"))
+    has_final = v.flag("has_final", i is not None and bool(final.get("test")))
+    if has_final:
+        for key, src in (("final_em", "/final/test/exact_match"), ("final_f1", "/final/test/f1"),
+                         ("final_base_em", "/final/baseline_full_dev/exact_match"),
+                         ("final_base_f1", "/final/baseline_full_dev/f1"),
+                         ("final_delta_f1", "/final/comparison/delta_f1")):
+            v.put(key, "signed" if "delta" in key else "score", R + src)
+        v.ci(R + "/final/test/f1_ci", "final_f1_ci")
+        v.ci(R + "/final/comparison/delta_f1_ci", "final_delta_f1_ci")
+        v.put("final_p", "p", R + "/final/comparison/p_value")
+        v.put("final_n", "int", R + "/final/test/n")
+        v.put("final_trainable", "int", f"{R}/runs/{i}/trainable_params")
+        v.put("final_total_params", "int", f"{R}/runs/{i}/total_params")
+        v.put("final_reduction", "x", f"{R}/runs/{i}/total_params", f"{R}/runs/{i}/trainable_params", op="ratio")
+        v.put("final_train_questions", "int", f"{R}/runs/{i}/settings/max_train_samples")
+        seconds = f"{R}/runs/{i}/train_runtime_s"
+        hours = v.number("1", seconds, scale=1 / 3600)
+        minutes = None if hours is None or hours.value >= 2 else v.number("int", seconds, scale=1 / 60)
+        v.text("final_train_time", f"{minutes.text} minutes" if minutes else f"{hours.text} h" if hours else None,
+               seconds)
+    has_pre = v.flag("has_preliminary", v.inputs.json(PRE_TUNED) is not None and v.inputs.json(PRE_BASE) is not None
+                     and v.inputs.json(PRE_SUMMARY) is not None)
+    if has_pre:
+        for key, name in (("pre_em", f"{PRE_TUNED}#/exact_match"), ("pre_f1", f"{PRE_TUNED}#/f1"),
+                          ("pre_base_em", f"{PRE_BASE}#/exact_match"), ("pre_base_f1", f"{PRE_BASE}#/f1")):
+            v.put(key, "score", name)
+        v.put("pre_n", "int", f"{PRE_TUNED}#/n")
+        v.put("pre_delta_f1", "signed", f"{PRE_COMPARE}#/f1/delta")
+        v.ci(f"{PRE_COMPARE}#/f1/delta_ci", "pre_delta_f1_ci")
+        v.put("pre_delta_em", "signed", f"{PRE_COMPARE}#/exact_match/delta")
+        v.put("pre_mcnemar_p", "p", f"{PRE_COMPARE}#/exact_match/mcnemar/p_value")
+        v.put("pre_perm_p", "p", f"{PRE_COMPARE}#/f1/permutation_p_value")
+        v.put("pre_trainable", "int", f"{PRE_SUMMARY}#/trainable_params")
+        v.put("pre_total_params", "int", f"{PRE_SUMMARY}#/total_params")
+        v.put("pre_reduction", "x", f"{PRE_SUMMARY}#/total_params", f"{PRE_SUMMARY}#/trainable_params", op="ratio")
+        v.put("pre_train_questions", "int", f"{PRE_SUMMARY}#/train_examples")
+        v.put("pre_train_minutes", "1", f"{PRE_SUMMARY}#/train_runtime_s", scale=1 / 60)
+        v.put("pre_steps", "int", f"{PRE_SUMMARY}#/global_steps")
+        v.put("pre_rank", "int", f"{PRE_CONFIG}#/lora/lora_r")
+        targets = ((v.inputs.json(PRE_CONFIG) or {}).get("lora") or {}).get("target_modules")
+        v.text("pre_targets", literal(targets) if targets else None, PRE_CONFIG)
+    # the pretrained model's own size (`loraqa param-counts`), not the adapted model's
+    v.put("model_params", "int", "parameter_counts.json#/smollm2-135m/base_params")
+    v.flag("has_model_params", "model_params" in v.fields)
+
+
+def _bench(v: Values) -> None:
+    B = f"{BENCH}#"
+    if not v.flag("has_bench", v.inputs.json(BENCH) is not None):
+        return
+    v.put("cpu_count", "int", B + "/machine/cpu_count")
+    v.put("bench_train_speedup", "x", B + "/train/speedup")
+    v.put("bench_mem_ratio", "pct0", B + "/train/peak_rss_ratio", scale=100)
+    v.put("bench_mfu", "pct0", B + "/train/loraqa_mfu", scale=100)
+    v.put("bench_matmul_peak", "int", B + "/machine/matmul_peak_gflops")
+    v.put("bench_answer_logits_speedup", "2", B + "/train/padded_answer_only_logits/examples_per_s",
+          B + "/train/padded_full_logits/examples_per_s", op="ratio")
+    v.put("bench_packing_speedup", "1", B + "/train/speedup_over_padded_answer_only_logits")
+    v.put("bench_tokens_packed", "int", B + "/train/loraqa/processed_tokens")
+    v.put("bench_tokens_padded", "int", B + "/train/padded_answer_only_logits/processed_tokens")
+    v.put("bench_logits_answer", "int", B + "/train/loraqa/logit_positions")
+    v.put("bench_logits_full", "int", B + "/train/padded_full_logits/logit_positions")
+    v.put("bench_train_n", "int", B + "/settings/train_examples")
+    v.put("bench_train_steps", "int", B + "/settings/steps")
+    v.put("bench_padded_vs_trl", "1", B + "/train/padded_full_logits/examples_per_s",
+          B + "/train/reference_trl/examples_per_s", op="ratio")
+    losses = [v.number("3", f"{B}/train/{key}/mean_train_loss")
+              for key in ("reference_trl", "padded_full_logits", "padded_answer_only_logits", "loraqa")]
+    losses = [n for n in losses if n]
+    v.text("claim_bench_loss", claim_same_loss(losses) if losses else None, BENCH)
+    v.put("bench_eval_speedup", "x", B + "/eval/speedup")
+    identical = v.put("bench_eval_identical", "int", B + "/eval/greedy_identical_count")
+    n = v.put("bench_eval_n", "int", B + "/eval/questions")
+    v.text("claim_eval_identical", claim_identical(identical, n) if identical and n else None, BENCH)
+    v.put("bench_eval_linear_bound", "x", B + "/eval/speedup_if_only_linear_layers")
+    v.put("bench_bf16_speedup", "x", B + "/eval/bf16/speedup_over_fp32_one_by_one")
+    identical = v.number("int", B + "/eval/bf16/identical_to_fp32_count")
+    n = v.number("int", B + "/eval/questions")
+    v.text("claim_bf16", claim_bf16(identical, n) if identical and n else None, BENCH)
+    rows = [("TRL SFTTrainer + PEFT", "reference_trl"), ("padded rows, full logits", "padded_full_logits"),
+            ("padded rows, answer-only logits", "padded_answer_only_logits"),
+            ("*loraqa* (shared contexts)", "loraqa")]
+    body: list = ["_Training_ (examples/s, same batches and loss)"]
+    for label, key in rows:
+        rate = v.number("2", f"{B}/train/{key}/examples_per_s")
+        mem = v.number("1", f"{B}/train/{key}/peak_rss_mb", scale=1 / 1024)
+        ratio = v.number("x", f"{B}/train/{key}/examples_per_s", f"{B}/train/reference_trl/examples_per_s", op="ratio")
+        body.append([label, rate.text if rate else "–", mem.text if mem else "–", ratio.text if ratio else "–"])
+    body.append("_Evaluation_ (questions/s, greedy)")
+    for label, key, ref in (("one-by-one `generate`", "one_by_one_questions_per_s", None),
+                            ("batched full-prompt rows", "full_prompt_rows_questions_per_s", None),
+                            ("*loraqa* (shared prefixes)", "loraqa_questions_per_s", None),
+                            ("*loraqa*, bf16 weights", "bf16/loraqa_questions_per_s", None)):
+        rate = v.number("2", f"{B}/eval/{key}")
+        ratio = v.number("x", f"{B}/eval/{key}", f"{B}/eval/one_by_one_questions_per_s", op="ratio")
+        body.append([label, rate.text if rate else "–", "–", ratio.text if ratio else "–"])
+    v.text("table_bench", table(["Variant", "Rate", "Peak GiB", "Speed-up"], body, "lrrr"))
+
+
+def _data_stats(v: Values) -> None:
+    names = {k: f"data_stats_{k}_train.json" for k in TOKENIZERS}
+    present = [k for k, f in names.items() if v.inputs.json(f) is not None]
+    if not v.flag("has_data_stats", "smollm2-135m" in present):
+        return
+    S = f"{names['smollm2-135m']}#"
+    v.put("ds_n_train", "int", S + "/n")
+    v.put("ds_n_dev", "int", "data_stats_smollm2-135m_validation.json#/n")
+    max_length = v.put("ds_max_length", "int", f"{PRE_CONFIG}#/data/max_length")
+    lengths = sorted((v.inputs.json(names["smollm2-135m"]) or {}).get("max_length", {}), key=int)
+    default = str(round(max_length.value)) if max_length else None
+    v.put("ds_trunc_default", "int", f"{S}/max_length/{default}/truncated")
+    v.put("ds_trunc_default_pct", "pct", f"{S}/max_length/{default}/truncated", f"{S}/n", op="ratio", scale=100)
+    v.put("ds_total_p50", "int", f"{S}/percentiles/total/p50")
+    v.put("ds_total_p99", "int", f"{S}/percentiles/total/p99")
+    v.put("ds_answer_p50", "int", f"{S}/percentiles/answer/p50")
+    v.flag("has_ds_default", "ds_trunc_default" in v.fields)
+    dropped = [v.number("int", f"{S}/max_length/{k}/dropped") for k in lengths]
+    most = max((d for d in dropped if d), key=lambda d: d.value, default=None)
+    v.text("claim_dropped", claim_count(most, "questions are dropped at the shortest length",
+                                        "no question is dropped at any of these lengths (every answer fits)")
+           if most else None, S)
+    header = ["Training set", *(TOKENIZERS[k] for k in present)]
+    rows: list = ["_Tokens of prompt + answer_"]
+    for p in ("p50", "p90", "p99", "p100"):
+        cells = [v.number("int", f"data_stats_{k}_train.json#/percentiles/total/{p}") for k in present]
+        rows.append([p if p != "p100" else "max", *(c.text if c else "–" for c in cells)])
+    rows.append("_Questions truncated (dropped) at max_length_")
+    for length in lengths:
+        cells = []
+        for k in present:
+            t = v.number("int", f"data_stats_{k}_train.json#/max_length/{length}/truncated")
+            d = v.number("int", f"data_stats_{k}_train.json#/max_length/{length}/dropped")
+            cells.append(f"{t.text} ({d.text})" if t and d else "–")
+        rows.append([length, *cells])
+    v.text("table_data_stats", table(header, rows, "l" + "r" * len(present)))
+
+
+def _label_example(v: Values) -> None:
+    example = v.inputs.json(LABELS)
+    if not v.flag("has_label_example", bool(example and example.get("tokens"))):
+        return
+    L = f"{LABELS}#"
+    v.put("lx_prompt_tokens", "int", L + "/prompt_tokens")
+    v.put("lx_target_tokens", "int", L + "/target_tokens")
+    v.text("lx_tokenizer", literal(TOKENIZERS.get(Path(example.get("tokenizer", "")).name,
+                                                  Path(example.get("tokenizer", "")).name)))
+    cells = ", ".join(f"({json.dumps(t['text'], ensure_ascii=False)}, {json.dumps(str(t['label']))}, "
+                      f"{json.dumps(t['kind'])})"
+                      for t in example["tokens"])
+    v.text("fig_labels", f"token-example(({cells},))")
+
+
+def _padding(v: Values) -> None:
+    """padding_study.json (`loraqa padding-study`): cells per strategy and batch size; the table shows the
+    training batch size (8 when measured, else the largest)."""
+    cells = (v.inputs.json(PADDING) or {}).get("cells") or []
+    if not v.flag("has_padding", bool(cells)):
+        return
+    P = f"{PADDING}#"
+    sizes = {c["batch_size"] for c in cells}
+    batch = 8 if 8 in sizes else max(sizes)
+    body, steps, tokens = [], [], []
+    for i, cell in enumerate(cells):
+        if cell["batch_size"] != batch:
+            continue
+        if not steps and not tokens:
+            v.put("pad_batch_size", "int", f"{P}/cells/{i}/batch_size")
+        name = literal(cell["strategy"].replace("_", " "))
+        share = v.number("pct0", f"{P}/cells/{i}/padded_share", scale=100)
+        per_question = v.number("int", f"{P}/cells/{i}/tokens_per_question")
+        step = v.number("2", f"{P}/cells/{i}/timing/step_seconds_median")
+        memory = v.number("1", f"{P}/cells/{i}/timing/peak_memory_mb_max", scale=1 / 1024)
+        body.append([name, *(n.text if n else "–" for n in (share, per_question, step, memory))])
+        steps += [(name, step)] if step else []
+        tokens += [(name, per_question)] if per_question else []
+    v.text("table_padding", table(["Collation", "Padding", "Tokens/q.", "s/step", "Peak GiB"], body, "lrrrr"))
+    v.text("claim_padding", claim_padding(steps, tokens) if tokens else None, PADDING)
+
+
+def _study(v: Values) -> None:
+    study, R = v.inputs.json(STUDY), f"{STUDY}#"
+    runs = _runs(v.inputs)
+    if not v.flag("has_study", bool(study and runs)):
+        return
+    v.put("runs_finished", "int", R + "/runs", op="len")
+    v.put("runs_pending", "int", R + "/pending", op="len")
+    v.put("runs_total", "int", R + "/runs", R + "/pending", op="len_sum")
+    grid_done = v.put("grid_finished", "int", R + "/runs", op="n_grid")
+    # figures over the grid (parameters vs F1, heatmaps, cost) say something only with two grid points or more
+    v.flag("has_grid_spread", bool(grid_done and grid_done.value >= 2))
+    v.flag("has_complete_study", not study.get("pending"))
+    base = R + "/protocol/base"
+    v.put("grid_size", "int", R + "/protocol/grid", op="grid_size")
+    for key, name in (("max_train_samples", "train_questions"), ("per_device_train_batch_size", "batch_size"),
+                      ("eval_steps", "eval_steps"), ("max_eval_samples", "val_loss_questions"),
+                      ("heldout_articles", "heldout_articles")):
+        v.put(name, "int", f"{base}/{key}")
+    v.put("lora_dropout", "2", f"{base}/lora_dropout")
+    grid = (study.get("protocol") or {}).get("grid") or {}
+    ranks = [p["lora_r"] for p in grid.get("rank", []) if isinstance(p, dict)]
+    v.text("grid_ranks", ", ".join(str(r) for r in ranks) or None, R + "/protocol/grid/rank")
+    v.text("grid_lrs", ", ".join(_lr(x) for x in grid.get("learning_rate", [])) or None,
+           R + "/protocol/grid/learning_rate")
+    v.text("grid_targets", " and ".join(literal(t) for t in grid.get("target_modules", [])) or None,
+           R + "/protocol/grid/target_modules")
+    v.text("centre_settings", describe((study.get("protocol") or {}).get("centre") or {}) or None,
+           R + "/protocol/centre")
+    selection = study.get("selection") or {}
+    any_val = next((k for k, r in enumerate(runs) if "validation" in r.get("scores", {})), None)
+    any_test = next((k for k, r in enumerate(runs) if "test" in r.get("scores", {}) and r.get("group") != "final"
+                     and not r.get("name", "").endswith("full_dev")), None)
+    v.put("val_n", "int", f"{R}/runs/{any_val}/scores/validation/n")
+    v.put("test_n", "int", f"{R}/runs/{any_test}/scores/test/n")
+    # trainable parameters over the grid
+    grid_runs = [(k, r) for k, r in enumerate(runs) if r.get("group") == "grid" and r.get("trainable_params")]
+    if grid_runs:
+        lo = min(grid_runs, key=lambda kr: kr[1]["trainable_params"])
+        hi = max(grid_runs, key=lambda kr: kr[1]["trainable_params"])
+        for tag, (k, run) in (("min", lo), ("max", hi)):
+            v.put(f"trainable_{tag}", "int", f"{R}/runs/{k}/trainable_params")
+            v.put(f"trainable_{tag}_pct", "2", f"{R}/runs/{k}/trainable_ratio", scale=100)
+            v.text(f"trainable_{tag}_at", describe({a: run["grid_point"][a] for a in ("target_modules", "rank")
+                                                    if a in run["grid_point"]}))
+    v.flag("has_grid_params", bool(grid_runs))
+    v.flag("has_param_range", bool(grid_runs) and lo[1]["trainable_params"] != hi[1]["trainable_params"])
+    # selection
+    best = _run_index(v.inputs, run_id=selection.get("best_run"))
+    centre = _run_index(v.inputs, run_id=selection.get("centre_run"))
+    v.flag("has_best", best is not None)
+    v.flag("has_complete_grid", bool(selection.get("grid_complete")))
+    if best is not None:
+        v.text("best_settings", describe(runs[best]["grid_point"]))
+        v.put("best_val_f1", "score", f"{R}/runs/{best}/scores/validation/f1")
+        v.put("best_test_f1", "score", f"{R}/runs/{best}/scores/test/f1")
+    v.flag("has_centre", centre is not None)
+    if centre is not None:
+        v.put("centre_ci_halfwidth", "1", f"{R}/runs/{centre}/scores/test/f1_ci/1",
+              f"{R}/runs/{centre}/scores/test/f1_ci/0", op="diff", scale=0.5)
+        v.put("centre_s_per_step", "2", f"{R}/runs/{centre}/seconds_per_step")
+        v.put("centre_train_minutes", "1", f"{R}/runs/{centre}/train_runtime_s", scale=1 / 60)
+        v.put("centre_tokens_per_s", "int", f"{R}/runs/{centre}/train_tokens_per_s")
+        v.put("centre_peak_gib", "1", f"{R}/runs/{centre}/peak_memory_mb", scale=1 / 1024)
+        curve = runs[centre].get("curves", {}).get("validation") or []
+        if len(curve) >= 2:
+            steps = [v.number("int", f"{R}/runs/{centre}/curves/validation/{j}/0") for j in range(len(curve))]
+            losses = [v.number("3", f"{R}/runs/{centre}/curves/validation/{j}/1") for j in range(len(curve))]
+            v.text("claim_curve", claim_curve(steps, losses))
+    v.flag("has_curve", "claim_curve" in v.fields)
+    _effects(v, study)
+    _tests(v, study)
+    _seeds(v, study)
+    _full_ft(v, study, runs, best)
+
+
+def _main_table(v: Values) -> None:
+    R, study, runs = f"{STUDY}#", v.inputs.json(STUDY) or {}, _runs(v.inputs)
+    selection, final = study.get("selection") or {}, study.get("final") or {}
+    best_label = "Grid best" + ("" if selection.get("grid_complete") else " so far")
+    best, centre = (_run_index(v.inputs, run_id=selection.get(key)) for key in ("best_run", "centre_run"))
+    plan = [("Untuned (baseline)", _run_index(v.inputs, name="baseline"), "test"),
+            (f"Grid centre = {best_label.lower()}" if best is not None and best == centre else best_label, best,
+             "test"),
+            ("Grid centre", None if best == centre else centre, "test"),
+            ("Full fine-tuning", _run_index(v.inputs, run_id=selection.get("best_full_ft_run")), "test"),
+            ("Final model (full dev)", _run_index(v.inputs, run_id=final.get("run")), "test"),
+            ("Untuned (full dev)", _run_index(v.inputs, name="baseline_full_dev"), "test")]
+    rows: list = []
+    for label, k, split in plan:  # rows not measured yet are left out (the Results section lists them)
+        if k is None or split not in runs[k].get("scores", {}):
+            continue
+        run, base = runs[k], f"{R}/runs/{k}"
+        what = describe(run.get("grid_point") or {})
+        name = f"{label}" + (f" ({what})" if what else "")
+        params = v.number("int", f"{base}/trainable_params") if run.get("trainable_params") else None
+        questions = v.number("int", f"{base}/settings/max_train_samples") if run.get("group") != "baseline" else None
+        val = v.number("score", f"{base}/scores/validation/f1")
+        n = v.number("int", f"{base}/scores/{split}/n")
+        rows.append([name, questions.text if questions else "–", params.text if params else "–",
+                     val.text if val else "–", n.text if n else "–", *_scores(v, f"{base}/scores/{split}", split)])
+    if v.inputs.json(PRE_TUNED) is not None:
+        questions = v.number("int", f"{PRE_SUMMARY}#/train_examples")
+        params = v.number("int", f"{PRE_SUMMARY}#/trainable_params")
+        n = v.number("int", f"{PRE_TUNED}#/n")
+        rows.append(["Preliminary adapter (`make run`)", questions.text if questions else "–",
+                     params.text if params else "–", "–", n.text if n else "–",
+                     *_scores(v, f"{PRE_TUNED}#", "test")])
+        if v.inputs.json(PRE_BASE) is not None and _run_index(v.inputs, name="baseline") is None:
+            n = v.number("int", f"{PRE_BASE}#/n")
+            rows.append(["Untuned (preliminary evaluation)", "–", "–", "–", n.text if n else "–",
+                         *_scores(v, f"{PRE_BASE}#", "test")])
+    v.text("table_main", table(["Model", "Train q.", "Trainable", "Val. F1", "Test q.", "Test EM [95% CI]",
+                                "Test F1 [95% CI]"], rows, "lrrrrrr", widths="(1fr," + " auto," * 6 + ")"))
+
+
+def _effects(v: Values, study: dict) -> None:
+    R, effects = f"{STUDY}#", study.get("main_effects") or {}
+    rows: list = []
+    for axis, levels in effects.items():
+        if not levels:
+            continue
+        rows.append(f"_{literal(axis)}_")
+        trend = []
+        for j, level in enumerate(levels):
+            base = f"{R}/main_effects/{axis}/{j}"
+            f1, ci = v.number("score", f"{base}/f1"), v.ci(f"{base}/f1_ci")
+            val = v.number("score", f"{base}/validation_f1")
+            label = _level_label(axis, level["level"])
+            runs_n = v.number("int", f"{base}/runs")
+            rows.append([label, runs_n.text, f"{f1.text} {ci}", val.text if val else "–"])
+            trend.append((label, f1))
+        if axis in ("rank", "learning_rate") and len(trend) > 1:
+            v.text(f"claim_{axis}", claim_trend(trend, "rank" if axis == "rank" else "learning rate"))
+    for axis in ("rank", "learning_rate"):
+        v.flag(f"has_claim_{axis}", f"claim_{axis}" in v.fields)
+    v.flag("has_effects", any(len(levels or []) >= 2 for levels in effects.values()))
+    if rows:
+        v.text("table_effects", table(["Level", "Runs", "Test F1 [95% CI]", "Val. F1"], rows, "lrrr"))
+
+
+def _level_label(axis: str, level) -> str:
+    if isinstance(level, str) and level.startswith("lora_r="):
+        return "_r_ = " + level.split(",")[0].split("=")[1]
+    if axis == "learning_rate" and isinstance(level, (int, float)):
+        return _lr(level)
+    return literal(str(level))
+
+
+# test name pattern -> (placeholder, A label, B label)
+CLAIMS = {r"^centre vs target_modules=": ("claim_targets", "attention only", "attention+MLP"),
+          r"^centre vs best$": ("claim_best_vs_centre", "the centre", "the selected configuration"),
+          r"^answer-only loss": ("claim_masking", "answer-only loss", "loss on the whole sequence"),
+          r"^max_length 512 vs 256": ("claim_max_length", "max_length 512", "max_length 256"),
+          r"^LoRA \(best\) vs full": ("claim_full_ft", "LoRA", "full fine-tuning"),
+          r"^baseline vs LoRA": ("claim_baseline", "the untuned model", "LoRA")}
+
+
+def _tests(v: Values, study: dict) -> None:
+    R, tests = f"{STUDY}#", study.get("tests") or []
+    v.put("n_tests", "int", R + "/tests", op="len")
+    rows, alpha_claims = [], []
+    for j, t in enumerate(tests):
+        base = f"{R}/tests/{j}"
+        delta, ci = v.number("signed", f"{base}/delta_f1"), v.ci(f"{base}/delta_f1_ci")
+        p, p_holm = v.number("p", f"{base}/p_value"), v.number("p", f"{base}/p_holm")
+        em = v.number("signed", f"{base}/delta_exact_match")
+        n = v.number("int", f"{base}/n")
+        if not (delta and ci and p and p_holm):
+            continue
+        survives = {True: "yes", False: "no", None: "–"}[t.get("survives_seed_sd")]
+        rows.append([_test_label(t["name"]), n.text if n else "–", f"{delta.text} {ci}", em.text if em else "–",
+                     p.text, p_holm.text, "yes" if p_holm.value < 0.05 else "no", survives])
+        lo, hi = (v.number("1", f"{base}/delta_f1_ci/{end}", scale=-1) for end in (1, 0))
+        flipped = f"[{lo.text}, {hi.text}]" if lo and hi else None  # the CI of A - B
+        for pattern, (name, a, b) in CLAIMS.items():
+            if re.search(pattern, t["name"]):
+                v.text(name, claim_difference(a, b, delta, ci, p_holm, flipped_ci=flipped))
+        found = re.match(r"alpha=2r vs alpha=(\d+) at r=(\d+)", t["name"])
+        if found:
+            alpha_claims.append(claim_difference("$alpha = 2r$", f"$alpha = {found.group(1)}$", delta, ci, p_holm,
+                                                 flipped_ci=flipped) + f" at $r = {found.group(2)}$")
+    significant = v.put("n_significant", "int", R + "/tests", op="n_significant")
+    n_tests = v.number("int", R + "/tests", op="len")
+    v.text("n_tests_phrase", plural(n_tests, "test") if n_tests else None, R + "/tests")
+    v.text("claim_significant", claim_significant(significant, n_tests) if significant and n_tests else None,
+           R + "/tests")
+    v.text("claim_alpha", "; ".join(alpha_claims) if alpha_claims else None, "tests: alpha=2r vs alpha=...")
+    for name, *_ in CLAIMS.values():
+        v.flag(f"has_{name}", name in v.fields)
+    v.flag("has_claim_alpha", bool(alpha_claims))
+    v.flag("has_tests", bool(rows))
+    v.flag("has_test_table", len(rows) >= 2)  # a single comparison is stated in the text, without a table
+    v.text("only_test", _test_label(tests[0]["name"]) if tests else None, R + "/tests/0/name")
+    if rows:
+        v.text("table_tests", table(["Comparison (A vs B)", "Q.", "ΔF1 (B − A) [95% CI]", "ΔEM", "_p_", "_p_ Holm",
+                                     "Sig.", "> 2 seed sd"], rows, "lrrrrrcc"))
+
+
+def _seeds(v: Values, study: dict) -> None:
+    R, seeds = f"{STUDY}#", study.get("seeds") or {}
+    for label in ("centre", "best"):
+        has = v.flag(f"has_seeds_{label}", bool(seeds.get(label)))
+        if has:
+            v.put(f"seeds_{label}_n", "int", f"{R}/seeds/{label}/runs", op="len")
+            v.put(f"seeds_{label}_sd", "2", f"{R}/seeds/{label}/test_f1_sd")
+            v.put(f"seeds_{label}_mean", "score", f"{R}/seeds/{label}/test_f1_mean")
+    v.put("n_survive_both", "int", f"{R}/tests", op="n_survive_both")
+
+
+def _full_ft(v: Values, study: dict, runs: list[dict], best: int | None) -> None:
+    R = f"{STUDY}#"
+    full = _run_index(v.inputs, run_id=(study.get("selection") or {}).get("best_full_ft_run"))
+    lora = best if best is not None else _run_index(v.inputs, run_id=(study.get("selection") or {}).get("centre_run"))
+    if not v.flag("has_full_ft", full is not None and lora is not None):
+        return
+    rows = []
+    for label, k in (("LoRA, grid best" if best is not None else "LoRA, grid centre", lora),
+                     (f"Full FT (lr = {_lr(runs[full]['settings'].get('learning_rate', 0))})", full)):
+        base = f"{R}/runs/{k}"
+        cells = [v.number("int", f"{base}/trainable_params"), v.number("score", f"{base}/scores/test/f1"),
+                 v.number("2", f"{base}/seconds_per_step"), v.number("1", f"{base}/peak_memory_mb", scale=1 / 1024),
+                 v.number("1", f"{base}/weights_bytes", scale=1 / 2 ** 20)]
+        rows.append([label, *(c.text if c else "–" for c in cells)])
+    v.text("table_lora_full", table(["Method", "Trainable", "Test F1", "s/step", "Peak GiB", "Weights MiB"], rows,
+                                    "lrrrrr"))
+    v.put("full_step_ratio", "1", f"{R}/runs/{full}/seconds_per_step", f"{R}/runs/{lora}/seconds_per_step", op="ratio")
+    v.put("full_weights_ratio", "int", f"{R}/runs/{full}/weights_bytes", f"{R}/runs/{lora}/weights_bytes", op="ratio")
+    v.put("full_mem_ratio", "1", f"{R}/runs/{full}/peak_memory_mb", f"{R}/runs/{lora}/peak_memory_mb", op="ratio")
+
+
+def _adapter_name(v: Values, adapter: str | None) -> str:
+    """Which adapter an evaluation used, in words: 'the final', 'the preliminary' or its folder name."""
+    adapter = str(adapter or "")
+    final = ((v.inputs.json(STUDY) or {}).get("final") or {}).get("run")
+    # the preliminary adapter is `make run`'s output (runs/main, copied to results/main_run/)
+    preliminary = ((v.inputs.json(PRE_CONFIG) or {}).get("training") or {}).get("output_dir") or \
+        ("runs/main" if v.inputs.json(PRE_SUMMARY) is not None else None)
+    if "model_checkpoints" in adapter or (final and final in adapter):
+        return "the final"
+    if adapter and preliminary and Path(adapter) == Path(preliminary):
+        return "the preliminary"
+    return "the " + literal(Path(adapter).name) if adapter else "no"
+
+
+def _strategies(v: Values) -> None:
+    data, S = v.inputs.json(STRATEGIES), f"{STRATEGIES}#"
+    rows = (data or {}).get("strategies") or []
+    if not v.flag("has_strategies", bool(rows) and rows[0].get("strategy") == "greedy"):
+        return
+    v.put("strat_n", "int", S + "/n")
+    v.put("strat_seeds", "int", f"{S}/strategies/{1 if len(rows) > 1 else 0}/seeds", op="len")
+    v.put("strat_minutes", "1", S + "/grid_seconds", scale=1 / 60)
+    v.text("strat_adapter", _adapter_name(v, data.get("adapter")))
+    adapter = str(data.get("adapter") or "")
+    v.flag("has_strategies_on_final", "final" in adapter or "model_checkpoints" in adapter)
+    body, f1s = [], []
+    for j, row in enumerate(rows):
+        base = f"{S}/strategies/{j}"
+        em, f1 = v.number("score", f"{base}/exact_match"), v.number("score", f"{base}/f1")
+        sd = v.number("1", f"{base}/f1_sd")
+        cells = [v.number("2", f"{base}/{k}") for k in ("verbatim_in_context", "distinct_2", "seed_disagreement")]
+        body.append([literal(row["strategy"]), em.text, f"{f1.text} ± {sd.text}" if sd else f1.text,
+                     *(c.text if c else "–" for c in cells)])
+        f1s.append((literal(row["strategy"]), f1, j))
+    v.text("table_strategies", table(["Strategy", "EM", "F1 ± sd", "Verb.", "Dist-2", "Seeds ≠"], body, "lrrrrr"))
+    v.text("claim_decoding", claim_best_strategy([(name, f1) for name, f1, _ in f1s]))
+    sampled = f1s[1:]
+    if sampled:
+        worst = min(sampled, key=lambda s: s[1].value)
+        closest = max(sampled, key=lambda s: s[1].value)
+        costs = {tag: v.number("1", f"{S}/strategies/0/f1", f"{S}/strategies/{j}/f1", op="diff")
+                 for tag, (_, _, j) in (("closest", closest), ("worst", worst))}
+        v.text("claim_sampling", claim_sampling("greedy", (closest[0], costs["closest"]), (worst[0], costs["worst"])))
+    v.flag("has_sampled", bool(sampled))
+
+
+def _failures(v: Values) -> None:
+    data, F = v.inputs.json(FAILURES), f"{FAILURES}#"
+    if not v.flag("has_failures", bool(data and data.get("counts"))):
+        return
+    v.put("fail_n", "int", F + "/n")
+    v.text("fail_source", f"#raw({json.dumps(Path(data.get('evaluation', '')).name)});")
+    v.text("fail_adapter", _adapter_name(v, data.get("adapter")))
+    counts = data["counts"]
+    wrong = [(c, n) for c, n in counts.items() if c != "correct"]
+    ranked = sorted(wrong, key=lambda cn: -cn[1])
+    parts = []
+    for category, _ in ranked:
+        share = v.number("pct", f"{F}/counts/{category.replace('/', '~1')}", f"{F}/n", op="ratio", scale=100)
+        parts.append(f"_{literal(category)}_ ({share.text})")
+    v.text("fail_categories", ", ".join(parts) or None, F)
+    if ranked:
+        v.text("claim_failure_top", claim_failure_top(ranked[0][0]))
+    rows = []
+    for j, example in enumerate(data.get("examples") or []):
+        em = v.number("score", f"{F}/examples/{j}/f1", scale=100)
+        rows.append([literal(example["category"]), literal(example["question"]), _excerpt(example),
+                     " / ".join(literal(g) for g in dict.fromkeys(example["gold"])),
+                     f"{literal(example['prediction'])} ({em.text if em else '–'})"])
+    v.flag("has_fail_examples", bool(rows))
+    if rows:
+        v.text("table_failures", table(["Category", "Question", "Context excerpt", "Gold", "Prediction (F1)"], rows,
+                                       "lllll", widths="(auto, 1.3fr, 2.6fr, 0.8fr, 0.9fr)", size="7pt"))
+
+
+def _excerpt(example: dict) -> str:
+    """The excerpt with the gold span in bold and the predicted span underlined (they may overlap)."""
+    text = example["excerpt"]
+    flags = [[False, False] for _ in text]
+    for start, end, kind in example.get("spans") or []:
+        for i in range(max(start, 0), min(end, len(text))):
+            flags[i][kind != "gold"] = True
+    out, i = [], 0
+    while i < len(text):
+        j = i
+        while j < len(text) and flags[j] == flags[i]:
+            j += 1
+        piece = literal(text[i:j])
+        gold, predicted = flags[i]
+        piece = f"#strong[{piece}]" if gold else piece
+        out.append(f"#underline[{piece}]" if predicted else piece)
+        i = j
+    return "".join(out)
+
+
+def _figures(v: Values, plots: Path, figures_dir: Path | None) -> None:
+    for name, stem in FIGURES.items():
+        found = next((plots / f"{stem}{ext}" for ext in (".pdf", ".png") if (plots / f"{stem}{ext}").exists()), None)
+        v.flag(f"has_fig_{name}", found is not None)
+        if found is None:
+            v.text(f"fig_{name}", f'pending-figure("results/plots/{stem}.pdf")')
+            continue
+        if figures_dir is not None:
+            figures_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(found, figures_dir / found.name)
+        v.text(f"fig_{name}", f'image("/figures/{found.name}", width: 100%)')
+
+
+def _theory(v: Values) -> None:
+    """Placeholders of sections/theory.typ: closed-form counts and costs (`loraqa param-counts`, which runs
+    `loraqa.lora_math` on GPT-2's and SmolLM2's configs) and the study's masking ablation."""
+    counts = "parameter_counts.json#"
+    for model, key in (("gpt2", "gpt2"), ("smollm2", "smollm2-135m")):
+        v.put(f"{model}_base_params", "int", f"{counts}/{key}/base_params")
+        for preset, label in (("attention", "attention"), ("attention+mlp", "attention_mlp")):
+            v.put(f"{model}_{label}_r16_trainable", "int", f"{counts}/{key}/presets/{preset}/16/trainable_params")
+            v.put(f"{model}_{label}_r16_reduction", "1", f"{counts}/{key}/presets/{preset}/16/reduction_factor")
+    costs = f"{counts}/smollm2-135m/step_costs_r16/attention"
+    v.put("smollm2_attention_r16_flops_ratio", "2", f"{costs}/ratio/step_flops")
+    for method, name in (("full", "smollm2_full_train_state_mb"), ("lora", "smollm2_attention_r16_train_state_mb")):
+        v.put(name, "int", f"{costs}/{method}/grad_bytes", f"{costs}/{method}/optimizer_state_bytes", op="sum",
+              scale=1e-6)
+    v.put("prompt_token_share", "pct", f"{counts}/prompt_tokens/prompt_share", scale=100)
+    tests = (v.inputs.json("evaluation_results.json") or {}).get("tests") or []
+    index = next((i for i, t in enumerate(tests) if t["name"].startswith("answer-only loss")), None)
+    if v.flag("has_masking_ablation", index is not None):
+        source = f"evaluation_results.json#/tests/{index}"
+        # the test's delta is (whole-sequence loss) - (answer-only loss); the text states masked minus unmasked
+        v.put("masking_ablation_f1_delta", "signed", f"{source}/delta_f1", scale=-1)
+        lo = v.number("signed", f"{source}/delta_f1_ci/1", scale=-1)
+        hi = v.number("signed", f"{source}/delta_f1_ci/0", scale=-1)
+        v.text("masking_ablation_f1_ci", f"[{lo.text}, {hi.text}]" if lo and hi else None, source)
+
+
+def _pending(v: Values) -> None:
+    """One list of the study's parts that have no result yet, for the single 'still running' note."""
+    on = lambda name: v.fields.get(name) == "true"  # noqa: E731
+    parts = [("the remaining grid runs", on("has_complete_grid")),
+             ("the extra seeds", on("has_seeds_centre") and on("has_seeds_best")),
+             ("the fixed-$alpha$ series", on("has_claim_alpha")),
+             ("full fine-tuning", on("has_full_ft")),
+             ("the prompt-masking ablation", on("has_claim_masking")),
+             ("the `max_length` ablation", on("has_claim_max_length")),
+             ("the final model", on("has_final"))]
+    missing = [name for name, done in parts if not done]
+    text = ", ".join(missing[:-1]) + (" and " if len(missing) > 1 else "") + missing[-1] if missing else \
+        "the runs still queued"
+    v.text("pending_parts", text)
+
+
+def report_values(results_dir: str | Path, figures_dir: Path | None = None) -> Values:
+    """Every placeholder's value from the result files (figures are copied to `figures_dir` when given)."""
+    v = Values(Inputs(results_dir))
+    for part in (_headline, _bench, _data_stats, _label_example, _padding, _study, _main_table, _strategies,
+                 _failures):
+        part(v)
+    _figures(v, Path(results_dir) / "plots", figures_dir)
+    _theory(v)
+    _pending(v)
+    return v
