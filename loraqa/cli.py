@@ -370,11 +370,11 @@ def _demo(argv):
     args = parser.parse_args(argv)
     if len(args.errors or []) > 2:
         parser.error("--errors takes one or two evaluation JSONs")
-    try:
-        from .demo import serve
-        import gradio  # noqa: F401  (the optional extra)
-    except ImportError as err:
-        raise ConfigError(f"the demo needs gradio: pip install -e '.[demo]' ({err})") from None
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:  # the optional extra
+        raise ConfigError("the demo needs gradio: pip install -e '.[demo]'")
+    from .demo import serve
     from .config import ModelArguments
 
     errors = args.errors if args.errors is not None else \
