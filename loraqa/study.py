@@ -323,6 +323,17 @@ def main_table(results: dict) -> str:
         lines.append(f"| {label} | {settings} | {params} | {_ci(run['scores'].get('test'), 'exact_match')} | "
                      f"{_ci(run['scores'].get('test'), 'f1')} | {_ci(run['scores'].get('validation'), 'f1')} | "
                      f"{step} | {memory} |")
+    grid = sorted((r for r in results["runs"] if r["group"] == "grid"),
+                  key=lambda r: -r["scores"].get("validation", {}).get("f1", -1))
+    if grid:
+        lines += ["", "Every grid run done, by validation F1:", "",
+                  "| settings | trainable params | validation F1 | test EM | test F1 | final validation loss |",
+                  "|---|---|---|---|---|---|"]
+        for run in grid:
+            loss = run.get("final_validation_loss")
+            lines.append(f"| {settings_text(run)} | {run['trainable_params']:,} | "
+                         f"{_ci(run['scores'].get('validation'), 'f1')} | {_ci(run['scores'].get('test'), 'exact_match')} | "
+                         f"{_ci(run['scores'].get('test'), 'f1')} | {f'{loss:.4f}' if loss is not None else '-'} |")
     done = len(results["runs"])
     lines.append("")
     lines.append(f"{done} runs done, {len(results['pending'])} pending (`{results['spec']}`); 95% CIs resample "

@@ -108,6 +108,16 @@ def test_sweep_runs_each_run_once_resumes_and_collects(tmp_path, tiny_gpt2_dir, 
     assert {"centre vs learning_rate=0.005", "centre vs rank=lora_r=2,lora_alpha=4", "baseline vs LoRA (best)"} <= names
     assert all(t["p_value"] <= t["p_holm"] <= 1 for t in results["tests"])
 
+    from loraqa.study import main_table, settings_text, update_readme
+
+    table = main_table(results)
+    assert all(settings_text(run) in table for run in grid)
+    assert f"{best['scores']['test']['f1']:.1f} [" in table
+    readme = tmp_path / "README.md"
+    readme.write_text("before\n<!-- study-table:begin -->\nold\n<!-- study-table:end -->\nafter\n")
+    assert update_readme(readme, table)
+    assert readme.read_text() == f"before\n<!-- study-table:begin -->\n{table}\n<!-- study-table:end -->\nafter\n"
+
 
 def test_heldout_articles_are_whole_and_never_trained_on(squad_file):
     dataset = load_squad(str(squad_file))
