@@ -256,13 +256,15 @@ def _sweep(argv):
     parser.add_argument("--collect", default=None, metavar="RESULTS_JSON",
                         help="instead of running: build the study's results file (e.g. results/evaluation_results.json) "
                              "from the run directories that exist")
+    parser.add_argument("--checkpoints", default=None, metavar="DIR", help="with --collect: export the final "
+                        "model's adapter, run_config.json and tokenizer to DIR/final (e.g. results/model_checkpoints)")
     parser.add_argument("--readme", default=None, help="with --collect: rewrite the main table between the "
                         "README's study-table markers")
     args = parser.parse_args(argv)
     if args.collect:
         from .study import collect, main_table, update_readme
 
-        result = collect(args.spec, args.output_dir, args.collect)
+        result = collect(args.spec, args.output_dir, args.collect, checkpoints=args.checkpoints)
         print(f"{len(result['runs'])} runs collected, {len(result['pending'])} pending; written: {args.collect}")
         if args.readme and update_readme(args.readme, main_table(result)):
             print(f"main table updated in {args.readme}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -141,8 +142,28 @@ def _level(value):
     return value if not isinstance(value, dict) else ",".join(f"{k}={v}" for k, v in value.items())
 
 
-def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test") -> dict:
-    """Build the study's results file from the sweep's run directories (see the module docstring)."""
+def export_checkpoint(run_dir: Path, destination: Path) -> bool:
+    """Copy a run's adapter (or full model), run_config.json and tokenizer to `destination`, staged then moved
+    in whole; False when the run's weights are not on this machine (they are not kept in git)."""
+    files = [p for p in run_dir.iterdir() if p.is_file() and (
+        p.name.startswith(("adapter_", "model", "tokenizer", "special_tokens", "chat_template"))
+        or p.name in ("config.json", "generation_config.json", "run_config.json"))]
+    if not any(p.name.endswith(".safetensors") for p in files):
+        return False
+    staging = destination.with_name(f".{destination.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for p in files:
+        shutil.copy2(p, staging / p.name)
+    shutil.rmtree(destination, ignore_errors=True)
+    staging.rename(destination)
+    return True
+
+
+def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
+            checkpoints: str | None = None) -> dict:
+    """Build the study's results file from the sweep's run directories (see the module docstring); with
+    `checkpoints`, also export the final model there (`<checkpoints>/final`)."""
     spec = load_spec(spec_path)
     out = Path(sweep_dir)
     finished = {}
@@ -244,6 +265,8 @@ def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test")
     if "final" in by_name:
         f = by_name["final"]
         final = {"run": f["run_id"], "test": f["scores"].get(split)}
+        if checkpoints and export_checkpoint(out / f["run_id"], Path(checkpoints) / "final"):
+            final["checkpoint"] = str(Path(checkpoints) / "final")
         if "baseline_full_dev" in by_name:
             base = by_name["baseline_full_dev"]
             final["baseline_full_dev"] = base["scores"].get(split)

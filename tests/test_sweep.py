@@ -18,7 +18,7 @@ def _spec(tmp_path, model_dir, squad_file) -> str:
         "grid": {"learning_rate": [1.0e-3, 5.0e-3],
                  "rank": [{"lora_r": 2, "lora_alpha": 4}, {"lora_r": 4, "lora_alpha": 8}]},
         "centre": {"learning_rate": 1.0e-3, "rank": {"lora_r": 4, "lora_alpha": 8}},
-        "runs": {"baseline": {"train": False}, "best_again": {"from": "best", "seed": 1}},
+        "runs": {"baseline": {"train": False}, "final": {"from": "best", "seed": 1}},
         "first": ["baseline"],
         "evaluations": {"test": {"data": str(squad_file), "max_samples": 5, "max_new_tokens": 4}},
         "select_on": "test",
@@ -31,7 +31,7 @@ def _spec(tmp_path, model_dir, squad_file) -> str:
 def test_plan_orders_runs_and_ties_settings(tmp_path, tiny_gpt2_dir, squad_file):
     runs = plan(load_spec(_spec(tmp_path, tiny_gpt2_dir, squad_file)))
     assert [r.name for r in runs][:2] == ["baseline", "lr0.001-r4-alpha8"]  # first, then the centre
-    assert len(runs) == 5  # best_again waits for the grid
+    assert len(runs) == 5  # final waits for the grid
     assert all(r.settings["lora_alpha"] == 2 * r.settings["lora_r"] for r in runs if r.kind == "grid")
     assert len({r.run_id for r in runs}) == 5
     line = commands(runs[1], tmp_path / runs[1].run_id)
@@ -76,7 +76,7 @@ def test_sweep_runs_each_run_once_resumes_and_collects(tmp_path, tiny_gpt2_dir, 
     for checkpoint in restarted.glob("checkpoint-*"):
         shutil.rmtree(checkpoint)
     second = run_sweep(spec, str(out))
-    assert sorted(second.values()) == ["done"] * 6  # 4 grid + baseline + best_again, each done
+    assert sorted(second.values()) == ["done"] * 6  # 4 grid + baseline + final, each done
     log = (resumed / "train.log").read_text()
     assert "--resume_from_checkpoint" in log and "checkpoint-2" in log
     assert log.count("$ loraqa train") == 2  # the first attempt and the resumed one
@@ -88,14 +88,14 @@ def test_sweep_runs_each_run_once_resumes_and_collects(tmp_path, tiny_gpt2_dir, 
 
     from loraqa.study import collect
 
-    results = collect(spec, str(out), str(tmp_path / "evaluation_results.json"))
+    results = collect(spec, str(out), str(tmp_path / "evaluation_results.json"), checkpoints=str(tmp_path / "ckpt"))
     on_disk = json.loads((tmp_path / "evaluation_results.json").read_text())
     assert on_disk["selection"] == results["selection"] and not results["pending"]
     grid = [r for r in results["runs"] if r["group"] == "grid"]
     best = max(grid, key=lambda r: r["scores"]["test"]["f1"])
     assert results["selection"]["best_run"] == best["run_id"]
-    best_again = next(r for r in results["runs"] if r["name"] == "best_again")
-    assert {k: v for k, v in best_again["settings"].items() if k != "seed"} == \
+    final = next(r for r in results["runs"] if r["name"] == "final")
+    assert {k: v for k, v in final["settings"].items() if k != "seed"} == \
         {k: v for k, v in best["settings"].items() if k != "seed"}
     for run in grid:
         assert run["trainable_params"] < run["total_params"] and run["weights_bytes"] > 0
@@ -107,6 +107,16 @@ def test_sweep_runs_each_run_once_resumes_and_collects(tmp_path, tiny_gpt2_dir, 
     names = {t["name"] for t in results["tests"]}
     assert {"centre vs learning_rate=0.005", "centre vs rank=lora_r=2,lora_alpha=4", "baseline vs LoRA (best)"} <= names
     assert all(t["p_value"] <= t["p_holm"] <= 1 for t in results["tests"])
+
+    # the final model's adapter is exported, loadable by plain PEFT, with its config and tokenizer
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    exported = tmp_path / "ckpt" / "final"
+    assert {"adapter_config.json", "adapter_model.safetensors", "run_config.json", "tokenizer.json"} <= \
+        {p.name for p in exported.iterdir()}
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir), exported)
+    assert results["final"]["checkpoint"] == str(exported)
 
     from loraqa.study import main_table, settings_text, update_readme
 
