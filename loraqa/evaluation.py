@@ -184,7 +184,10 @@ def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, settings:
     for strategy, seeds in plan:
         runs = [next(scored) for _ in seeds]
         answers_by_seed = [r["predictions"] for r in runs]
-        all_texts = [t for answers in answers_by_seed for t in answers.values()]
+        # diversity within one seed's answers, averaged over seeds: pooling the seeds would count the answers
+        # they agree on again and make a strategy with more seeds look less diverse than greedy's single run
+        distinct = {n: float(np.mean([distinct_n(list(answers.values()), n) for answers in answers_by_seed]))
+                    for n in (1, 2)}
         # the CI of the mean over seeds: each question's score averaged over the seeds, paragraphs resampled
         seed_mean = {q: {m: float(np.mean([r["per_question"][q][m] for r in runs])) for m in ("exact_match", "f1")}
                      for q in runs[0]["per_question"]}
@@ -195,7 +198,7 @@ def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, settings:
             "exact_match_sd": float(np.std([r["exact_match"] for r in runs])),
             "f1_sd": float(np.std([r["f1"] for r in runs])),
             **_cis(seed_mean, paragraphs, settings.seed),
-            "distinct_1": distinct_n(all_texts, 1), "distinct_2": distinct_n(all_texts, 2),
+            "distinct_1": distinct[1], "distinct_2": distinct[2],
             "seed_disagreement": float(np.mean([len({a[q] for a in answers_by_seed}) > 1 for q in answers_by_seed[0]]))
             if len(answers_by_seed) > 1 else 0.0,
             "runs": [{k: r[k] for k in ("exact_match", "f1", "predictions", "per_question")} for r in runs],

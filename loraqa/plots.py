@@ -311,7 +311,7 @@ def plot_strategies(evaluations: Iterable[dict]) -> Figure | None:
     """F1 against distinct-2 (answer diversity) for each decoding strategy, the seeds' standard deviation as
     error bars: what sampling trades in accuracy for variety. One colour per evaluation file."""
     fig, axes = _figure(width=5.0, height=3.4)
-    ax, drawn = axes[0][0], False
+    ax, drawn, labels = axes[0][0], False, []
     for i, evaluation in enumerate(evaluations):
         rows = [r for r in evaluation.get("strategies") or []
                 if r.get("distinct_2") is not None and r.get("f1") is not None]
@@ -323,17 +323,51 @@ def plot_strategies(evaluations: Iterable[dict]) -> Figure | None:
         ax.errorbar([r["distinct_2"] for r in rows], [r["f1"] for r in rows],
                     yerr=[r.get("f1_sd") or 0.0 for r in rows],
                     color=PALETTE[i], marker="o", linestyle="none", label=f"{label} (n={evaluation.get('n')})")
-        for k, r in enumerate(sorted(rows, key=lambda r: r["distinct_2"])):  # alternate sides: neighbours crowd
-            ax.annotate(r["strategy"], (r["distinct_2"], r["f1"]), textcoords="offset points",
-                        xytext=(4, 3 if k % 2 == 0 else -9), fontsize=7)
+        labels += [(r["strategy"], r["distinct_2"], r["f1"]) for r in rows]
         drawn = True
     if not drawn:
         _skip("decoding_strategies", "no strategy-grid evaluation given")
         return None
+    _label_points(ax, labels)
     ax.set_xlabel("distinct-2 of the answers (diversity)")
     ax.set_ylabel("F1 (error bars: SD over seeds)")
     ax.legend(loc="best")
     return fig
+
+
+def _spread(wanted: list[float], gap: float) -> list[float]:
+    """Positions as close as possible to `wanted` (any order) and at least `gap` apart: sorted from the top,
+    labels that would collide are merged into a block centred on their wanted positions (pool adjacent
+    violators), so a crowd of labels fans out around where it was, not only downwards."""
+    order = sorted(range(len(wanted)), key=lambda i: -wanted[i])
+    blocks: list[list[int]] = []  # runs of labels stacked `gap` apart, the first one on top
+
+    def top(block):  # the top that minimises the squared displacement of the block's labels
+        return float(np.mean([wanted[i] + k * gap for k, i in enumerate(block)]))
+
+    for i in order:
+        blocks.append([i])
+        while len(blocks) > 1 and top(blocks[-2]) - (len(blocks[-2]) - 1) * gap - gap < top(blocks[-1]):
+            blocks[-2:] = [blocks[-2] + blocks[-1]]
+    placed = [0.0] * len(wanted)
+    for block in blocks:
+        for k, i in enumerate(block):
+            placed[i] = top(block) - k * gap
+    return placed
+
+
+def _label_points(ax, labels: list[tuple[str, float, float]], fontsize: float = 7) -> None:
+    """Name each point just right of it; labels that would overlap are spread vertically (in display units)
+    and joined to their points by a thin leader line."""
+    ax.figure.draw_without_rendering()  # the layout first: it decides where the points land on the page
+    to_display = ax.transData.transform
+    gap = fontsize * 1.25 * ax.figure.dpi / 72
+    wanted = [to_display((x, y))[1] for _, x, y in labels]
+    for (text, x, y), y_wanted, y_placed in zip(labels, wanted, _spread(wanted, gap)):
+        shift = (y_placed - y_wanted) * 72 / ax.figure.dpi  # display pixels -> points
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(6, shift), fontsize=fontsize, va="center",
+                    arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5", shrinkA=0, shrinkB=2)
+                    if abs(shift) > 2 else None)
 
 
 # ---------------------------------------------------------------------------------------------- 6: padding

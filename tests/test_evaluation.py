@@ -159,3 +159,21 @@ def test_grid_rows_give_the_ci_of_their_mean_over_seeds(tmp_path, tiny_gpt2_dir,
     assert greedy["exact_match_ci"] == [pytest.approx(50.0), pytest.approx(200 / 3)]  # paragraphs 2/3 and 1/2
     assert sampled["resampled"] == "paragraphs"
     assert result["paragraphs"]["q1"] == result["paragraphs"]["q3"] != result["paragraphs"]["q4"]
+
+
+def test_grid_diversity_is_per_seed_so_seeds_that_agree_with_greedy_match_it(tmp_path, tiny_gpt2_dir, squad_file,
+                                                                             monkeypatch):
+    answers = {"q1": "the Denver Broncos", "q2": "Levi's Stadium", "q3": "24-10", "q4": "under the old oak tree",
+               "q5": "the number 399"}
+
+    def generate_answer_sets(model, tokenizer, records, settings_list, *, stats, **kwargs):
+        for work in stats:
+            work.update(prompts_cut=0, prefill_s=0.5, decode_s=0.5)
+        return [{r["id"]: answers[r["id"]] for r in records} for _ in settings_list]  # every seed answers alike
+
+    monkeypatch.setattr("loraqa.evaluation.generate_answer_sets", generate_answer_sets)
+    result = _evaluate(tiny_gpt2_dir, squad_file, tmp_path / "grid.json", strategy_grid=True, grid_seeds=3)
+    greedy, sampled = result["strategies"][0], result["strategies"][1]
+    assert greedy["distinct_1"] == pytest.approx(12 / 14) and greedy["distinct_2"] == 1.0  # "the" three times
+    assert (sampled["distinct_1"], sampled["distinct_2"]) == (greedy["distinct_1"], greedy["distinct_2"])
+    assert sampled["seed_disagreement"] == 0.0

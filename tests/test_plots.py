@@ -8,6 +8,8 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.text import Text
 import pytest
 
 from loraqa import plots
@@ -221,3 +223,26 @@ def test_cli_plots(tmp_path, capsys):
                  "--padding", str(FIXTURES / "padding_study.json")]) == 0
     assert len(list(out.glob("*.png"))) == len(list(out.glob("*.pdf"))) == 6
     assert str(out) in capsys.readouterr().out
+
+
+def test_spread_keeps_labels_apart_and_near_their_points():
+    wanted = [10.0, 10.5, 30.0, 9.8, 50.0]
+    placed = plots._spread(wanted, gap=2.0)
+    ordered = sorted(placed)
+    assert min(b - a for a, b in zip(ordered, ordered[1:])) >= 2.0 - 1e-9
+    assert placed[2] == 30.0 and placed[4] == 50.0  # labels with room stay where they are
+    crowd = [placed[i] for i in (0, 1, 3)]  # the three that collided, centred on their wanted positions
+    assert np.mean(crowd) == pytest.approx(np.mean([10.0, 10.5, 9.8]))
+    assert placed[1] > placed[0] > placed[3]  # and in the same order
+
+
+def test_crowded_strategy_labels_do_not_overlap():
+    rows = [{"strategy": f"top_p={p}", "distinct_2": 0.6 + 0.002 * k, "f1": 50 + 0.02 * k, "f1_sd": 1.0}
+            for k, p in enumerate((0.8, 0.85, 0.9, 0.95, 0.99))]  # a crowd, as sampling strategies are
+    rows += [{"strategy": "greedy", "distinct_2": 0.9, "f1": 60.0}, {"strategy": "hot", "distinct_2": 0.92, "f1": 30.0}]
+    fig = plots.plot_strategies([{"strategies": rows, "n": 10}])
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    boxes = [Text.get_window_extent(t, renderer) for t in fig.axes[0].texts]  # the text alone, not its leader
+    assert len(boxes) == len(rows)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])

@@ -355,3 +355,8 @@ def test_cli_writes_the_pdf(tmp_path, monkeypatch, capsys):
     assert main(["report", "--results", str(FIXTURE), "--output", str(tmp_path / "r.pdf"),
                  "--source_dir", str(tmp_path / "source")]) == 0
     assert (tmp_path / "r.pdf").exists() and "pages" in capsys.readouterr().out
+    # the same results give the same bytes (no build date inside), so a rebuilt report.pdf shows no diff
+    assert main(["report", "--results", str(FIXTURE), "--output", str(tmp_path / "again.pdf"),
+                 "--source_dir", str(tmp_path / "source")]) == 0
+    assert (tmp_path / "again.pdf").read_bytes() == (tmp_path / "r.pdf").read_bytes()
+    assert b"/CreationDate" not in (tmp_path / "r.pdf").read_bytes()
