@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 LORAQA := $(VENV)/bin/loraqa
 export LORAQA_CACHE ?= $(CURDIR)/data
 
-.PHONY: install fetch test test-all run bench results report browser-test
+.PHONY: install fetch test test-all run bench results study report browser-test
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -54,6 +54,21 @@ results: fetch
 		--output results/eval_finetuned_500_bf16.json
 	$(LORAQA) compare results/eval_finetuned_500.json results/eval_finetuned_500_bf16.json \
 		--output results/compare_fp32_bf16_500.json
+
+# The study (issue 13), resumable: every run of experiments/study.yaml (the final model last), its tables and this
+# README's table, the final adapter exported, the decoding-strategy grid on it, the plots and the report.
+study: fetch
+	$(LORAQA) sweep experiments/study.yaml --output_dir results/sweep
+	$(LORAQA) sweep experiments/study.yaml --output_dir results/sweep --collect results/evaluation_results.json \
+		--readme README.md --checkpoints results/model_checkpoints
+	test ! -f results/model_checkpoints/final/adapter_model.safetensors || $(MAKE) results/strategies_final_500.json
+	$(LORAQA) plots --results results/evaluation_results.json --output_dir results/plots \
+		--strategies $$(ls results/strategies_final_500.json 2>/dev/null || echo results/strategies_finetuned_500.json)
+	$(MAKE) report
+
+results/strategies_final_500.json: results/model_checkpoints/final/adapter_model.safetensors
+	$(LORAQA) evaluate --model smollm2-135m --adapter results/model_checkpoints/final --max_samples 500 \
+		--strategy_grid true --grid_seeds 3 --output $@
 
 # The report (issue 14): report.pdf at the root, built from the files in results/ alone (Typst from PyPI, no TeX,
 # no network once installed); the filled Typst source goes to report/build/, PNG pages to report/build/pages/.

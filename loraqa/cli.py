@@ -362,8 +362,9 @@ def _demo(argv):
     parser.add_argument("--examples", default="squad", help="SQuAD JSON whose dev questions prefill the Ask tab, "
                         "'squad' (fetched v1.1 dev) or 'none'")
     parser.add_argument("--errors", nargs="*", metavar="EVAL_JSON", default=None,
-                        help="one or two evaluation JSONs for the Errors tab (A, B); default: "
-                        "results/eval_finetuned_500.json results/eval_baseline_500.json")
+                        help="one or two evaluation JSONs for the Errors tab (A, B); default: the study's final "
+                        "model and untuned baseline on all of dev once they exist (results/evaluation_results.json), "
+                        "else results/eval_finetuned_500.json results/eval_baseline_500.json")
     parser.add_argument("--cache_dir", "--cache-dir", default=default_cache_dir())
     parser.add_argument("--device", default="auto", help="auto (CUDA when available, else cpu), cpu, cuda, ...")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (as `loraqa evaluate`)")
@@ -379,8 +380,9 @@ def _demo(argv):
     from .demo import serve
     from .config import ModelArguments
 
-    errors = args.errors if args.errors is not None else \
-        ["results/eval_finetuned_500.json", "results/eval_baseline_500.json"]
+    from .study import final_evaluations
+
+    errors = args.errors if args.errors is not None else final_evaluations()
     serve(ModelArguments(args.model, args.cache_dir), args.adapter, host=args.host, port=args.port,
           examples=args.examples, errors=tuple(errors), device=args.device, dtype=args.dtype,
           torch_threads=args.torch_threads)

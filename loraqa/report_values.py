@@ -19,6 +19,8 @@ FIGURES = {"loss_curves": "loss_curves", "params_vs_f1": "params_vs_f1", "f1_hea
            "cost": "cost", "decoding_strategies": "decoding_strategies", "padding_study": "padding_study"}
 STUDY, PRE_BASE, PRE_TUNED = "evaluation_results.json", "eval_baseline_500.json", "eval_finetuned_500.json"
 PRE_COMPARE, PRE_SUMMARY, PRE_CONFIG = "compare_500.json", "main_run/summary.json", "main_run/run_config.json"
+# the decoding grid: the final model's (`make study`) once it exists, else the latest fine-tuned adapter's
+FINAL_STRATEGIES = "strategies_final_500.json"
 STRATEGIES, BENCH, LABELS, FAILURES, PADDING = ("strategies_finetuned_500.json", "bench.json", "label_example.json",
                                                 "failure_examples.json", "padding_study.json")
 TOKENIZERS = {"gpt2-tokenizer": "GPT-2", "smollm2-135m": "SmolLM2"}
@@ -519,7 +521,8 @@ def _adapter_name(v: Values, adapter: str | None) -> str:
 
 
 def _strategies(v: Values) -> None:
-    data, S = v.inputs.json(STRATEGIES), f"{STRATEGIES}#"
+    name = FINAL_STRATEGIES if v.inputs.json(FINAL_STRATEGIES) is not None else STRATEGIES
+    data, S = v.inputs.json(name), f"{name}#"
     rows = (data or {}).get("strategies") or []
     if not v.flag("has_strategies", bool(rows) and rows[0].get("strategy") == "greedy"):
         return

@@ -264,12 +264,13 @@ def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
     final = None
     if "final" in by_name:
         f = by_name["final"]
-        final = {"run": f["run_id"], "test": f["scores"].get(split)}
+        final = {"run": f["run_id"], "test": f["scores"].get(split), "evaluation": str(out / f["run_id"] / f"eval_{split}.json")}
         if checkpoints and export_checkpoint(out / f["run_id"], Path(checkpoints) / "final"):
             final["checkpoint"] = str(Path(checkpoints) / "final")
         if "baseline_full_dev" in by_name:
             base = by_name["baseline_full_dev"]
             final["baseline_full_dev"] = base["scores"].get(split)
+            final["baseline_evaluation"] = str(out / base["run_id"] / f"eval_{split}.json")
             comparison = _paired(base, f, split)
             if comparison:
                 final["comparison"] = {"delta_f1": comparison["f1"]["delta"], "delta_f1_ci": comparison["f1"]["delta_ci"],
@@ -383,3 +384,14 @@ def update_readme(readme: str | Path, table: str) -> bool:
     tmp.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
     tmp.replace(path)
     return True
+
+
+PRELIMINARY_EVALUATIONS = ("results/eval_finetuned_500.json", "results/eval_baseline_500.json")
+
+
+def final_evaluations(results: str | Path = "results/evaluation_results.json") -> tuple[str, ...]:
+    """The final model's full-dev evaluation and the untuned model's, once the study has scored both (what the
+    demo's Errors tab opens by default); before that, the 500-question pair of `make results`."""
+    final = (_read_json(Path(results)) or {}).get("final") or {}
+    pair = (final.get("evaluation"), final.get("baseline_evaluation"))
+    return pair if all(pair) and all(Path(p).exists() for p in pair) else PRELIMINARY_EVALUATIONS

@@ -360,3 +360,18 @@ def test_cli_writes_the_pdf(tmp_path, monkeypatch, capsys):
                  "--source_dir", str(tmp_path / "source")]) == 0
     assert (tmp_path / "again.pdf").read_bytes() == (tmp_path / "r.pdf").read_bytes()
     assert b"/CreationDate" not in (tmp_path / "r.pdf").read_bytes()
+
+
+def test_the_final_models_decoding_grid_replaces_the_earlier_one(tmp_path):
+    def grid_sources(values):
+        return {s.partition("#")[0] for n in values.numbers for s in n.sources if s.startswith("strategies_")}
+
+    results = _copy_fixture(tmp_path)
+    assert grid_sources(report_values(results)) == {"strategies_finetuned_500.json"}
+    grid = json.loads((results / "strategies_finetuned_500.json").read_text())
+    grid["adapter"] = "results/model_checkpoints/final"
+    grid["strategies"][0]["f1"] = 71.4
+    (results / "strategies_final_500.json").write_text(json.dumps(grid))
+    values = report_values(results)
+    assert grid_sources(values) == {"strategies_final_500.json"}
+    assert values.fields["has_strategies_on_final"] == "true" and "71.4" in values.fields["table_strategies"]

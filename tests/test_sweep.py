@@ -117,6 +117,8 @@ def test_sweep_runs_each_run_once_resumes_and_collects(tmp_path, tiny_gpt2_dir, 
         {p.name for p in exported.iterdir()}
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir), exported)
     assert results["final"]["checkpoint"] == str(exported)
+    final_eval = json.loads(Path(results["final"]["evaluation"]).read_text())
+    assert final_eval["adapter"] == str(out / final["run_id"]) and final_eval["f1"] == results["final"]["test"]["f1"]
 
     from loraqa.study import main_table, settings_text, update_readme
 
@@ -138,3 +140,18 @@ def test_heldout_articles_are_whole_and_never_trained_on(squad_file):
     assert again_heldout["id"] == heldout["id"]  # seeded, not random
     titles = {heldout_split(dataset, 1, seed=s)[1]["title"][0] for s in range(8)}
     assert len(titles) == 2  # the seed chooses which article
+
+
+def test_demo_opens_the_final_models_full_dev_errors_once_the_study_has_them(tmp_path):
+    from loraqa.study import PRELIMINARY_EVALUATIONS, final_evaluations
+
+    results = tmp_path / "evaluation_results.json"
+    assert final_evaluations(results) == PRELIMINARY_EVALUATIONS  # no study yet
+    pair = (tmp_path / "final" / "eval_test.json", tmp_path / "baseline_full_dev" / "eval_test.json")
+    results.write_text(json.dumps({"final": {"run": "final", "evaluation": str(pair[0]),
+                                             "baseline_evaluation": str(pair[1])}}))
+    assert final_evaluations(results) == PRELIMINARY_EVALUATIONS  # named but not on this machine
+    for path in pair:
+        path.parent.mkdir()
+        path.write_text("{}")
+    assert final_evaluations(results) == tuple(map(str, pair))
