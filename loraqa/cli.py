@@ -283,10 +283,12 @@ def _plots(argv):
     parser.add_argument("--strategies", nargs="*", default=[], metavar="PATH",
                         help="strategy-grid evaluations (`loraqa evaluate --strategy_grid true`), one colour each")
     parser.add_argument("--padding", default="results/padding_study.json", help="`loraqa padding-study` output")
+    parser.add_argument("--cost", default="results/cost_study.json", help="`loraqa cost-study` output")
     args = parser.parse_args(argv)
     from .plots import make_plots
 
-    written = make_plots(args.results, args.output_dir, strategies=args.strategies, padding=args.padding)
+    written = make_plots(args.results, args.output_dir, strategies=args.strategies, padding=args.padding,
+                         cost=args.cost)
     print(f"{len(written)} files written to {args.output_dir}: {', '.join(sorted({p.stem for p in written})) or 'none'}")
 
 
@@ -297,6 +299,16 @@ def _padding_study(argv):
     model_args, study_args = parse_config((ModelArguments, PaddingStudyArguments),
                                           ["--model", "smollm2-135m"] + argv)
     result = run_padding_study(model_args, study_args)
+    print("\n".join(summary_lines(result)))
+    print(f"written: {study_args.output} ({result['wall_seconds']:.0f} s)")
+
+
+def _cost_study(argv):
+    from .config import ModelArguments, parse_config
+    from .cost import CostStudyArguments, run_cost_study, summary_lines
+
+    model_args, study_args = parse_config((ModelArguments, CostStudyArguments), ["--model", "smollm2-135m"] + argv)
+    result = run_cost_study(model_args, study_args)
     print("\n".join(summary_lines(result)))
     print(f"written: {study_args.output} ({result['wall_seconds']:.0f} s)")
 
@@ -390,7 +402,7 @@ def _demo(argv):
 
 COMMANDS = {"fetch": _fetch, "data-stats": _data_stats, "score": _score, "train": _train, "evaluate": _evaluate,
             "compare": _compare, "failures": _failures, "ask": _ask, "demo": _demo, "bench": _bench, "run": _run, "sweep": _sweep,
-            "plots": _plots, "padding-study": _padding_study, "report": _report,
+            "plots": _plots, "padding-study": _padding_study, "cost-study": _cost_study, "report": _report,
             "param-counts": _param_counts}
 
 

@@ -1,7 +1,8 @@
 """Result files -> the study's figures, PNG (README) and PDF (report), in one matplotlib style.
 
 Inputs: `results/evaluation_results.json` (`study.collect`'s schema), optionally strategy-grid evaluations
-(`loraqa evaluate --strategy_grid true`) and `results/padding_study.json` (`loraqa.padding`). Outputs, in
+(`loraqa evaluate --strategy_grid true`), `results/padding_study.json` (`loraqa.padding`) and
+`results/cost_study.json` (`loraqa.cost`). Outputs, in
 `output_dir`: loss_curves, params_vs_f1, f1_heatmaps, cost, decoding_strategies, padding_study (.png, .pdf).
 
 The study fills its results file run by run, so every plot draws whatever runs exist and leaves out, with a
@@ -243,64 +244,52 @@ def plot_f1_heatmaps(results: dict) -> Figure | None:
     return fig
 
 
-COST_METRICS = (("seconds_per_step", "seconds per step", 1.0), ("peak_memory_mb", "peak memory (MiB)", 1.0),
-                ("weights_bytes", "checkpoint size (MB)", 1e-6))
+COST_METRICS = (("step_cpu_seconds_mean", "CPU seconds per step", 1.0), ("peak_rss_mb", "peak memory (MiB)", 1.0),
+                ("checkpoint_bytes", "checkpoint size (MiB)", 1 / 2**20))
 
 
-def cost_series(results: dict, metric: str, target: str) -> tuple[list, list[float]]:
-    """(ranks, mean of `metric` over the grid runs of each rank, i.e. over learning rates) for one target set."""
+def cost_series(study: dict, metric: str, target: str) -> tuple[list[int], list[float]]:
+    """(ranks, `metric` at each rank) of the cost study's LoRA configurations on one target set."""
     scale = dict((m, s) for m, _, s in COST_METRICS)[metric]
-    ranks, means = [], []
-    for rank in _sorted_levels(results, "lora_r"):
-        values = [r[metric] * scale for r in _runs(results, "grid") if r.get(metric) is not None
-                  and r["settings"].get("target_modules") == target and r["settings"].get("lora_r") == rank]
-        if values:
-            ranks.append(rank)
-            means.append(float(np.mean(values)))
-    return ranks, means
+    points = sorted((c["lora_r"], c[metric] * scale) for c in study["configs"]
+                    if c["method"] == "lora" and c["target_modules"] == target and c.get(metric) is not None)
+    return [r for r, _ in points], [v for _, v in points]
 
 
 @_styled
-def plot_cost(results: dict) -> Figure | None:
-    """Seconds per step, peak memory and checkpoint size against rank, a line per target set (mean over
-    learning rates, each run a faint point), full fine-tuning as a dashed line: what LoRA saves, and what
-    rank and targets cost."""
-    targets = _grid_levels(results, "target_modules")
-    full = _runs(results, "full_ft")
-    if not any(cost_series(results, m, t)[0] for m, _, _ in COST_METRICS for t in targets) and not full:
-        _skip("cost", "no grid or full fine-tuning run has cost figures yet")
+def plot_cost(study: dict) -> Figure | None:
+    """CPU seconds per training step, peak memory and checkpoint size against rank, a line per target set, full
+    fine-tuning as a dashed line: what LoRA saves and what rank and targets cost. From `loraqa cost-study`,
+    which measures every configuration side by side on the same batches (the sweep's own timings come from
+    different sessions and machines, so they are not compared here)."""
+    configs = study.get("configs") or []
+    if not configs:
+        _skip("cost", "the cost study has no configuration")
         return None
+    targets = list(dict.fromkeys(c["target_modules"] for c in configs if c["method"] == "lora"))
+    full = next((c for c in configs if c["method"] == "full_finetune"), None)
+    ranks = sorted({c["lora_r"] for c in configs if c["method"] == "lora"})
     fig, axes = _figure(len(COST_METRICS), width=3.0, height=2.6)
     for ax, (metric, label, scale) in zip(axes[0], COST_METRICS):
         for i, target in enumerate(targets):
-            ranks, means = cost_series(results, metric, target)
-            if ranks:
-                ax.plot(ranks, means, color=PALETTE[i], marker="o", label=f"LoRA {target}")
-                runs = [r for r in _runs(results, "grid")
-                        if r.get(metric) is not None and r["settings"].get("target_modules") == target]
-                ax.scatter([r["settings"]["lora_r"] for r in runs], [r[metric] * scale for r in runs],
-                           color=PALETTE[i], alpha=0.3, s=8, label=f"_{target} runs")
-        values = [r[metric] * scale for r in full if r.get(metric) is not None]
-        if values:
-            ax.axhline(float(np.mean(values)), color="black", linestyle="--", label="full fine-tuning")
-        else:
-            _skip("cost", f"no full fine-tuning run has {metric} yet")
-        ranks = _sorted_levels(results, "lora_r")
+            x, y = cost_series(study, metric, target)
+            ax.plot(x, y, color=PALETTE[i], marker=MARKERS[i], label=f"LoRA {target}")
+        if full and full.get(metric) is not None:
+            ax.axhline(full[metric] * scale, color="black", linestyle="--", label="full fine-tuning")
         ax.set_xscale("log", base=2)
         if ranks:
             ax.set_xticks(ranks, [str(r) for r in ranks])
-        if metric == "weights_bytes":  # full fine-tuning's checkpoint is ~100x a LoRA adapter
+        if metric == "checkpoint_bytes":  # full fine-tuning's checkpoint is ~100x a LoRA adapter
             ax.set_yscale("log")
             _plain_log(ax.yaxis)
         ax.set_xlabel("rank r")
         ax.set_title(label)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    for ax in axes[0][1:]:
-        for h, l in zip(*ax.get_legend_handles_labels()):
-            if l not in labels:
-                handles.append(h)
-                labels.append(l)
     fig.legend(handles, labels, loc="outside lower center", ncols=len(labels))
+    machine = study.get("machine") or {}
+    fig.suptitle(f"{study.get('model', '')}, batch of {max(study.get('batches') or [0])} questions, the same "
+                 f"batches for every configuration; measured on {machine.get('cuda') or machine.get('cpu_model', '?')}, "
+                 f"{machine.get('torch_threads')} thread(s)", fontsize=8)
     return fig
 
 
@@ -453,17 +442,19 @@ def _read(path) -> dict | None:
 
 
 def make_plots(results_path: str | Path | None, output_dir: str | Path, *, strategies: Iterable[str | Path] = (),
-               padding: str | Path | None = None) -> list[Path]:
+               padding: str | Path | None = None, cost: str | Path | None = None) -> list[Path]:
     """Draw every plot whose data exists and write it as PNG and PDF into `output_dir`; returns the files."""
     figures = {}
     results = _read(results_path)
     if results is not None:
         figures.update(loss_curves=plot_loss_curves(results), params_vs_f1=plot_params_vs_f1(results),
-                       f1_heatmaps=plot_f1_heatmaps(results), cost=plot_cost(results))
+                       f1_heatmaps=plot_f1_heatmaps(results))
     evaluations = [{"label": Path(p).stem, **e} for p, e in ((p, _read(p)) for p in strategies) if e is not None]
     figures["decoding_strategies"] = plot_strategies(evaluations) if evaluations else None
     study = _read(padding)
     figures["padding_study"] = plot_padding(study) if study is not None else None
+    costs = _read(cost)
+    figures["cost"] = plot_cost(costs) if costs is not None else None
     logging.getLogger("fontTools").setLevel(logging.WARNING)  # the PDF backend's font subsetting chatters at INFO
     with matplotlib.rc_context(STYLE):  # savefig's dpi and bbox
         written = []

@@ -36,6 +36,7 @@ FORMATS = {
 }
 OPS = {  # how a printed number is computed from the values at its sources
     "value": lambda x: x, "ratio": lambda a, b: a / b, "diff": lambda a, b: a - b, "sum": lambda a, b: a + b,
+    "ratio_of_diffs": lambda a, b, c, d: (a - b) / (c - d),
     "len": len,
     "grid_size": lambda grid: math.prod(len(v) for v in grid.values()),
     "n_significant": lambda tests: sum(t["p_holm"] < 0.05 for t in tests),

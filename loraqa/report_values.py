@@ -21,6 +21,7 @@ STUDY, PRE_BASE, PRE_TUNED = "evaluation_results.json", "eval_baseline_500.json"
 PRE_COMPARE, PRE_SUMMARY, PRE_CONFIG = "compare_500.json", "main_run/summary.json", "main_run/run_config.json"
 # the decoding grid: the final model's (`make study`) once it exists, else the latest fine-tuned adapter's
 FINAL_STRATEGIES = "strategies_final_500.json"
+COST = "cost_study.json"  # `loraqa cost-study`: every configuration's step cost, side by side
 STRATEGIES, BENCH, LABELS, FAILURES, PADDING = ("strategies_finetuned_500.json", "bench.json", "label_example.json",
                                                 "failure_examples.json", "padding_study.json")
 TOKENIZERS = {"gpt2-tokenizer": "GPT-2", "smollm2-135m": "SmolLM2"}
@@ -426,7 +427,7 @@ def _level_label(axis: str, level) -> str:
 
 # test name pattern -> (placeholder, A label, B label)
 CLAIMS = {r"^centre vs target_modules=": ("claim_targets", "attention only", "attention+MLP"),
-          r"^centre vs best$": ("claim_best_vs_centre", "the centre", "the selected configuration"),
+          r"^centre vs (best|.* \(best\))$": ("claim_best_vs_centre", "the centre", "the selected configuration"),
           r"^answer-only loss": ("claim_masking", "answer-only loss", "loss on the whole sequence"),
           r"^max_length 512 vs 256": ("claim_max_length", "max_length 512", "max_length 256"),
           r"^LoRA \(best\) vs full": ("claim_full_ft", "LoRA", "full fine-tuning"),
@@ -485,25 +486,89 @@ def _seeds(v: Values, study: dict) -> None:
     v.put("n_survive_both", "int", f"{R}/tests", op="n_survive_both")
 
 
+def _cost_index(v: Values, settings: dict | None) -> int | None:
+    """The cost study's configuration with a run's method, targets and rank (None when it was not measured)."""
+    configs = (v.inputs.json(COST) or {}).get("configs") or []
+    for i, c in enumerate(configs):
+        if settings is None and c["method"] == "full_finetune":
+            return i
+        if settings is not None and c["method"] == "lora" and c["target_modules"] == settings.get("target_modules") \
+                and c["lora_r"] == settings.get("lora_r"):
+            return i
+    return None
+
+
+def _cost(v: Values) -> None:
+    """cost_study.json: full fine-tuning against LoRA at the centre (attention, r = 16), and what rank and
+    the MLP targets add, all measured in one command on the same batches."""
+    study = v.inputs.json(COST) or {}
+    configs, C = study.get("configs") or [], f"{COST}#"
+    lora, full = _cost_index(v, {"target_modules": "attention", "lora_r": 16}), _cost_index(v, None)
+    if not v.flag("has_cost_study", lora is not None and full is not None):
+        return
+    v.put("cost_cpu", "int", C + "/machine/torch_threads")
+    v.text("cost_cpu_model", literal((study.get("machine") or {}).get("cpu_model", "?")))
+    v.put("cost_batch", "int", C + "/batches/0")
+    v.put("cost_steps", "int", C + "/settings/steps")
+    L, F = f"{C}/configs/{lora}", f"{C}/configs/{full}"
+    v.put("cost_centre_rank", "int", L + "/lora_r")
+    v.put("cost_lora_s", "2", L + "/step_cpu_seconds_mean")
+    v.put("cost_full_s", "2", F + "/step_cpu_seconds_mean")
+    v.put("cost_full_step_ratio", "1", F + "/step_cpu_seconds_mean", L + "/step_cpu_seconds_mean", op="ratio")
+    v.put("cost_lora_update_s", "2", L + "/update_cpu_seconds_mean")
+    v.put("cost_full_update_s", "2", F + "/update_cpu_seconds_mean")
+    forward_backward = v.put("cost_fb_ratio", "2", F + "/step_cpu_seconds_mean", F + "/update_cpu_seconds_mean",
+                             L + "/step_cpu_seconds_mean", L + "/update_cpu_seconds_mean", op="ratio_of_diffs")
+    flops = v.number("2", "parameter_counts.json#/smollm2-135m/step_costs_r16/attention/ratio/step_flops")
+    if forward_backward and flops:  # the measurement against the closed form of Section V
+        gap = forward_backward.value / flops.value - 1
+        v.text("claim_fb_vs_flops", "close to" if abs(gap) < 0.1 else "more than" if gap > 0 else "less than")
+    v.flag("has_claim_fb_vs_flops", "claim_fb_vs_flops" in v.fields)
+    v.put("cost_lora_gib", "1", L + "/peak_rss_mb", scale=1 / 1024)
+    v.put("cost_full_gib", "1", F + "/peak_rss_mb", scale=1 / 1024)
+    v.put("cost_full_mem_ratio", "1", F + "/peak_rss_mb", L + "/peak_rss_mb", op="ratio")
+    v.put("cost_lora_mib", "1", L + "/checkpoint_bytes", scale=1 / 2**20)
+    v.put("cost_full_mib", "int", F + "/checkpoint_bytes", scale=1 / 2**20)
+    v.put("cost_full_ckpt_ratio", "int", F + "/checkpoint_bytes", L + "/checkpoint_bytes", op="ratio")
+    ranks = sorted(c["lora_r"] for c in configs if c["method"] == "lora" and c["target_modules"] == "attention")
+    low, high = (_cost_index(v, {"target_modules": "attention", "lora_r": r}) for r in (ranks[0], ranks[-1]))
+    mlp = _cost_index(v, {"target_modules": "attention+mlp", "lora_r": 16})
+    v.flag("has_cost_ranks", len(ranks) >= 2)
+    if len(ranks) >= 2:
+        v.put("cost_rank_low", "int", f"{C}/configs/{low}/lora_r")
+        v.put("cost_rank_high", "int", f"{C}/configs/{high}/lora_r")
+        ratio = v.put("cost_rank_step_ratio", "2", f"{C}/configs/{high}/step_cpu_seconds_mean",
+                      f"{C}/configs/{low}/step_cpu_seconds_mean", op="ratio")
+        v.text("claim_rank_cost", None if ratio is None else
+               "the frozen model's forward and backward dominate the step" if ratio.value < 1.25 else
+               "the adapters' own products are a visible share of the step")
+    v.flag("has_cost_mlp", mlp is not None)
+    if mlp is not None:
+        v.put("cost_mlp_step_ratio", "2", f"{C}/configs/{mlp}/step_cpu_seconds_mean",
+              L + "/step_cpu_seconds_mean", op="ratio")
+        v.put("cost_mlp_mem_ratio", "2", f"{C}/configs/{mlp}/peak_rss_mb", L + "/peak_rss_mb", op="ratio")
+
+
 def _full_ft(v: Values, study: dict, runs: list[dict], best: int | None) -> None:
+    """Quality from the study's runs; time, memory and checkpoint size from the cost study, where the two
+    configurations were measured side by side."""
     R = f"{STUDY}#"
     full = _run_index(v.inputs, run_id=(study.get("selection") or {}).get("best_full_ft_run"))
     lora = best if best is not None else _run_index(v.inputs, run_id=(study.get("selection") or {}).get("centre_run"))
     if not v.flag("has_full_ft", full is not None and lora is not None):
         return
     rows = []
-    for label, k in (("LoRA, grid best" if best is not None else "LoRA, grid centre", lora),
-                     (f"Full FT (lr = {_lr(runs[full]['settings'].get('learning_rate', 0))})", full)):
-        base = f"{R}/runs/{k}"
-        cells = [v.number("int", f"{base}/trainable_params"), v.number("score", f"{base}/scores/test/f1"),
-                 v.number("2", f"{base}/seconds_per_step"), v.number("1", f"{base}/peak_memory_mb", scale=1 / 1024),
-                 v.number("1", f"{base}/weights_bytes", scale=1 / 2 ** 20)]
-        rows.append([label, *(c.text if c else "–" for c in cells)])
-    v.text("table_lora_full", table(["Method", "Trainable", "Test F1", "s/step", "Peak GiB", "Weights MiB"], rows,
-                                    "lrrrrr"))
-    v.put("full_step_ratio", "1", f"{R}/runs/{full}/seconds_per_step", f"{R}/runs/{lora}/seconds_per_step", op="ratio")
-    v.put("full_weights_ratio", "int", f"{R}/runs/{full}/weights_bytes", f"{R}/runs/{lora}/weights_bytes", op="ratio")
-    v.put("full_mem_ratio", "1", f"{R}/runs/{full}/peak_memory_mb", f"{R}/runs/{lora}/peak_memory_mb", op="ratio")
+    for label, k, settings in (("LoRA, grid best" if best is not None else "LoRA, grid centre", lora, runs[lora]["settings"]),
+                               (f"Full FT (lr = {_lr(runs[full]['settings'].get('learning_rate', 0))})", full, None)):
+        cost = _cost_index(v, settings)
+        C = f"{COST}#/configs/{cost}"
+        cells = [v.number("int", f"{R}/runs/{k}/trainable_params"), v.number("score", f"{R}/runs/{k}/scores/test/f1")]
+        if cost is not None:
+            cells += [v.number("2", f"{C}/step_cpu_seconds_mean"), v.number("1", f"{C}/peak_rss_mb", scale=1 / 1024),
+                      v.number("1", f"{C}/checkpoint_bytes", scale=1 / 2 ** 20)]
+        rows.append([label, *(c.text if c else "–" for c in cells), *(["–"] * (5 - len(cells)))])
+    v.text("table_lora_full", table(["Method", "Trainable", "Test F1", "CPU s/step", "Peak GiB", "Weights MiB"],
+                                    rows, "lrrrrr"))
 
 
 def _adapter_name(v: Values, adapter: str | None) -> str:
@@ -660,7 +725,7 @@ def _pending(v: Values) -> None:
 def report_values(results_dir: str | Path, figures_dir: Path | None = None) -> Values:
     """Every placeholder's value from the result files (figures are copied to `figures_dir` when given)."""
     v = Values(Inputs(results_dir))
-    for part in (_headline, _bench, _data_stats, _label_example, _padding, _study, _main_table, _strategies,
+    for part in (_headline, _bench, _cost, _data_stats, _label_example, _padding, _study, _main_table, _strategies,
                  _failures):
         part(v)
     _figures(v, Path(results_dir) / "plots", figures_dir)

@@ -225,8 +225,12 @@ def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
             differs = [k for k in centre_point if e["grid_point"].get(k) != centre_point[k]]
             if len(differs) == 1:
                 comparisons.append((f"centre vs {differs[0]}={_level(e['grid_point'][differs[0]])}", centre, e))
-        if best_entry and best_entry is not centre:
-            comparisons.append(("centre vs best", centre, best_entry))
+        if best_entry and best_entry is not centre:  # one test per pair: a neighbour that is best says so
+            neighbour = next((i for i, (_, _, e) in enumerate(comparisons) if e is best_entry), None)
+            if neighbour is None:
+                comparisons.append(("centre vs best", centre, best_entry))
+            else:
+                comparisons[neighbour] = (comparisons[neighbour][0] + " (best)", centre, best_entry)
         for name, label in (("train_on_prompt", "answer-only loss vs loss on the whole sequence"),
                             ("max_length_256", "max_length 512 vs 256")):
             if name in by_name:

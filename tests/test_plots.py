@@ -131,18 +131,19 @@ def test_f1_heatmaps_cells_equal_test_f1_and_missing_runs_are_blank(results):
     assert any(np.ma.getmaskarray(ax.images[0].get_array()).any() for ax in fig.axes if ax.images), "pending cell"
 
 
-def test_cost_lines_are_means_over_learning_rates_and_full_ft_is_a_line(results):
-    fig = plots.plot_cost(results)
-    grid = _grid(results)
-    full_ft = [r for r in results["runs"] if r["group"] == "full_ft"]
+def test_cost_lines_are_the_cost_studys_numbers_and_full_ft_is_a_line():
+    study = _load("cost_study.json")
+    fig = plots.plot_cost(study)
+    lora = [c for c in study["configs"] if c["method"] == "lora"]
+    full = next(c for c in study["configs"] if c["method"] == "full_finetune")
     for metric, title, scale in plots.COST_METRICS:
         ax = _axis(fig, title)
-        for (target, rank), members in sorted(_by(grid, "target_modules", "lora_r").items()):
+        for target in ("attention", "attention+mlp"):
             line = _line(ax, f"LoRA {target}")
-            y = dict(zip(line.get_xdata(), line.get_ydata()))
-            assert y[rank] == pytest.approx(np.mean([r[metric] * scale for r in members]))
-        full_ft_mean = np.mean([r[metric] * scale for r in full_ft])
-        assert _line(ax, "full fine-tuning").get_ydata()[0] == pytest.approx(full_ft_mean)
+            expected = sorted((c["lora_r"], c[metric] * scale) for c in lora if c["target_modules"] == target)
+            np.testing.assert_allclose(np.column_stack([line.get_xdata(), line.get_ydata()]), expected)
+        assert _line(ax, "full fine-tuning").get_ydata()[0] == pytest.approx(full[metric] * scale)
+    assert "fixture CPU, 2 thread(s)" in fig._suptitle.get_text()
 
 
 def test_strategies_plot_f1_against_distinct_2_with_seed_sd():
@@ -181,7 +182,8 @@ def test_padding_plot_a_line_per_strategy_and_untimed_cells_left_out():
 
 def test_make_plots_writes_png_and_pdf_of_every_plot(tmp_path):
     written = plots.make_plots(FIXTURES / "evaluation_results.json", tmp_path,
-                               strategies=[FIXTURES / "strategies.json"], padding=FIXTURES / "padding_study.json")
+                               strategies=[FIXTURES / "strategies.json"], padding=FIXTURES / "padding_study.json",
+                               cost=FIXTURES / "cost_study.json")
     names = ["loss_curves", "params_vs_f1", "f1_heatmaps", "cost", "decoding_strategies", "padding_study"]
     assert sorted(written) == sorted(tmp_path / f"{n}{s}" for n in names for s in (".png", ".pdf"))
     for path in written:
@@ -198,7 +200,7 @@ def test_make_plots_draws_what_exists_and_notes_the_rest(tmp_path, results, capl
         written = plots.make_plots(path, tmp_path / "plots", padding=tmp_path / "missing.json")
     assert written == []
     notes = caplog.text
-    for plot in ("loss_curves", "params_vs_f1", "f1_heatmaps", "cost"):
+    for plot in ("loss_curves", "params_vs_f1", "f1_heatmaps"):
         assert f"plot {plot}:" in notes
     assert "missing.json: not there yet" in notes
 
@@ -212,7 +214,7 @@ def test_make_plots_with_grid_runs_but_no_controls_yet(tmp_path, results, caplog
     path.write_text(json.dumps(grid_only))
     with caplog.at_level(logging.INFO, logger="loraqa.plots"):
         written = plots.make_plots(path, tmp_path)
-    assert {p.stem for p in written} == {"loss_curves", "params_vs_f1", "f1_heatmaps", "cost"}
+    assert {p.stem for p in written} == {"loss_curves", "params_vs_f1", "f1_heatmaps"}
     assert "no full fine-tuning run scored" in caplog.text and "no baseline (untuned) run scored" in caplog.text
 
 
@@ -220,7 +222,7 @@ def test_cli_plots(tmp_path, capsys):
     out = tmp_path / "plots"
     assert main(["plots", "--results", str(FIXTURES / "evaluation_results.json"), "--output_dir", str(out),
                  "--strategies", str(FIXTURES / "strategies.json"),
-                 "--padding", str(FIXTURES / "padding_study.json")]) == 0
+                 "--padding", str(FIXTURES / "padding_study.json"), "--cost", str(FIXTURES / "cost_study.json")]) == 0
     assert len(list(out.glob("*.png"))) == len(list(out.glob("*.pdf"))) == 6
     assert str(out) in capsys.readouterr().out
 

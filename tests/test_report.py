@@ -176,9 +176,10 @@ def test_one_finished_grid_run_leaves_out_what_needs_several(tmp_path):
     (results / "evaluation_results.json").write_text(json.dumps(study))
     built = build_report(results, tmp_path / "r.pdf", source_dir=tmp_path / "source")
     main = str(built.source_dir / "main.typ")
-    for label in ("fig:params", "fig:heatmaps", "fig:cost", "tab:effects", "tab:tests"):
+    for label in ("fig:params", "fig:heatmaps", "tab:effects", "tab:tests"):
         assert json.loads(typst.query(main, f"<{label}>", root=str(built.source_dir))) == [], label
     assert json.loads(typst.query(main, "<fig:loss>", root=str(built.source_dir)))  # one run still has a curve
+    assert json.loads(typst.query(main, "<fig:cost>", root=str(built.source_dir)))  # measured apart from the grid
     text = " ".join(_rendered_paragraphs(built.source_dir))
     assert "The one grid run finished so far" in text and "selection on the validation set picks" not in text
     assert "Only one pair of finished runs can be compared so far" in text
@@ -375,3 +376,28 @@ def test_the_final_models_decoding_grid_replaces_the_earlier_one(tmp_path):
     values = report_values(results)
     assert grid_sources(values) == {"strategies_final_500.json"}
     assert values.fields["has_strategies_on_final"] == "true" and "71.4" in values.fields["table_strategies"]
+
+
+def test_cost_claims_follow_the_side_by_side_measurement(tmp_path):
+    results = _copy_fixture(tmp_path)
+    values = report_values(results)
+    assert values.fields["has_cost_study"] == "true"
+    assert values.fields["claim_rank_cost"] == "the frozen model's forward and backward dominate the step"
+    cost = json.loads((results / "cost_study.json").read_text())
+    lora = next(c for c in cost["configs"] if c.get("target_modules") == "attention" and c.get("lora_r") == 16)
+    full = next(c for c in cost["configs"] if c["method"] == "full_finetune")
+    assert values.fields["cost_full_step_ratio"] == f"{full['step_cpu_seconds_mean'] / lora['step_cpu_seconds_mean']:.1f}"
+    flops = json.loads((results / "parameter_counts.json").read_text())["smollm2-135m"]["step_costs_r16"][
+        "attention"]["ratio"]["step_flops"]
+    forward_backward = (full["step_cpu_seconds_mean"] - full["update_cpu_seconds_mean"]) / (
+        lora["step_cpu_seconds_mean"] - lora["update_cpu_seconds_mean"])
+    assert values.fields["cost_fb_ratio"] == f"{forward_backward:.2f}"
+    assert values.fields["claim_fb_vs_flops"] == ("close to" if abs(forward_backward / flops - 1) < 0.1 else
+                                                  "more than" if forward_backward > flops else "less than")
+    top = max((c for c in cost["configs"] if c.get("target_modules") == "attention"), key=lambda c: c["lora_r"])
+    top["step_cpu_seconds_mean"] *= 2
+    (results / "cost_study.json").write_text(json.dumps(cost))
+    assert report_values(results).fields["claim_rank_cost"] == "the adapters' own products are a visible share of the step"
+    (results / "cost_study.json").unlink()
+    values = report_values(results)
+    assert values.fields["has_cost_study"] == "false" and "cost_full_step_ratio" not in values.fields

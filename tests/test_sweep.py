@@ -104,7 +104,11 @@ def test_sweep_runs_each_run_once_resumes_and_collects(tmp_path, tiny_gpt2_dir, 
         assert lo <= run["scores"]["test"]["f1"] <= hi
     assert {level["level"] for level in results["main_effects"]["learning_rate"]} == {0.001, 0.005}
     assert all(level["runs"] == 2 for level in results["main_effects"]["learning_rate"])
-    names = {t["name"] for t in results["tests"]}
+    names = {t["name"].removesuffix(" (best)") for t in results["tests"]}
+    assert len({(t["a"], t["b"]) for t in results["tests"]}) == len(results["tests"])  # no pair twice in Holm's family
+    centre_vs_best = [t for t in results["tests"] if t["name"] == "centre vs best" or t["name"].endswith(" (best)")
+                      and t["name"].startswith("centre vs")]
+    assert [t["b"] for t in centre_vs_best] == ([best["run_id"]] if best["grid_point"] != load_spec(spec)["centre"] else [])
     assert {"centre vs learning_rate=0.005", "centre vs rank=lora_r=2,lora_alpha=4", "baseline vs LoRA (best)"} <= names
     assert all(t["p_value"] <= t["p_holm"] <= 1 for t in results["tests"])
 
