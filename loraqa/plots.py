@@ -297,30 +297,31 @@ def plot_cost(study: dict) -> Figure | None:
 
 @_styled
 def plot_strategies(evaluations: Iterable[dict]) -> Figure | None:
-    """F1 against distinct-2 (answer diversity) for each decoding strategy, the seeds' standard deviation as
-    error bars: what sampling trades in accuracy for variety. One colour per evaluation file."""
+    """F1 against how often a question's answer changes with the seed, for each decoding strategy, the
+    seeds' standard deviation as error bars: what sampling trades in accuracy for variety (greedy sits at 0).
+    One colour per evaluation file."""
     fig, axes = _figure(width=5.0, height=3.4)
     ax, drawn, labels = axes[0][0], False, []
     for i, evaluation in enumerate(evaluations):
         rows = [r for r in evaluation.get("strategies") or []
-                if r.get("distinct_2") is not None and r.get("f1") is not None]
+                if r.get("seed_disagreement") is not None and r.get("f1") is not None]
         if not rows:
             _skip("decoding_strategies", f"{evaluation.get('adapter') or evaluation.get('model')}: no strategy rows")
             continue
         label = (evaluation.get("label") or evaluation.get("adapter") or evaluation.get("model_resolved")
                  or evaluation.get("model") or f"file {i + 1}")
-        ax.errorbar([r["distinct_2"] for r in rows], [r["f1"] for r in rows],
+        ax.errorbar([100 * r["seed_disagreement"] for r in rows], [r["f1"] for r in rows],
                     yerr=[r.get("f1_sd") or 0.0 for r in rows],
                     color=PALETTE[i], marker="o", linestyle="none", label=f"{label} (n={evaluation.get('n')})")
-        labels += [(r["strategy"], r["distinct_2"], r["f1"]) for r in rows]
+        labels += [(r["strategy"], 100 * r["seed_disagreement"], r["f1"]) for r in rows]
         drawn = True
     if not drawn:
         _skip("decoding_strategies", "no strategy-grid evaluation given")
         return None
-    _label_points(ax, labels)
-    ax.set_xlabel("distinct-2 of the answers (diversity)")
+    ax.set_xlabel("questions whose answer differs between seeds (%)")
     ax.set_ylabel("F1 (error bars: SD over seeds)")
-    ax.legend(loc="best")
+    fig.legend(loc="outside lower center")
+    _label_points(ax, labels)
     return fig
 
 
@@ -346,17 +347,20 @@ def _spread(wanted: list[float], gap: float) -> list[float]:
 
 
 def _label_points(ax, labels: list[tuple[str, float, float]], fontsize: float = 7) -> None:
-    """Name each point just right of it; labels that would overlap are spread vertically (in display units)
-    and joined to their points by a thin leader line."""
+    """Name each point: labels that would overlap are spread vertically, each starts right of every point
+    near its height (so no label covers a marker of a crowd), and a thin leader line joins a moved label to
+    its point. Works in display units, after the layout."""
     ax.figure.draw_without_rendering()  # the layout first: it decides where the points land on the page
-    to_display = ax.transData.transform
-    gap = fontsize * 1.25 * ax.figure.dpi / 72
-    wanted = [to_display((x, y))[1] for _, x, y in labels]
-    for (text, x, y), y_wanted, y_placed in zip(labels, wanted, _spread(wanted, gap)):
-        shift = (y_placed - y_wanted) * 72 / ax.figure.dpi  # display pixels -> points
-        ax.annotate(text, (x, y), textcoords="offset points", xytext=(6, shift), fontsize=fontsize, va="center",
+    points = [ax.transData.transform((x, y)) for _, x, y in labels]
+    points_per_pixel = 72 / ax.figure.dpi
+    gap = fontsize * 1.25 / points_per_pixel
+    placed = _spread([py for _, py in points], gap)
+    for (text, x, y), (px, py), ly in zip(labels, points, placed):
+        right = max(qx for qx, qy in points if abs(qy - ly) < 1.5 * gap or (qx, qy) == (px, py))
+        dx, dy = (right - px) * points_per_pixel + 6, (ly - py) * points_per_pixel
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize, va="center",
                     arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5", shrinkA=0, shrinkB=2)
-                    if abs(shift) > 2 else None)
+                    if abs(dy) > 2 or dx > 8 else None)
 
 
 # ---------------------------------------------------------------------------------------------- 6: padding

@@ -146,19 +146,20 @@ def test_cost_lines_are_the_cost_studys_numbers_and_full_ft_is_a_line():
     assert "fixture CPU, 2 thread(s)" in fig._suptitle.get_text()
 
 
-def test_strategies_plot_f1_against_distinct_2_with_seed_sd():
+def test_strategies_plot_f1_against_seed_disagreement_with_seed_sd():
     evaluation = _load("strategies.json")
     fig = plots.plot_strategies([evaluation])
     ax = fig.axes[0]
     (container,) = ax.containers
     data_line, _, (bars,) = container.lines
-    rows = [r for r in evaluation["strategies"] if "distinct_2" in r]
+    rows = [r for r in evaluation["strategies"] if "seed_disagreement" in r]
     assert len(rows) < len(evaluation["strategies"]), "the fixture has a row without diversity figures"
-    np.testing.assert_array_equal(data_line.get_xdata(), [r["distinct_2"] for r in rows])
+    np.testing.assert_allclose(np.asarray(data_line.get_xdata(), dtype=float), [100 * r["seed_disagreement"] for r in rows])
     np.testing.assert_array_equal(data_line.get_ydata(), [r["f1"] for r in rows])
     segments = np.array(bars.get_segments())
     np.testing.assert_allclose(segments[:, 1, 1] - segments[:, 0, 1], [2 * r["f1_sd"] for r in rows])
     assert sorted(t.get_text() for t in ax.texts) == sorted(r["strategy"] for r in rows)
+    assert rows[0]["strategy"] == "greedy" and data_line.get_xdata()[0] == 0.0
 
 
 def test_padding_plot_a_line_per_strategy_and_untimed_cells_left_out():
@@ -239,9 +240,10 @@ def test_spread_keeps_labels_apart_and_near_their_points():
 
 
 def test_crowded_strategy_labels_do_not_overlap():
-    rows = [{"strategy": f"top_p={p}", "distinct_2": 0.6 + 0.002 * k, "f1": 50 + 0.02 * k, "f1_sd": 1.0}
+    rows = [{"strategy": f"top_p={p}", "seed_disagreement": 0.6 + 0.002 * k, "f1": 50 + 0.02 * k, "f1_sd": 1.0}
             for k, p in enumerate((0.8, 0.85, 0.9, 0.95, 0.99))]  # a crowd, as sampling strategies are
-    rows += [{"strategy": "greedy", "distinct_2": 0.9, "f1": 60.0}, {"strategy": "hot", "distinct_2": 0.92, "f1": 30.0}]
+    rows += [{"strategy": "greedy", "seed_disagreement": 0.0, "f1": 60.0},
+             {"strategy": "hot", "seed_disagreement": 0.92, "f1": 30.0}]
     fig = plots.plot_strategies([{"strategies": rows, "n": 10}])
     renderer = FigureCanvasAgg(fig).get_renderer()
     fig.draw(renderer)
