@@ -368,7 +368,8 @@ def main_table(results: dict) -> str:
                  "paragraphs; test = the same 500 SQuAD v1.1 dev questions for every run (the final model: all "
                  "of dev), validation = 500 questions of held-out training articles; s/step is the run's own "
                  "training time per step (validation included) at the torch threads shown, on the machine its "
-                 "run_config.json names.")
+                 "run_config.json names, sometimes beside other work: not comparable across runs (the side-by-side "
+                 "costs are `loraqa cost-study`'s, results/cost_study.json).")
     return "\n".join(lines)
 
 
