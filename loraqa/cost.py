@@ -58,17 +58,12 @@ class CostStudyArguments:
         return configs + ([{"method": "full_finetune"}] if self.full_finetune else [])
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
-
-
 def measure(job: dict) -> dict:
     """One configuration, in its own process: load, attach LoRA (or not), time the steps, save the weights."""
     from .config import LoraArguments
     from .generate import supports_shared_prefix
     from .modeling import attach_lora, count_parameters, load_model_and_tokenizer
-    from .padding import _features, collate
+    from .padding import _features, _proc_status_mb, collate
     from .train import PARAGRAPH_ATTENTION, answer_loss, register_paragraph_attention
 
     config, rows, batches = job["config"], job["rows"], job["batches"]
@@ -86,7 +81,7 @@ def measure(job: dict) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)  # the Trainer's default optimizer
     gc.collect()
-    rss_loaded = _rss_mb()
+    rss_loaded = _proc_status_mb("VmRSS")
     wall, cpu, update, tokens = [], [], [], []
     for i, indices in enumerate(batches):
         batch = collate(_features(rows, indices), "shared_context", tokenizer, job["max_length"])
