@@ -256,8 +256,9 @@ def _sweep(argv):
     parser.add_argument("--collect", default=None, metavar="RESULTS_JSON",
                         help="instead of running: build the study's results file (e.g. results/evaluation_results.json) "
                              "from the run directories that exist")
-    parser.add_argument("--checkpoints", default=None, metavar="DIR", help="with --collect: export the final "
-                        "model's adapter, run_config.json and tokenizer to DIR/final (e.g. results/model_checkpoints)")
+    parser.add_argument("--checkpoints", default=None, metavar="DIR", help="with --collect: export the "
+                        "selected grid run's and the final model's adapter, run_config.json and tokenizer to "
+                        "DIR/grid_best and DIR/final (e.g. results/model_checkpoints)")
     parser.add_argument("--readme", default=None, help="with --collect: rewrite the main table between the "
                         "README's study-table markers")
     args = parser.parse_args(argv)

@@ -578,7 +578,7 @@ def _adapter_name(v: Values, adapter: str | None) -> str:
     # the preliminary adapter is `make run`'s output (runs/main, copied to results/main_run/)
     preliminary = ((v.inputs.json(PRE_CONFIG) or {}).get("training") or {}).get("output_dir") or \
         ("runs/main" if v.inputs.json(PRE_SUMMARY) is not None else None)
-    if "model_checkpoints" in adapter or (final and final in adapter):
+    if "model_checkpoints/final" in adapter or (final and final in adapter):
         return "the final"
     if adapter and preliminary and Path(adapter) == Path(preliminary):
         return "the preliminary"
@@ -596,7 +596,7 @@ def _strategies(v: Values) -> None:
     v.put("strat_minutes", "1", S + "/grid_seconds", scale=1 / 60)
     v.text("strat_adapter", _adapter_name(v, data.get("adapter")))
     adapter = str(data.get("adapter") or "")
-    v.flag("has_strategies_on_final", "final" in adapter or "model_checkpoints" in adapter)
+    v.flag("has_strategies_on_final", _adapter_name(v, adapter) == "the final")
     body, f1s = [], []
     for j, row in enumerate(rows):
         base = f"{S}/strategies/{j}"
@@ -709,10 +709,13 @@ def _theory(v: Values) -> None:
 def _pending(v: Values) -> None:
     """One list of the study's parts that have no result yet, for the single 'still running' note."""
     on = lambda name: v.fields.get(name) == "true"  # noqa: E731
+    pending = (v.inputs.json("evaluation_results.json") or {}).get("pending") or []
+    full_ft_pending = any(run_id.startswith("full_ft") for run_id in pending)
     parts = [("the remaining grid runs", on("has_complete_grid")),
              ("the extra seeds", on("has_seeds_centre") and on("has_seeds_best")),
              ("the fixed-$alpha$ series", on("has_claim_alpha")),
-             ("full fine-tuning", on("has_full_ft")),
+             ("full fine-tuning" if not on("has_full_ft") else "full fine-tuning's other learning rates",
+              on("has_full_ft") and not full_ft_pending),
              ("the prompt-masking ablation", on("has_claim_masking")),
              ("the `max_length` ablation", on("has_claim_max_length")),
              ("the final model", on("has_final"))]

@@ -12,11 +12,11 @@ Schema (all scores in percentage points):
                   train_examples_per_s, train_tokens_per_s, seconds_per_step, peak_memory_mb, final_train_loss,
                   final_validation_loss, curves {train: [[step, loss]], validation: [[step, loss]]},
                   scores {validation|test: {exact_match, f1, n, exact_match_ci, f1_ci}}
-    selection:    select_on, metric, best_run, centre_run, best_full_ft_run, candidates
+    selection:    select_on, metric, best_run, centre_run, best_full_ft_run, candidates, checkpoint (its export)
     main_effects: {factor: [{level, runs, f1, f1_ci, validation_f1}]}   (grid runs, test split)
     seeds:        {centre|best: {runs, test_f1: [..], test_f1_mean, test_f1_sd, validation_f1_sd}}
     tests[]:      name, a, b, split, delta_f1, delta_f1_ci, p_value, p_holm, significant, survives_seed_sd
-    final:        run, test (full dev), baseline_full_dev, comparison
+    final:        run, test (full dev), baseline_full_dev, comparison, checkpoint
     pending:      runs of the spec not finished yet
 """
 from __future__ import annotations
@@ -160,10 +160,23 @@ def export_checkpoint(run_dir: Path, destination: Path) -> bool:
     return True
 
 
+def _export_grid_best(run_dir: Path, destination: Path) -> str | None:
+    """The selected grid run's adapter, so that the submission has a loadable model before the final one
+    exists; an earlier export of a run that is no longer the best is removed rather than left mislabelled."""
+    if export_checkpoint(run_dir, destination):
+        return str(destination)
+    exported = _read_json(destination / "run_config.json") or {}
+    if Path((exported.get("training") or {}).get("output_dir") or "").name == run_dir.name:
+        return str(destination)  # exported by an earlier collect, on a machine that had the weights
+    shutil.rmtree(destination, ignore_errors=True)
+    return None
+
+
 def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
             checkpoints: str | None = None) -> dict:
     """Build the study's results file from the sweep's run directories (see the module docstring); with
-    `checkpoints`, also export the final model there (`<checkpoints>/final`)."""
+    `checkpoints`, also export the selected grid run and the final model there (`<checkpoints>/grid_best`,
+    `<checkpoints>/final`)."""
     spec = load_spec(spec_path)
     out = Path(sweep_dir)
     finished = {}
@@ -192,6 +205,9 @@ def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
                  "centre_run": centre["run_id"] if centre else None,
                  "best_full_ft_run": best_full_ft["run_id"] if best_full_ft else None,
                  "candidates": {e["run_id"]: e["scores"].get(select_on, {}).get("f1") for e in grid}}
+
+    if checkpoints and best_entry:
+        selection["checkpoint"] = _export_grid_best(out / best_entry["run_id"], Path(checkpoints) / "grid_best")
 
     main_effects = {}
     for axis in (spec.get("grid") or {}):

@@ -376,6 +376,10 @@ def test_the_final_models_decoding_grid_replaces_the_earlier_one(tmp_path):
     values = report_values(results)
     assert grid_sources(values) == {"strategies_final_500.json"}
     assert values.fields["has_strategies_on_final"] == "true" and "71.4" in values.fields["table_strategies"]
+    grid["adapter"] = "results/model_checkpoints/grid_best"  # exported beside the final one, but not it
+    (results / "strategies_final_500.json").write_text(json.dumps(grid))
+    values = report_values(results)
+    assert values.fields["has_strategies_on_final"] == "false" and "grid_best" in values.fields["strat_adapter"]
 
 
 def test_cost_claims_follow_the_side_by_side_measurement(tmp_path):
@@ -401,3 +405,20 @@ def test_cost_claims_follow_the_side_by_side_measurement(tmp_path):
     (results / "cost_study.json").unlink()
     values = report_values(results)
     assert values.fields["has_cost_study"] == "false" and "cost_full_step_ratio" not in values.fields
+
+
+def test_full_fine_tuning_at_some_learning_rates_is_listed_as_pending(tmp_path):
+    """The control's table appears with its first learning rate, and the status note still names the others."""
+    results = _copy_fixture(tmp_path)
+    study = json.loads((results / "evaluation_results.json").read_text())
+    unfinished = next(r for r in study["runs"] if r["group"] == "full_ft" and
+                      r["run_id"] != study["selection"]["best_full_ft_run"])
+    study["runs"].remove(unfinished)
+    study["pending"] = [unfinished["run_id"]]
+    (results / "evaluation_results.json").write_text(json.dumps(study))
+    values = report_values(results)
+    assert values.fields["has_full_ft"] == "true"
+    assert "full fine-tuning's other learning rates" in values.fields["pending_parts"]
+    study["pending"] = []
+    (results / "evaluation_results.json").write_text(json.dumps(study))
+    assert "full fine-tuning" not in report_values(results).fields["pending_parts"]

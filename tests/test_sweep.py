@@ -123,6 +123,23 @@ def test_sweep_runs_each_run_once_resumes_and_collects(tmp_path, tiny_gpt2_dir, 
         {p.name for p in exported.iterdir()}
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir), exported)
     assert results["final"]["checkpoint"] == str(exported)
+    # so is the selected grid run's; once its weights are gone an export of another run is not left behind
+    grid_best = tmp_path / "ckpt" / "grid_best"
+    assert results["selection"]["checkpoint"] == str(grid_best)
+    assert json.loads((grid_best / "run_config.json").read_text())["training"]["output_dir"] == str(out / best["run_id"])
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir), grid_best)
+    again = collect(spec, str(out), str(tmp_path / "again.json"), checkpoints=str(tmp_path / "ckpt"))
+    assert again["selection"]["checkpoint"] == str(grid_best)  # weights present: exported again
+    (out / best["run_id"] / "adapter_model.safetensors").rename(tmp_path / "weights")
+    assert collect(spec, str(out), str(tmp_path / "again.json"),
+                   checkpoints=str(tmp_path / "ckpt"))["selection"]["checkpoint"] == str(grid_best)  # still its own
+    stale = json.loads((grid_best / "run_config.json").read_text())
+    stale["training"]["output_dir"] = str(out / "another-run")
+    (grid_best / "run_config.json").write_text(json.dumps(stale))
+    assert collect(spec, str(out), str(tmp_path / "again.json"),
+                   checkpoints=str(tmp_path / "ckpt"))["selection"]["checkpoint"] is None
+    assert not grid_best.exists()
+    (tmp_path / "weights").rename(out / best["run_id"] / "adapter_model.safetensors")
     final_eval = json.loads(Path(results["final"]["evaluation"]).read_text())
     assert final_eval["adapter"] == str(out / final["run_id"])
     assert final_eval["f1"] == pytest.approx(results["final"]["test"]["f1"])
@@ -162,3 +179,15 @@ def test_demo_opens_the_final_models_full_dev_errors_once_the_study_has_them(tmp
         path.parent.mkdir()
         path.write_text("{}")
     assert final_evaluations(results) == tuple(map(str, pair))
+
+
+def test_the_study_spec_still_names_every_committed_run():
+    """Editing experiments/study.yaml (its order, a comment, a new run) must not change the identity of a run
+    already done: an orphaned run directory would be trained again and left out of the tables."""
+    root = Path(__file__).parents[1]
+    spec = load_spec(root / "experiments" / "study.yaml")
+    done = {p.parent.name: json.loads(p.read_text()) for p in (root / "results" / "sweep").glob("*/done.json")}
+    planned = {r.run_id for r in plan(spec, done)}
+    assert set(done) <= planned, sorted(set(done) - planned)
+    grid = [r for r in plan(spec, done) if r.kind == "grid"]
+    assert len(grid) == 24 and all(r.settings["lora_alpha"] == 2 * r.settings["lora_r"] for r in grid)
