@@ -152,15 +152,24 @@ def _failures(argv):
     parser.add_argument("--data", default=None, help="SQuAD JSON (default: the file the evaluation used)")
     parser.add_argument("--examples", type=int, default=3, help="examples per category")
     parser.add_argument("--output", default=None, help="write the Markdown here instead of printing it")
+    parser.add_argument("--report_json", default=None, metavar="PATH", help="also write the report's input: the "
+                        "category counts and one example per category with a context excerpt "
+                        "(results/failure_examples.json)")
     args = parser.parse_args(argv)
     from .analysis import failure_report
+    from .config import write_json_atomic, write_text_atomic
 
     report = failure_report(args.evaluation, args.data, args.examples)
     if args.output:
-        Path(args.output).write_text(report)
+        write_text_atomic(args.output, report)
         print(f"written: {args.output}")
     else:
         print(report)
+    if args.report_json:
+        from .report_inputs import failure_examples
+
+        write_json_atomic(args.report_json, failure_examples(args.evaluation, args.data))
+        print(f"written: {args.report_json}")
 
 
 @dataclass

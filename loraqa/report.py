@@ -7,7 +7,7 @@ printed as pending (the study fills in as its runs finish):
                                      the preliminary `make run` adapter on the fixed 500-question dev subset
     strategies_finetuned_500.json    decoding strategies;  bench.json: speed;  data_stats_<tokenizer>_<split>.json
     label_example.json               one tokenized example (`report_inputs.write_label_example`, run once)
-    failure_examples.json            failure examples with context (`report_inputs.write_failure_examples`)
+    failure_examples.json            failure examples with context (`loraqa failures EVAL --report_json ...`)
     parameter_counts.json            closed-form LoRA counts and costs (`loraqa param-counts`)
     padding_study.json               the padding study (`loraqa padding-study`)
     plots/<name>.pdf|png             figures (`loraqa plots`), looked up through FIGURES

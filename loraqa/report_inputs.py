@@ -51,11 +51,12 @@ def _window(context: str, start: int, end: int, words: int) -> tuple[int, int]:
     return lo, hi
 
 
-def excerpt(context: str, gold: tuple[int, int], predicted: tuple[int, int] | None, words: int = 10) -> dict:
+def excerpt(context: str, gold: tuple[int, int] | None, predicted: tuple[int, int] | None, words: int = 10) -> dict:
     """Windows of `context` around the gold span and the predicted span (merged when they overlap), joined
-    by ' … ', with both spans' positions in the excerpt: {"excerpt", "spans": [[start, end, kind]]}."""
-    marks = [(*gold, "gold")] + ([(*predicted, "prediction")] if predicted else [])
-    windows = sorted(_window(context, s, e, words) for s, e, _ in marks)
+    by ' … ', with both spans' positions in the excerpt: {"excerpt", "spans": [[start, end, kind]]}. With
+    neither span (an unanswerable question answered off the context) the excerpt is the context's start."""
+    marks = ([(*gold, "gold")] if gold else []) + ([(*predicted, "prediction")] if predicted else [])
+    windows = sorted(_window(context, s, e, words) for s, e, _ in marks or [(0, 0, None)])
     merged = [list(windows[0])]
     for lo, hi in windows[1:]:
         if lo <= merged[-1][1]:
@@ -90,8 +91,9 @@ def failure_examples(eval_path: str, data_path: str | None = None, *, per_catego
         counts[category] = counts.get(category, 0) + 1
         if category == "correct" or sum(e["category"] == category for e in examples) >= per_category:
             continue
-        context, start = record["context"], record["answers"]["answer_start"][0]
-        gold = (start, start + len(record["answers"]["text"][0]))
+        context, answers = record["context"], record["answers"]
+        start = answers["answer_start"][0] if answers["text"] else 0  # SQuAD v2: unanswerable has no span
+        gold = (start, start + len(answers["text"][0])) if answers["text"] else None
         found = [m.start() for m in re.finditer(re.escape(prediction), context)] if prediction.strip() else []
         nearest = min(found, key=lambda at: abs(at - start), default=None)
         predicted = (nearest, nearest + len(prediction)) if nearest is not None else None
@@ -102,9 +104,3 @@ def failure_examples(eval_path: str, data_path: str | None = None, *, per_catego
     return {"evaluation": str(eval_path), "model": result.get("model"), "adapter": result.get("adapter"),
             "n": len(result["per_question"]), "counts": counts, "examples": examples}
 
-
-def write_failure_examples(eval_path: str, output: str | Path = "results/failure_examples.json",
-                           data_path: str | None = None) -> dict:
-    examples = failure_examples(eval_path, data_path)
-    Path(output).write_text(json.dumps(examples, indent=1, ensure_ascii=False) + "\n")
-    return examples

@@ -68,8 +68,14 @@ def test_failure_report_puts_each_known_example_in_its_category(tmp_path):
     assert "gold none (unanswerable)" in report
     # who: c1, c2, c4, c5, c7, c8; EM c1 + c8; F1 1 + 0.8 + 2/3 + 1 over 6
     assert "| who | 6 | 33.3 | 57.8 |" in report and "| which | 1 | 0.0 | 0.0 |" in report
-    assert main(["failures", str(evaluation), "--output", str(tmp_path / "failures.md")]) == 0
+    assert main(["failures", str(evaluation), "--output", str(tmp_path / "failures.md"),
+                 "--report_json", str(tmp_path / "failure_examples.json")]) == 0
     assert (tmp_path / "failures.md").read_text() == report
+    examples = json.loads((tmp_path / "failure_examples.json").read_text())  # the report's input
+    assert examples["n"] == len(KNOWN) and examples["counts"] == {c: sum(k[4] == c for k in KNOWN) for *_, c in KNOWN}
+    assert {e["category"] for e in examples["examples"]} == {c for *_, c in KNOWN} - {"correct"}
+    unanswerable = next(e for e in examples["examples"] if e["category"] == "answered an unanswerable question")
+    assert unanswerable["gold"] == [] and all(kind != "gold" for *_, kind in unanswerable["spans"])
 
 
 def _write_evaluation(path, gains: dict[str, float], *, data_hash="d1", paragraphs=None) -> str:
