@@ -86,8 +86,9 @@ class DataArguments:
         "Hold out this many whole training articles (never trained on) and take the validation loss on them "
         "instead of validation_file: the selection set of a sweep, so that the dev set stays a test set."))
     train_on_prompt: bool = field(default=False, **_help(
-        "Put the loss on every token (prompt too) instead of the answer only: the ablation of prompt masking. "
-        "Needs --packing none (a shared context would carry loss once per paragraph, not once per question)."))
+        "Put the training loss on every token (prompt too) instead of the answer only: the ablation of prompt "
+        "masking; the validation loss stays the answer's, comparable across runs. Needs --packing none (a "
+        "shared context would carry loss once per paragraph, not once per question)."))
 
     def __post_init__(self):
         _check(self.max_length >= 32, "max_length", self.max_length, "must be >= 32")

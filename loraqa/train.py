@@ -207,8 +207,10 @@ class TrainResult:
 
 def _tokenized(source: str, raw, split: str, n: int | None, tokenizer, data_args: DataArguments):
     raw = take_subset(raw, n, data_args.subset_seed)
+    # the validation loss is the answer's loss for every run, `train_on_prompt` too, so that it stays comparable
     rows, counts = build_train_dataset(raw, tokenizer, max_length=data_args.max_length,
-                                       unanswerable=data_args.unanswerable, train_on_prompt=data_args.train_on_prompt,
+                                       unanswerable=data_args.unanswerable,
+                                       train_on_prompt=data_args.train_on_prompt and split == "train",
                                        desc=f"tokenizing {split}")
     if len(rows) == 0:
         raise ModelSetupError(f"{source}: no usable {split} examples ({counts})")

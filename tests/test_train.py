@@ -182,3 +182,22 @@ def test_validation_loss_is_the_token_mean_over_the_whole_set(tmp_path, tiny_gpt
     with torch.no_grad():
         batch_means = [answer_loss(run.trainer.model, b, answer_only=False).item() for b in (first, second)]
     assert abs(sum(batch_means) / 2 - reference) > 1e-4
+
+
+def test_train_on_prompt_labels_every_training_token_but_validates_on_the_answer(tmp_path, tiny_gpt2_dir, squad_file):
+    """The masking ablation: the training loss covers the prompt, the validation loss is still the answer's,
+    so its curve compares with every other run's; shared-context packing is refused (one loss per paragraph)."""
+    model_args, lora_args, data_args, training_args = _args(tmp_path, tiny_gpt2_dir, squad_file, packing="none")
+    data_args.train_on_prompt = True
+    run = setup(model_args, lora_args, data_args, training_args)
+    masked, _ = build_train_dataset(load_squad(str(squad_file)), run.tokenizer, max_length=128)
+    by_ids = {tuple(r["input_ids"]): r["labels"] for r in masked}
+    train_rows, eval_rows = run.trainer.train_dataset, run.trainer.eval_dataset
+    assert all(row["labels"] == row["input_ids"] for row in train_rows)  # every position carries loss
+    assert all(row["labels"] == by_ids[tuple(row["input_ids"])] for row in eval_rows)  # -100 on the prompt
+    assert any(-100 in row["labels"] for row in eval_rows)
+    before = run.trainer.evaluate()["eval_tokens"]
+    assert before == sum(sum(label != -100 for label in row["labels"][1:]) for row in eval_rows)
+    data_args.train_on_prompt, training_args.packing = True, "shared_context"
+    with pytest.raises(Exception, match="train_on_prompt=True: needs --packing none"):
+        setup(model_args, lora_args, data_args, training_args)
