@@ -280,6 +280,11 @@ def _padding(v: Values) -> None:
 def _study(v: Values) -> None:
     study, R = v.inputs.json(STUDY), f"{STUDY}#"
     runs = _runs(v.inputs)
+    # set before any return: a missing value right before a full stop would not even parse in Typst
+    selection = (study or {}).get("selection") or {}
+    searched = len(selection.get("candidates") or {}), len(selection.get("full_ft_candidates") or {})
+    v.text("full_ft_lr_noun", "learning rate" if searched[1] == 1 else "learning rates")
+    v.flag("has_claim_lora_larger_search", searched[0] > searched[1])
     if not v.flag("has_study", bool(study and runs)):
         return
     v.put("runs_finished", "int", R + "/runs", op="len")
@@ -567,6 +572,8 @@ def _full_ft(v: Values, study: dict, runs: list[dict], best: int | None) -> None
             cells += [v.number("2", f"{C}/step_cpu_seconds_mean"), v.number("1", f"{C}/peak_rss_mb", scale=1 / 1024),
                       v.number("1", f"{C}/checkpoint_bytes", scale=1 / 2 ** 20)]
         rows.append([label, *(c.text if c else "–" for c in cells), *(["–"] * (5 - len(cells)))])
+    v.put("lora_candidates", "int", f"{R}/selection/candidates", op="len")
+    v.put("full_ft_candidates", "int", f"{R}/selection/full_ft_candidates", op="len")
     v.text("table_lora_full", table(["Method", "Trainable", "Test F1", "CPU s/step", "Peak GiB", "Weights MiB"],
                                     rows, "lrrrrr"))
 

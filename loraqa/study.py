@@ -12,7 +12,8 @@ Schema (all scores in percentage points):
                   train_examples_per_s, train_tokens_per_s, seconds_per_step, peak_memory_mb, final_train_loss,
                   final_validation_loss, curves {train: [[step, loss]], validation: [[step, loss]]},
                   scores {validation|test: {exact_match, f1, n, exact_match_ci, f1_ci}}
-    selection:    select_on, metric, best_run, centre_run, best_full_ft_run, candidates, checkpoint (its export)
+    selection:    select_on, metric, best_run, centre_run, best_full_ft_run, candidates, full_ft_candidates,
+                  checkpoint (the selected grid run's export)
     main_effects: {factor: [{level, runs, f1, f1_ci, validation_f1}]}   (grid runs, test split)
     seeds:        {centre|best: {runs, test_f1: [..], test_f1_mean, test_f1_sd, validation_f1_sd}}
     tests[]:      name, a, b, split, delta_f1, delta_f1_ci, p_value, p_holm, significant, survives_seed_sd
@@ -204,7 +205,8 @@ def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
                  "best_settings": best_entry["grid_point"] if best_entry else None,
                  "centre_run": centre["run_id"] if centre else None,
                  "best_full_ft_run": best_full_ft["run_id"] if best_full_ft else None,
-                 "candidates": {e["run_id"]: e["scores"].get(select_on, {}).get("f1") for e in grid}}
+                 "candidates": {e["run_id"]: e["scores"].get(select_on, {}).get("f1") for e in grid},
+                 "full_ft_candidates": {e["run_id"]: e["scores"][select_on]["f1"] for e in full_ft}}
 
     if checkpoints and best_entry:
         selection["checkpoint"] = _export_grid_best(out / best_entry["run_id"], Path(checkpoints) / "grid_best")

@@ -422,3 +422,14 @@ def test_full_fine_tuning_at_some_learning_rates_is_listed_as_pending(tmp_path):
     study["pending"] = []
     (results / "evaluation_results.json").write_text(json.dumps(study))
     assert "full fine-tuning" not in report_values(results).fields["pending_parts"]
+
+
+def test_the_lora_versus_full_fine_tuning_text_states_each_search(tmp_path):
+    results = _copy_fixture(tmp_path)
+    built = build_report(results, tmp_path / "r.pdf", source_dir=tmp_path / "source")
+    text = " ".join(_rendered_paragraphs(built.source_dir))
+    study = json.loads((results / "evaluation_results.json").read_text())
+    lora, full = len(study["selection"]["candidates"]), len(study["selection"]["full_ft_candidates"])
+    assert lora > full
+    assert (f"LoRA among {lora} grid configurations and full fine-tuning among {full} learning rates. LoRA had the "
+            "larger search.") in text
