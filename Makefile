@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 LORAQA := $(VENV)/bin/loraqa
 export LORAQA_CACHE ?= $(CURDIR)/data
 
-.PHONY: install fetch test test-all run bench results study report browser-test
+.PHONY: install fetch test run bench results study report browser-test
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,9 +21,6 @@ fetch: install
 
 test: fetch
 	$(PY) -m pytest -q -rs
-
-test-all: fetch
-	$(PY) -m pytest -q -m ""
 
 # The demo's browser test (issue 15): Debian's chromium + chromium-driver when apt-get can install them (root),
 # gradio + selenium (the extra `demo`), then `loraqa demo` driven in headless Chromium.

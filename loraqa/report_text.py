@@ -249,8 +249,9 @@ def claim_padding(steps: list[tuple[str, Number]], tokens: list[tuple[str, Numbe
     return text
 
 
-def claim_count(count: Number, what: str, none: str) -> str:
-    return none if count.value == 0 else f"{count.text} {what}"
+def claim_count(count: Number, one: str, many: str, none: str) -> str:
+    """'3 questions are dropped', '1 question is dropped', or the `none` sentence."""
+    return none if count.value == 0 else f"{count.text} {one if count.value == 1 else many}"
 
 
 def plural(count: Number, singular: str, plural_form: str | None = None) -> str:

@@ -214,11 +214,12 @@ def _data_stats(v: Values) -> None:
     v.put("ds_total_p99", "int", f"{S}/percentiles/total/p99")
     v.put("ds_answer_p50", "int", f"{S}/percentiles/answer/p50")
     v.flag("has_ds_default", "ds_trunc_default" in v.fields)
-    dropped = [v.number("int", f"{S}/max_length/{k}/dropped") for k in lengths]
-    most = max((d for d in dropped if d), key=lambda d: d.value, default=None)
-    v.text("claim_dropped", claim_count(most, "questions are dropped at the shortest length",
+    # the shortest length drops the most (a question that does not fit at L does not fit below L)
+    shortest = v.number("int", f"{S}/max_length/{lengths[0]}/dropped") if lengths else None
+    v.text("claim_dropped", claim_count(shortest, "question is dropped at the shortest length",
+                                        "questions are dropped at the shortest length",
                                         "no question is dropped at any of these lengths (every answer fits)")
-           if most else None, S)
+           if shortest else None, S)
     header = ["Training set", *(TOKENIZERS[k] for k in present)]
     rows: list = ["_Tokens of prompt + answer_"]
     for p in ("p50", "p90", "p99", "p100"):
@@ -288,7 +289,8 @@ def _study(v: Values) -> None:
     if not v.flag("has_study", bool(study and runs)):
         return
     v.put("runs_finished", "int", R + "/runs", op="len")
-    v.put("runs_pending", "int", R + "/pending", op="len")
+    queued = v.number("int", R + "/pending", op="len")
+    v.text("runs_queued", f"{queued.text} {'is' if queued.value == 1 else 'are'} queued")
     v.put("runs_total", "int", R + "/runs", R + "/pending", op="len_sum")
     grid_done = v.put("grid_finished", "int", R + "/runs", op="n_grid")
     # figures over the grid (parameters vs F1, heatmaps, cost) say something only with two grid points or more
@@ -488,7 +490,10 @@ def _seeds(v: Values, study: dict) -> None:
             v.put(f"seeds_{label}_n", "int", f"{R}/seeds/{label}/runs", op="len")
             v.put(f"seeds_{label}_sd", "2", f"{R}/seeds/{label}/test_f1_sd")
             v.put(f"seeds_{label}_mean", "score", f"{R}/seeds/{label}/test_f1_mean")
-    v.put("n_survive_both", "int", f"{R}/tests", op="n_survive_both")
+    both = v.number("int", f"{R}/tests", op="n_survive_both")
+    v.text("claim_survive_both", (f"{plural(both, 'difference is', 'differences are')} both significant and larger "
+                                  "than twice the seed deviation") if both.value else
+           "no difference is both significant and larger than twice the seed deviation")
 
 
 def _cost_index(v: Values, settings: dict | None) -> int | None:
@@ -701,7 +706,8 @@ def _theory(v: Values) -> None:
     for method, name in (("full", "smollm2_full_train_state_mb"), ("lora", "smollm2_attention_r16_train_state_mb")):
         v.put(name, "int", f"{costs}/{method}/grad_bytes", f"{costs}/{method}/optimizer_state_bytes", op="sum",
               scale=1e-6)
-    v.put("prompt_token_share", "pct", f"{counts}/prompt_tokens/prompt_share", scale=100)
+    share = v.put("prompt_token_share", "pct", f"{counts}/prompt_tokens/prompt_share", scale=100)
+    v.text("prompt_weight_word", "mostly" if share is None or share.value > 50 else "partly")
     tests = (v.inputs.json("evaluation_results.json") or {}).get("tests") or []
     index = next((i for i, t in enumerate(tests) if t["name"].startswith("answer-only loss")), None)
     if v.flag("has_masking_ablation", index is not None):

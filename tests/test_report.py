@@ -11,7 +11,7 @@ pytest.importorskip("typst")
 
 from loraqa.report import PLACEHOLDER, ReportError, build_report, count_pages  # noqa: E402
 from loraqa.report_inputs import excerpt, label_example  # noqa: E402
-from loraqa.report_text import (FORMATS, OPS, Number, claim_best_strategy, claim_bf16, claim_curve,  # noqa: E402
+from loraqa.report_text import (FORMATS, OPS, Number, claim_best_strategy, claim_bf16, claim_count, claim_curve,  # noqa: E402
                                 claim_difference, claim_identical, claim_padding, claim_same_loss, claim_sampling,
                                 claim_significant, claim_trend)
 from loraqa.report_values import FIGURES, report_values  # noqa: E402
@@ -155,6 +155,9 @@ def test_partial_results_render_and_say_what_is_pending(tmp_path, monkeypatch):
     for number in built.values.numbers:  # nothing printed that the partial files do not hold
         assert FORMATS[number.fmt](OPS[number.op](*(_resolve(results, s) for s in number.sources)) * number.scale) \
             == number.text
+    study["pending"] = study["pending"][:1]  # one run left: the verb agrees
+    (results / "evaluation_results.json").write_text(json.dumps(study))
+    assert report_values(results).fields["runs_queued"] == "1 is queued"
 
 
 def test_one_finished_grid_run_leaves_out_what_needs_several(tmp_path):
@@ -278,6 +281,8 @@ def test_count_and_equality_claims_go_both_ways():
     assert claim_significant(_n(0, "int"), _n(9, "int")) == "none of the 9 differences is significant"
     assert claim_significant(_n(1, "int"), _n(9, "int")) == "1 of the 9 differences is significant"
     assert claim_significant(_n(4, "int"), _n(9, "int")) == "4 of the 9 differences are significant"
+    counted = [claim_count(_n(n, "int"), "question is dropped", "questions are dropped", "none is") for n in (0, 1, 3)]
+    assert counted == ["none is", "1 question is dropped", "3 questions are dropped"]
     assert claim_identical(_n(64, "int"), _n(64, "int")).startswith("with identical greedy answers")
     assert claim_identical(_n(60, "int"), _n(64, "int")) == "with the same greedy answer to 60 of 64 questions"
     assert claim_same_loss([_n(2.5673, "3"), _n(2.56731, "3")]).startswith("reach the same mean loss")
