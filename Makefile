@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 LORAQA := $(VENV)/bin/loraqa
 export LORAQA_CACHE ?= $(CURDIR)/data
 
-.PHONY: install fetch test run bench results study report browser-test
+.PHONY: install fetch test screenshots run bench results study report browser-test
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -51,6 +51,11 @@ results: fetch
 		--output results/eval_finetuned_500_bf16.json
 	$(LORAQA) compare results/eval_finetuned_500.json results/eval_finetuned_500_bf16.json \
 		--output results/compare_fp32_bf16_500.json
+
+# The demo's screenshots for the README (issue 15): both tabs in headless Chromium, on the final model once it exists
+ADAPTER ?= $(firstword $(wildcard results/model_checkpoints/final results/model_checkpoints/grid_best))
+screenshots: fetch
+	$(PY) scripts/demo_screenshots.py --adapter $(ADAPTER) --output_dir results/plots
 
 # The study (issue 13), resumable: every run of experiments/study.yaml (the final model last), its tables and this
 # README's table, the final adapter exported, the decoding-strategy grid on it, the plots and the report.
