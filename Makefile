@@ -57,7 +57,7 @@ ADAPTER ?= $(firstword $(wildcard results/model_checkpoints/final results/model_
 screenshots: fetch
 	$(PY) scripts/demo_screenshots.py --adapter $(ADAPTER) --output_dir results/plots
 
-# The study (issue 13), resumable: every run of experiments/study.yaml (the final model last), its tables and this
+# The study (issue 13), resumable: every run of experiments/study.yaml (the final model right after the grid), its tables and this
 # README's table, the final adapter exported, the decoding-strategy grid on it, the plots and the report.
 study: fetch
 	$(LORAQA) sweep experiments/study.yaml --output_dir results/sweep
