@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 LORAQA := $(VENV)/bin/loraqa
 export LORAQA_CACHE ?= $(CURDIR)/data
 
-.PHONY: install fetch test screenshots run bench results study report browser-test
+.PHONY: install fetch test screenshots run bench results study collect report browser-test
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -61,6 +61,10 @@ screenshots: fetch
 # README's table, the final adapter exported, the decoding-strategy grid on it, the plots and the report.
 study: fetch
 	$(LORAQA) sweep experiments/study.yaml --output_dir results/sweep
+	$(MAKE) collect
+
+# What `study` builds from the run directories that exist, without running any: for a sweep stopped part-way.
+collect: fetch
 	$(LORAQA) sweep experiments/study.yaml --output_dir results/sweep --collect results/evaluation_results.json \
 		--readme README.md --checkpoints results/model_checkpoints
 	test ! -f results/model_checkpoints/final/adapter_model.safetensors || $(MAKE) results/strategies_final_500.json
