@@ -179,6 +179,20 @@ def claim_trend(levels: list[tuple[str, Number]], what: str) -> str:
     return f"mean test F1 is not monotonic in {what} and peaks at {best} ({shown})"
 
 
+def claim_edge(axes: dict[str, tuple[float, list[float]]]) -> str | None:
+    """{axis name: (selected value, the grid's levels)} -> 'it uses the largest learning rate and the largest
+    rank the grid tried, so the grid does not bracket the optimum ...': where the selected configuration sits
+    at an end of an axis, a value beyond it may do better. None when it is inside the grid on every axis."""
+    ends = [f"the {'largest' if value == max(levels) else 'smallest'} {axis}" for axis, (value, levels) in axes.items()
+            if len(set(levels)) > 1 and value in (min(levels), max(levels))]
+    if not ends:
+        return None
+    one = len(ends) == 1
+    return (f"it uses {' and '.join(ends)} the grid tried, so the grid does not bracket the optimum in "
+            f"{'that direction and a value beyond it' if one else 'those directions and values beyond them'} "
+            f"may do better still")
+
+
 def claim_best_strategy(rows: list[tuple[str, Number]]) -> str:
     """Which decoding strategy has the highest mean F1; rows[0] is greedy."""
     (greedy, greedy_f1), best = rows[0], max(rows, key=lambda row: row[1].value)

@@ -12,7 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .report_text import (FORMATS, Inputs, Values, claim_best_strategy, claim_bf16, claim_count, claim_curve, claim_difference, claim_failure_top, claim_identical, claim_padding, claim_same_loss, claim_sampling, claim_significant, claim_trend, literal, plural)
+from .report_text import (FORMATS, Inputs, Values, claim_best_strategy, claim_bf16, claim_count, claim_curve, claim_edge, claim_difference, claim_failure_top, claim_identical, claim_padding, claim_same_loss, claim_sampling, claim_significant, claim_trend, literal, plural)
 
 # figure name in the sections -> file stem under results/plots/ (a .pdf is preferred to a .png)
 FIGURES = {"loss_curves": "loss_curves", "params_vs_f1": "params_vs_f1", "f1_heatmaps": "f1_heatmaps",
@@ -337,8 +337,15 @@ def _study(v: Values) -> None:
     v.flag("has_complete_grid", bool(selection.get("grid_complete")))
     if best is not None:
         v.text("best_settings", describe(runs[best]["grid_point"]))
+        point = runs[best]["grid_point"]
+        edge = claim_edge({axis: (value, levels) for axis, value, levels in (
+            ("learning rate", point.get("learning_rate"), grid.get("learning_rate") or []),
+            ("rank", (point.get("rank") or {}).get("lora_r"), ranks)) if value is not None})
+        if edge:
+            v.text("claim_best_edge", edge)
         v.put("best_val_f1", "score", f"{R}/runs/{best}/scores/validation/f1")
         v.put("best_test_f1", "score", f"{R}/runs/{best}/scores/test/f1")
+    v.flag("has_claim_best_edge", "claim_best_edge" in v.fields)
     v.flag("has_centre", centre is not None)
     if centre is not None:
         v.put("centre_ci_halfwidth", "1", f"{R}/runs/{centre}/scores/test/f1_ci/1",

@@ -12,7 +12,7 @@ pytest.importorskip("typst")
 from loraqa.report import PLACEHOLDER, ReportError, build_report, count_pages  # noqa: E402
 from loraqa.report_inputs import excerpt, label_example  # noqa: E402
 from loraqa.report_text import (FORMATS, OPS, Number, claim_best_strategy, claim_bf16, claim_count, claim_curve,  # noqa: E402
-                                claim_difference, claim_identical, claim_padding, claim_same_loss, claim_sampling,
+                                claim_difference, claim_edge, claim_identical, claim_padding, claim_same_loss, claim_sampling,
                                 claim_significant, claim_trend)
 from loraqa.report_values import FIGURES, report_values  # noqa: E402
 
@@ -249,6 +249,17 @@ def test_difference_claims_follow_sign_and_significance(delta, p_holm, expected)
 ])
 def test_trend_claims(values, expected):
     assert expected in claim_trend([(label, _n(v, "score")) for label, v in zip("abc", values)], "rank")
+
+
+def test_edge_claim_names_each_axis_the_selection_ends():
+    lrs, ranks = [1e-4, 2e-4, 5e-4], [4, 8, 16, 32]
+    both = claim_edge({"learning rate": (5e-4, lrs), "rank": (32, ranks)})
+    assert both.startswith("it uses the largest learning rate and the largest rank the grid tried")
+    assert "in those directions and values beyond them" in both
+    one = claim_edge({"learning rate": (2e-4, lrs), "rank": (4, ranks)})
+    assert one.startswith("it uses the smallest rank the grid tried") and "that direction" in one
+    assert claim_edge({"learning rate": (2e-4, lrs), "rank": (16, ranks)}) is None
+    assert claim_edge({"learning rate": (2e-4, [2e-4]), "rank": (16, ranks)}) is None  # one level: no edge
 
 
 def test_strategy_sampling_and_bf16_claims_go_both_ways():
