@@ -118,6 +118,7 @@ def _headline(v: Values) -> None:
         minutes = None if hours is None or hours.value >= 2 else v.number("int", seconds, scale=1 / 60)
         v.text("final_train_time", f"{minutes.text} minutes" if minutes else f"{hours.text} h" if hours else None,
                seconds)
+    _grid_headline(v, study)
     has_pre = v.flag("has_preliminary", v.inputs.json(PRE_TUNED) is not None and v.inputs.json(PRE_BASE) is not None
                      and v.inputs.json(PRE_SUMMARY) is not None)
     if has_pre:
@@ -276,6 +277,35 @@ def _padding(v: Values) -> None:
         tokens += [(name, per_question)] if per_question else []
     v.text("table_padding", table(["Collation", "Padding", "Tokens/q.", "s/step", "Peak GiB"], body, "lrrrr"))
     v.text("claim_padding", claim_padding(steps, tokens) if tokens else None, PADDING)
+
+
+def _grid_headline(v: Values, study: dict) -> None:
+    """The complete grid's selection (chosen on validation F1) on the test subset, against the baseline on the
+    same questions: the headline until the final model exists, a result of the study's own protocol unlike the
+    preliminary adapter trained before it."""
+    R, selection = f"{STUDY}#", study.get("selection") or {}
+    best = _run_index(v.inputs, run_id=selection.get("best_run"))
+    base = _run_index(v.inputs, name="baseline")
+    test = next((j for j, t in enumerate(study.get("tests") or []) if t.get("name") == "baseline vs LoRA (best)"),
+                None)
+    if not selection.get("grid_complete") or None in (best, base, test):
+        v.flag("has_grid_headline", False)
+        return
+    run, B, T = f"{R}/runs/{best}", f"{R}/runs/{base}/scores/test", f"{R}/tests/{test}"
+    values = [v.put("grid_em", "score", f"{run}/scores/test/exact_match"),
+              v.put("grid_f1", "score", f"{run}/scores/test/f1"),
+              v.ci(f"{run}/scores/test/f1_ci", "grid_f1_ci"),
+              v.put("grid_n", "int", f"{run}/scores/test/n"),
+              v.put("grid_base_em", "score", f"{B}/exact_match"), v.put("grid_base_f1", "score", f"{B}/f1"),
+              v.put("grid_delta_f1", "signed", f"{T}/delta_f1"), v.ci(f"{T}/delta_f1_ci", "grid_delta_f1_ci"),
+              v.put("grid_p_holm", "p", f"{T}/p_holm"),
+              v.put("grid_trainable", "int", f"{run}/trainable_params"),
+              v.put("grid_total_params", "int", f"{run}/total_params"),
+              v.put("grid_reduction", "x", f"{run}/total_params", f"{run}/trainable_params", op="ratio"),
+              v.put("grid_train_questions", "int", f"{run}/settings/max_train_samples"),
+              v.put("grid_train_minutes", "1", f"{run}/train_runtime_s", scale=1 / 60)]
+    v.text("grid_best_settings", describe(study["runs"][best]["grid_point"]))
+    v.flag("has_grid_headline", all(x is not None for x in values))
 
 
 def _study(v: Values) -> None:

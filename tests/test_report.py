@@ -47,7 +47,7 @@ def _resolve(root: Path, source: str):
 
 
 def _rendered_paragraphs(source_dir: Path) -> list[str]:
-    """The text of every paragraph and figure the compiled document holds (branches not taken are absent)."""
+    """The text of every paragraph, figure and list the compiled document holds (branches not taken are absent)."""
     import typst
 
     def walk(node, out):
@@ -62,7 +62,7 @@ def _rendered_paragraphs(source_dir: Path) -> list[str]:
         return out
 
     found = []
-    for selector in ("par", "figure"):
+    for selector in ("par", "figure", "list"):
         found += json.loads(typst.query(str(source_dir / "main.typ"), selector, root=str(source_dir)))
     return ["".join(walk(element, [])) for element in found]
 
@@ -114,6 +114,32 @@ def test_headline_numbers_are_the_final_models(built):
     assert f"EM {study['final']['baseline_full_dev']['exact_match']:.1f}" in abstract
     assert f"{final['trainable_params']:,} parameters" in abstract
     assert "preliminary" not in abstract  # the final model replaces the preliminary numbers
+
+
+def test_a_complete_grid_without_the_final_model_gives_the_headline(tmp_path):
+    """Between the grid and the final model, the abstract quotes the grid's selection on the test subset (the
+    study's own protocol), not the preliminary adapter trained before the study."""
+    results = _copy_fixture(tmp_path)
+    study = json.loads((results / "evaluation_results.json").read_text())
+    final_id = study["final"]["run"]
+    study["runs"] = [r for r in study["runs"] if r["run_id"] != final_id and not r["name"].endswith("full_dev")]
+    study.update(final=None, pending=[final_id])
+    (results / "evaluation_results.json").write_text(json.dumps(study))
+    built = build_report(results, tmp_path / "r.pdf", source_dir=tmp_path / "source")
+    best = next(r for r in study["runs"] if r["run_id"] == study["selection"]["best_run"])
+    base = next(r for r in study["runs"] if r["name"] == "baseline")
+    rendered = _rendered_paragraphs(built.source_dir)
+    abstract = next(p for p in rendered if "We adapt a causal" in p)
+    assert (f"EM {best['scores']['test']['exact_match']:.1f} / F1 {best['scores']['test']['f1']:.1f} on a "
+            f"{best['scores']['test']['n']}-question dev subset") in abstract
+    assert f"F1 {base['scores']['test']['f1']:.1f} for the untuned model" in abstract
+    assert f"{best['trainable_params']:,} trainable parameters" in abstract
+    assert "preliminary" not in abstract and "final model, trained longer, is still running" in abstract
+    text = " ".join(rendered)
+    assert re.search(r"the grid’s selection \(.+, chosen on validation F1;.+\) gives the headline: .+Holm _?p", text)
+    study["selection"]["grid_complete"] = False  # an unfinished grid falls back to the preliminary adapter
+    (results / "evaluation_results.json").write_text(json.dumps(study))
+    assert report_values(results).fields["has_grid_headline"] == "false"
 
 
 def test_partial_results_render_and_say_what_is_pending(tmp_path, monkeypatch):
