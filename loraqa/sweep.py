@@ -30,6 +30,7 @@ import json
 import os
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -218,6 +219,48 @@ def _finished(output_dir: Path) -> dict[str, dict]:
     return records
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def measured_rates(output_dir: Path, finished: dict[str, dict]) -> dict[str, float]:
+    """Median seconds per training question (for each method: LoRA, full fine-tuning, whole-sequence loss)
+    and per evaluated question, over the finished runs on disk: the basis of the sweep's ETA, so a run eight
+    times the grid's size is expected to take about eight times as long."""
+    per_question: dict[str, list[float]] = {}
+    for run_id, record in finished.items():
+        run_dir = output_dir / run_id
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text()) if record.get("train") else {}
+            results = [json.loads(p.read_text()) for p in run_dir.glob("eval_*.json")]
+        except (OSError, json.JSONDecodeError):
+            continue
+        if summary.get("seconds_per_step") and summary.get("train_examples"):  # a resumed run timed its steps only
+            per_question.setdefault(_method(record.get("settings") or {}), []).append(
+                summary["seconds_per_step"] * summary["global_steps"] / summary["train_examples"])
+        per_question.setdefault("evaluate", []).extend(1 / r["questions_per_s"] for r in results
+                                                       if r.get("questions_per_s"))
+    return {key: statistics.median(values) for key, values in per_question.items() if values}
+
+
+def _method(settings: dict) -> str:
+    return ("full_finetune" if settings.get("full_finetune") else "lora") + \
+        ("+train_on_prompt" if settings.get("train_on_prompt") else "")
+
+
+def estimated_seconds(run: Run, rates: dict[str, float]) -> float | None:
+    """A pending run's time at the measured rates (None before anything comparable has finished). An
+    evaluation counts its `max_samples` cap, so 'all of dev' (a cap above its size) is over-estimated."""
+    seconds = 0.0
+    if run.train:
+        rate = rates.get(_method(run.settings), rates.get("lora"))
+        if rate is None or not run.settings.get("max_train_samples"):
+            return None
+        seconds += rate * run.settings["max_train_samples"]
+    questions = sum(e.get("max_samples") or 0 for e in run.evaluations.values())
+    return seconds + rates["evaluate"] * questions if "evaluate" in rates else None
+
+
 def _run_one(run: Run, run_dir: Path, log, torch_threads: int | None = None) -> dict:
     """Train (resuming from the last checkpoint) and evaluate; returns the done record."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -271,7 +314,7 @@ def run_sweep(spec_path: str, output_dir: str, *, print_commands: bool = False, 
     spec = load_spec(spec_path)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    statuses, durations, executed = {}, [], 0
+    statuses, executed = {}, 0
     while True:  # re-plan after every run: `from: best` runs appear once the grid is done
         finished = _finished(out)
         runs = plan(spec, finished)
@@ -287,9 +330,11 @@ def run_sweep(spec_path: str, output_dir: str, *, print_commands: bool = False, 
                   + (f", {waiting} waiting for the grid" if waiting else ""), flush=True)
             return statuses
         run = pending[0]
-        mean = sum(durations) / len(durations) if durations else None
-        eta = (f", sweep ETA {time.strftime('%H:%M', time.localtime(time.time() + mean * len(pending)))}"
-               if mean else "")
+        rates = measured_rates(out, finished)
+        estimates = [estimated_seconds(r, rates) for r in pending]
+        eta = (f", ~{_duration(estimates[0])}" if estimates[0] else "") + \
+            (f", sweep ETA {time.strftime('%H:%M', time.localtime(time.time() + sum(estimates)))}"
+             if None not in estimates else "")
         print(f"[{len(finished) + 1}/{len(runs)}] {run.run_id}: started {time.strftime('%H:%M')}{eta}", flush=True)
         started = time.time()
         (out / run.run_id).mkdir(parents=True, exist_ok=True)
@@ -297,7 +342,6 @@ def run_sweep(spec_path: str, output_dir: str, *, print_commands: bool = False, 
             try:
                 _run_one(run, out / run.run_id, log, torch_threads)
                 statuses[run.run_id] = "done"
-                durations.append(time.time() - started)
                 print(f"    done in {(time.time() - started) / 60:.1f} min", flush=True)
             except (RunFailed, OSError, KeyError, json.JSONDecodeError) as err:
                 statuses[run.run_id] = "failed"

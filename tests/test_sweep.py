@@ -8,7 +8,7 @@ import yaml
 
 from loraqa.config import ConfigError
 from loraqa.data import heldout_split, load_squad
-from loraqa.sweep import commands, load_spec, plan, run_sweep
+from loraqa.sweep import Run, commands, estimated_seconds, load_spec, measured_rates, plan, run_sweep
 
 
 def _spec(tmp_path, model_dir, squad_file) -> str:
@@ -153,6 +153,32 @@ def test_sweep_runs_each_run_once_resumes_and_collects(tmp_path, tiny_gpt2_dir, 
     readme.write_text("before\n<!-- study-table:begin -->\nold\n<!-- study-table:end -->\nafter\n")
     assert update_readme(readme, table)
     assert readme.read_text() == f"before\n<!-- study-table:begin -->\n{table}\n<!-- study-table:end -->\nafter\n"
+
+
+def test_eta_scales_with_each_runs_questions_and_method(tmp_path):
+    """The ETA comes from the finished runs' measured rates: a run with 8x the questions is expected to take
+    8x the training time, full fine-tuning its own rate, a resumed run its timed steps only."""
+    def finished(name, settings, summary=None, questions_per_s=10.0):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        if summary:
+            (run_dir / "summary.json").write_text(json.dumps({"train_examples": 2000, "global_steps": 250, **summary}))
+        (run_dir / "eval_test.json").write_text(json.dumps({"questions_per_s": questions_per_s}))
+        return name, {"train": summary is not None, "settings": settings}
+
+    done = dict([finished("a", {}, {"seconds_per_step": 4.0, "train_runtime_s": 1000.0}),
+                 finished("b", {}, {"seconds_per_step": 4.4, "train_runtime_s": 220.0, "resumed_from_step": 200}),
+                 finished("c", {"full_finetune": True}, {"seconds_per_step": 5.0, "train_runtime_s": 1250.0}),
+                 finished("base", {}, questions_per_s=5.0)])
+    rates = measured_rates(tmp_path, done)
+    assert rates == pytest.approx({"lora": 0.525, "full_finetune": 0.625, "evaluate": 0.1})
+    test = {"test": {"max_samples": 500}}
+    assert estimated_seconds(Run("final", {"max_train_samples": 16000}, test), rates) == pytest.approx(8400 + 50)
+    assert estimated_seconds(Run("ft", {"max_train_samples": 2000, "full_finetune": True}, test), rates) == \
+        pytest.approx(1250 + 50)
+    assert estimated_seconds(Run("baseline", {}, test, train=False), rates) == pytest.approx(50)
+    assert estimated_seconds(Run("steps", {"max_steps": 4}, test), rates) is None  # no question count to scale
+    assert estimated_seconds(Run("x", {"max_train_samples": 10}, test), {}) is None  # nothing measured yet
 
 
 def test_heldout_articles_are_whole_and_never_trained_on(squad_file):
