@@ -386,7 +386,8 @@ def _demo(argv):
     parser.add_argument("--errors", nargs="*", metavar="EVAL_JSON", default=None,
                         help="one or two evaluation JSONs for the Errors tab (A, B); default: the study's final "
                         "model and untuned baseline on all of dev once they exist (results/evaluation_results.json), "
-                        "else results/eval_finetuned_500.json results/eval_baseline_500.json")
+                        "else the complete grid's selection and the baseline on the test subset, else "
+                        "results/eval_finetuned_500.json results/eval_baseline_500.json")
     parser.add_argument("--cache_dir", "--cache-dir", default=default_cache_dir())
     parser.add_argument("--device", default="auto", help="auto (CUDA when available, else cpu), cpu, cuda, ...")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (as `loraqa evaluate`)")

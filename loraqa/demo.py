@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -369,6 +370,15 @@ def _records(data: str, split: str) -> dict[str, dict]:
     return {r["id"]: r for r in load_squad(data, split)}
 
 
+def evaluation_labels(path_a: str, path_b: str | None) -> tuple[str, str]:
+    """Short labels for the two evaluations: their file names, with the folder when the names are the same (a
+    sweep's runs all write eval_test.json)."""
+    a, b = Path(path_a), Path(path_b) if path_b else None
+    if b is not None and a.name == b.name:
+        return f"{a.parent.name}/{a.name}", f"{b.parent.name}/{b.name}"
+    return a.name, b.name if b is not None else ""
+
+
 def load_error_rows(path_a: str, path_b: str | None = None) -> tuple[list[dict], str]:
     """(rows, a one-line summary) for the Errors tab from one or two evaluation JSONs; the contexts come from
     the SQuAD file evaluation A names. Raises SquadFormatError with a clear message."""
@@ -505,7 +515,7 @@ def build_demo(models: DemoModels, *, examples: list[list[str]] = (), errors: tu
                 for row in rows:
                     counts[row["a"]["category"]] = counts.get(row["a"]["category"], 0) + 1
                 choices = ["all"] + sorted(counts, key=lambda c: -counts[c])
-                names = (os.path.basename(a), os.path.basename(b) if b else "")
+                names = evaluation_labels(a, b)
                 return rows, names, summary, gr.Dropdown(choices, value="all"), table_rows(rows)
 
             def on_filter(rows, category, comparison, search):

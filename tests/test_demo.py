@@ -19,7 +19,7 @@ from conftest import SQUAD, SUPER_BOWL, TREASURE, tiny_gpt2
 
 from loraqa.config import ConfigError, GenerationSettings, LoraArguments, ModelArguments
 from loraqa.data import read_squad_json, squad_references
-from loraqa.demo import (answer, ask, demo_settings, error_rows, filter_rows, find_span, highlight_spans,
+from loraqa.demo import (answer, ask, demo_settings, error_rows, evaluation_labels, filter_rows, find_span, highlight_spans,
                          load_demo_models, load_error_rows, parse_golds, render_error, shade_tokens, table_rows,
                          token_probabilities)
 from loraqa.evaluation import answer_question, load_model_for_eval
@@ -126,6 +126,11 @@ def test_error_rows_categories_and_filters(files):
     detail = render_error(rows[0], ("eval_a.json", "eval_b.json"))
     assert '<mark class="gold pred-a">Denver Broncos</mark>' in detail
     assert '<mark class="pred-b">Carolina Panthers</mark>' in detail
+    # a sweep's runs all write eval_test.json: the labels keep the run's folder to tell A from B
+    assert evaluation_labels("sweep/best-1/eval_test.json", "sweep/baseline-2/eval_test.json") == \
+        ("best-1/eval_test.json", "baseline-2/eval_test.json")
+    assert evaluation_labels("results/eval_a.json", "results/eval_b.json") == ("eval_a.json", "eval_b.json")
+    assert evaluation_labels("results/eval_a.json", None) == ("eval_a.json", "")
 
 
 # ---------------------------------------------------------------------------------- the Ask logic, in-process

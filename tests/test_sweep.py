@@ -197,10 +197,22 @@ def test_demo_opens_the_final_models_full_dev_errors_once_the_study_has_them(tmp
 
     results = tmp_path / "evaluation_results.json"
     assert final_evaluations(results) == PRELIMINARY_EVALUATIONS  # no study yet
+    # the grid is complete, the final model not trained yet: its selection and the baseline on the test subset
+    grid = (tmp_path / "sweep" / "best-1" / "eval_test.json", tmp_path / "sweep" / "baseline-2" / "eval_test.json")
+    study = {"sweep_dir": str(tmp_path / "sweep"), "runs": [{"run_id": "baseline-2", "name": "baseline"}],
+             "selection": {"best_run": "best-1", "grid_complete": False}}
+    for path in grid:
+        path.parent.mkdir(parents=True)
+        path.write_text("{}")
+    results.write_text(json.dumps(study))
+    assert final_evaluations(results) == PRELIMINARY_EVALUATIONS  # a selection from part of the grid may change
+    study["selection"]["grid_complete"] = True
+    results.write_text(json.dumps(study))
+    assert final_evaluations(results) == tuple(map(str, grid))
     pair = (tmp_path / "final" / "eval_test.json", tmp_path / "baseline_full_dev" / "eval_test.json")
-    results.write_text(json.dumps({"final": {"run": "final", "evaluation": str(pair[0]),
-                                             "baseline_evaluation": str(pair[1])}}))
-    assert final_evaluations(results) == PRELIMINARY_EVALUATIONS  # named but not on this machine
+    study["final"] = {"run": "final", "evaluation": str(pair[0]), "baseline_evaluation": str(pair[1])}
+    results.write_text(json.dumps(study))
+    assert final_evaluations(results) == tuple(map(str, grid))  # named but not on this machine
     for path in pair:
         path.parent.mkdir()
         path.write_text("{}")
