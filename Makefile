@@ -68,9 +68,11 @@ collect: fetch
 	$(LORAQA) sweep experiments/study.yaml --output_dir results/sweep --collect results/evaluation_results.json \
 		--readme README.md --checkpoints results/model_checkpoints
 	test ! -f results/model_checkpoints/final/adapter_model.safetensors || $(MAKE) results/strategies_final_500.json
-	# the final model's failure categories over all of dev, and the report's examples of each
-	final=$$(ls results/sweep/final-*/eval_test.json 2>/dev/null | head -1); test -z "$$final" || \
-		$(LORAQA) failures $$final --output results/failures_final.md --report_json results/failure_examples.json
+	# failure categories and the report's examples of each: the final model's over all of dev once it exists,
+	# before that the complete grid's selection on the test subset (the demo's Errors tab opens the same file)
+	eval=$$($(PY) -c "from loraqa.study import final_evaluations; print(final_evaluations()[0])"); \
+		test "$$eval" = results/eval_finetuned_500.json || \
+		$(LORAQA) failures $$eval --output results/failures_study.md --report_json results/failure_examples.json
 	$(LORAQA) plots --results results/evaluation_results.json --output_dir results/plots \
 		--strategies $$(ls results/strategies_final_500.json 2>/dev/null || echo results/strategies_finetuned_500.json)
 	$(MAKE) report

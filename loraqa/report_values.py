@@ -621,14 +621,19 @@ def _full_ft(v: Values, study: dict, runs: list[dict], best: int | None) -> None
 
 
 def _adapter_name(v: Values, adapter: str | None) -> str:
-    """Which adapter an evaluation used, in words: 'the final', 'the preliminary' or its folder name."""
+    """Which adapter an evaluation used, in words: 'the final', 'the grid’s selected', 'the preliminary' or its
+    folder name."""
     adapter = str(adapter or "")
-    final = ((v.inputs.json(STUDY) or {}).get("final") or {}).get("run")
+    study = v.inputs.json(STUDY) or {}
+    final = (study.get("final") or {}).get("run")
+    selected = (study.get("selection") or {}).get("best_run")
     # the preliminary adapter is `make run`'s output (runs/main, copied to results/main_run/)
     preliminary = ((v.inputs.json(PRE_CONFIG) or {}).get("training") or {}).get("output_dir") or \
         ("runs/main" if v.inputs.json(PRE_SUMMARY) is not None else None)
     if "model_checkpoints/final" in adapter or (final and final in adapter):
         return "the final"
+    if "model_checkpoints/grid_best" in adapter or (selected and selected in adapter):
+        return "the grid’s selected"
     if adapter and preliminary and Path(adapter) == Path(preliminary):
         return "the preliminary"
     return "the " + literal(Path(adapter).name) if adapter else "no"

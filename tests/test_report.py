@@ -125,6 +125,9 @@ def test_a_complete_grid_without_the_final_model_gives_the_headline(tmp_path):
     study["runs"] = [r for r in study["runs"] if r["run_id"] != final_id and not r["name"].endswith("full_dev")]
     study.update(final=None, pending=[final_id])
     (results / "evaluation_results.json").write_text(json.dumps(study))
+    failures = json.loads((results / "failure_examples.json").read_text())  # `make collect` on the selection
+    failures["adapter"] = f"results/sweep/{study['selection']['best_run']}"
+    (results / "failure_examples.json").write_text(json.dumps(failures))
     built = build_report(results, tmp_path / "r.pdf", source_dir=tmp_path / "source")
     best = next(r for r in study["runs"] if r["run_id"] == study["selection"]["best_run"])
     base = next(r for r in study["runs"] if r["name"] == "baseline")
@@ -137,6 +140,7 @@ def test_a_complete_grid_without_the_final_model_gives_the_headline(tmp_path):
     assert "preliminary" not in abstract and "final model, trained longer, is still running" in abstract
     text = " ".join(rendered)
     assert re.search(r"the grid’s selection \(.+, chosen on validation F1;.+\) gives the headline: .+Holm _?p", text)
+    assert "answered by the grid’s selected adapter" in text
     study["selection"]["grid_complete"] = False  # an unfinished grid falls back to the preliminary adapter
     (results / "evaluation_results.json").write_text(json.dumps(study))
     assert report_values(results).fields["has_grid_headline"] == "false"
