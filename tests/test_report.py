@@ -425,7 +425,7 @@ def test_the_final_models_decoding_grid_replaces_the_earlier_one(tmp_path):
     grid["adapter"] = "results/model_checkpoints/grid_best"  # exported beside the final one, but not it
     (results / "strategies_final_500.json").write_text(json.dumps(grid))
     values = report_values(results)
-    assert values.fields["has_strategies_on_final"] == "false" and "grid_best" in values.fields["strat_adapter"]
+    assert values.fields["has_strategies_on_final"] == "false" and values.fields["strat_adapter"] == "the grid’s selected"
 
 
 def test_cost_claims_follow_the_side_by_side_measurement(tmp_path):
