@@ -193,6 +193,19 @@ def claim_edge(axes: dict[str, tuple[float, list[float]]]) -> str | None:
             f"may do better still")
 
 
+def claim_agreement(runs: Number, rho: Number, test_choice: str | None, test_f1: Number | None,
+                    gap: Number | None) -> str:
+    """How the selection set ranks the grid against the test set, and what selecting on the test set itself
+    would have picked (`test_choice` None: the same run) and over-reported."""
+    how = ("rank the configurations alike" if rho.value >= 0.8 else
+           "rank the configurations similarly" if rho.value >= 0.5 else "rank the configurations differently")
+    text = f"over the {runs.text} grid runs, validation and test F1 {how} (Spearman’s $rho$ = {rho.text})"
+    if test_choice is None:
+        return text + "; selecting on the test set would have picked the same run"
+    return (text + f"; selecting on the test set would have picked {test_choice} and reported test F1 "
+            f"{test_f1.text}, {gap.text} points above the validation choice, an optimism the protocol avoids")
+
+
 def claim_best_strategy(rows: list[tuple[str, Number]]) -> str:
     """Which decoding strategy has the highest mean F1; rows[0] is greedy."""
     (greedy, greedy_f1), best = rows[0], max(rows, key=lambda row: row[1].value)

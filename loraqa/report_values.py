@@ -12,7 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .report_text import (FORMATS, Inputs, Values, claim_best_strategy, claim_bf16, claim_count, claim_curve, claim_edge, claim_difference, claim_failure_top, claim_identical, claim_padding, claim_same_loss, claim_sampling, claim_significant, claim_trend, literal, plural)
+from .report_text import (FORMATS, Inputs, Values, claim_agreement, claim_best_strategy, claim_bf16, claim_count, claim_curve, claim_edge, claim_difference, claim_failure_top, claim_identical, claim_padding, claim_same_loss, claim_sampling, claim_significant, claim_trend, literal, plural)
 
 # figure name in the sections -> file stem under results/plots/ (a .pdf is preferred to a .png)
 FIGURES = {"loss_curves": "loss_curves", "params_vs_f1": "params_vs_f1", "f1_heatmaps": "f1_heatmaps",
@@ -376,6 +376,17 @@ def _study(v: Values) -> None:
         v.put("best_val_f1", "score", f"{R}/runs/{best}/scores/validation/f1")
         v.put("best_test_f1", "score", f"{R}/runs/{best}/scores/test/f1")
     v.flag("has_claim_best_edge", "claim_best_edge" in v.fields)
+    agreement, A = selection.get("agreement") or {}, f"{R}/selection/agreement"
+    top = _run_index(v.inputs, run_id=agreement.get("test_best_run"))
+    counts = v.number("int", f"{A}/runs"), v.number("2", f"{A}/spearman")
+    if selection.get("grid_complete") and top is not None and None not in counts:
+        if agreement.get("test_best_run") == agreement.get("selected_run"):
+            v.text("claim_agreement", claim_agreement(*counts, None, None, None))
+        else:
+            v.text("claim_agreement", claim_agreement(
+                *counts, describe(runs[top]["grid_point"]), v.number("score", f"{A}/test_best_f1"),
+                v.number("1", f"{A}/test_best_f1", f"{A}/selected_test_f1", op="diff")))
+    v.flag("has_claim_agreement", "claim_agreement" in v.fields)
     v.flag("has_centre", centre is not None)
     if centre is not None:
         v.put("centre_ci_halfwidth", "1", f"{R}/runs/{centre}/scores/test/f1_ci/1",

@@ -13,7 +13,8 @@ Schema (all scores in percentage points):
                   final_validation_loss, curves {train: [[step, loss]], validation: [[step, loss]]},
                   scores {validation|test: {exact_match, f1, n, exact_match_ci, f1_ci}}
     selection:    select_on, metric, best_run, centre_run, best_full_ft_run, candidates, full_ft_candidates,
-                  checkpoint (the selected grid run's export)
+                  checkpoint (the selected grid run's export), agreement {runs, spearman, selected_run,
+                  selected_test_f1, test_best_run, test_best_f1} (selection set against test set over the grid)
     main_effects: {factor: [{level, runs, f1, f1_ci, validation_f1}]}   (grid runs, test split)
     seeds:        {centre|best: {runs, test_f1: [..], test_f1_mean, test_f1_sd, validation_f1_sd}}
     tests[]:      name, a, b, split, delta_f1, delta_f1_ci, p_value, p_holm, significant, survives_seed_sd
@@ -28,6 +29,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import spearmanr
 
 from .config import run_metadata, write_json_atomic
 from .stats import bootstrap_ci, holm, paired_comparison
@@ -173,6 +175,23 @@ def _export_grid_best(run_dir: Path, destination: Path) -> str | None:
     return None
 
 
+def selection_agreement(grid: list[dict], select_on: str, split: str) -> dict | None:
+    """How well the selection set stands in for the test set over the grid: Spearman's rank correlation of
+    the two F1s, and the test F1 that selecting on the test set itself would have reported (the optimism the
+    protocol avoids)."""
+    both = [e for e in grid if select_on in e["scores"] and split in e["scores"]]
+    if len(both) < 3:
+        return None
+    selected = max(both, key=lambda e: e["scores"][select_on]["f1"])
+    test_best = max(both, key=lambda e: e["scores"][split]["f1"])
+    columns = [[e["scores"][name]["f1"] for e in both] for name in (select_on, split)]
+    constant = any(len(set(column)) < 2 for column in columns)  # no ranking to correlate
+    return {"runs": len(both), "spearman": None if constant else float(spearmanr(*columns).statistic),
+            "selected_run": selected["run_id"],
+            "selected_test_f1": selected["scores"][split]["f1"], "test_best_run": test_best["run_id"],
+            "test_best_f1": test_best["scores"][split]["f1"]}
+
+
 def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
             checkpoints: str | None = None) -> dict:
     """Build the study's results file from the sweep's run directories (see the module docstring); with
@@ -206,7 +225,8 @@ def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
                  "centre_run": centre["run_id"] if centre else None,
                  "best_full_ft_run": best_full_ft["run_id"] if best_full_ft else None,
                  "candidates": {e["run_id"]: e["scores"].get(select_on, {}).get("f1") for e in grid},
-                 "full_ft_candidates": {e["run_id"]: e["scores"][select_on]["f1"] for e in full_ft}}
+                 "full_ft_candidates": {e["run_id"]: e["scores"][select_on]["f1"] for e in full_ft},
+                 "agreement": selection_agreement(grid, select_on, split)}
 
     if checkpoints and best_entry:
         selection["checkpoint"] = _export_grid_best(out / best_entry["run_id"], Path(checkpoints) / "grid_best")

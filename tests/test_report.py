@@ -11,7 +11,7 @@ pytest.importorskip("typst")
 
 from loraqa.report import PLACEHOLDER, ReportError, build_report, count_pages  # noqa: E402
 from loraqa.report_inputs import excerpt, label_example  # noqa: E402
-from loraqa.report_text import (FORMATS, OPS, Number, claim_best_strategy, claim_bf16, claim_count, claim_curve,  # noqa: E402
+from loraqa.report_text import (FORMATS, OPS, Number, claim_agreement, claim_best_strategy, claim_bf16, claim_count, claim_curve,  # noqa: E402
                                 claim_difference, claim_edge, claim_identical, claim_padding, claim_same_loss, claim_sampling,
                                 claim_significant, claim_trend)
 from loraqa.report_values import FIGURES, report_values  # noqa: E402
@@ -141,6 +141,7 @@ def test_a_complete_grid_without_the_final_model_gives_the_headline(tmp_path):
     text = " ".join(rendered)
     assert re.search(r"the grid’s selection \(.+, chosen on validation F1;.+\) gives the headline: .+Holm _?p", text)
     assert "answered by the grid’s selected adapter" in text
+    assert "validation and test F1 rank the configurations alike" in text
     study["selection"]["grid_complete"] = False  # an unfinished grid falls back to the preliminary adapter
     (results / "evaluation_results.json").write_text(json.dumps(study))
     assert report_values(results).fields["has_grid_headline"] == "false"
@@ -290,6 +291,16 @@ def test_edge_claim_names_each_axis_the_selection_ends():
     assert one.startswith("it uses the smallest rank the grid tried") and "that direction" in one
     assert claim_edge({"learning rate": (2e-4, lrs), "rank": (16, ranks)}) is None
     assert claim_edge({"learning rate": (2e-4, [2e-4]), "rank": (16, ranks)}) is None  # one level: no edge
+
+
+def test_agreement_claim_follows_the_correlation_and_the_test_sets_own_choice():
+    same = claim_agreement(_n(24, "int"), _n(0.98, "2"), None, None, None)
+    assert same == ("over the 24 grid runs, validation and test F1 rank the configurations alike (Spearman’s "
+                    "$rho$ = 0.98); selecting on the test set would have picked the same run")
+    other = claim_agreement(_n(24, "int"), _n(0.3, "2"), "attention, _r_ = 32", _n(63.6, "score"), _n(1.6, "1"))
+    assert "rank the configurations differently" in other
+    assert other.endswith("would have picked attention, _r_ = 32 and reported test F1 63.6, 1.6 points above the "
+                          "validation choice, an optimism the protocol avoids")
 
 
 def test_strategy_sampling_and_bf16_claims_go_both_ways():

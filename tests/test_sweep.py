@@ -181,6 +181,21 @@ def test_eta_scales_with_each_runs_questions_and_method(tmp_path):
     assert estimated_seconds(Run("x", {"max_train_samples": 10}, test), {}) is None  # nothing measured yet
 
 
+def test_selection_agreement_ranks_the_grid_on_both_sets():
+    from loraqa.study import selection_agreement
+
+    def run(name, validation, test):
+        return {"run_id": name, "scores": {"validation": {"f1": validation}, "test": {"f1": test}}}
+
+    grid = [run("a", 50, 52), run("b", 61.6, 62.0), run("c", 61.5, 63.6), run("d", 40, 41)]
+    agreement = selection_agreement(grid, "validation", "test")
+    assert agreement == {"runs": 4, "spearman": pytest.approx(0.8), "selected_run": "b", "selected_test_f1": 62.0,
+                         "test_best_run": "c", "test_best_f1": 63.6}
+    assert selection_agreement(grid[:2], "validation", "test") is None  # too few runs to rank
+    flat = [run(name, 0.0, 0.0) for name in "abc"]  # a tiny model answers nothing: no ranking to correlate
+    assert selection_agreement(flat, "validation", "test")["spearman"] is None
+
+
 def test_heldout_articles_are_whole_and_never_trained_on(squad_file):
     dataset = load_squad(str(squad_file))
     rest, heldout = heldout_split(dataset, 1, seed=0)
