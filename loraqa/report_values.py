@@ -99,6 +99,8 @@ def _headline(v: Values) -> None:
     final = study.get("final") or {}
     i = _run_index(v.inputs, run_id=final.get("run"))
     has_final = v.flag("has_final", i is not None and bool(final.get("test")))
+    # the untuned model's full-dev run comes after the final one: between the two, the final stands alone
+    v.flag("has_final_baseline", has_final and bool(final.get("baseline_full_dev")) and bool(final.get("comparison")))
     if has_final:
         for key, src in (("final_em", "/final/test/exact_match"), ("final_f1", "/final/test/f1"),
                          ("final_base_em", "/final/baseline_full_dev/exact_match"),
@@ -784,7 +786,8 @@ def _pending(v: Values) -> None:
               on("has_full_ft") and not full_ft_pending),
              ("the prompt-masking ablation", on("has_claim_masking")),
              ("the `max_length` ablation", on("has_claim_max_length")),
-             ("the final model", on("has_final"))]
+             ("the final model", on("has_final")),
+             ("the untuned model on all of dev", on("has_final_baseline") or not on("has_final"))]
     missing = [name for name, done in parts if not done]
     text = ", ".join(missing[:-1]) + (" and " if len(missing) > 1 else "") + missing[-1] if missing else \
         "the runs still queued"

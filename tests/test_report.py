@@ -147,6 +147,28 @@ def test_a_complete_grid_without_the_final_model_gives_the_headline(tmp_path):
     assert report_values(results).fields["has_grid_headline"] == "false"
 
 
+def test_the_final_model_before_its_full_dev_baseline_stands_alone(tmp_path):
+    """The sweep scores the untuned model on all of dev after the final model: a collect in between reports
+    the final model without a comparison instead of stopping on the missing numbers."""
+    results = _copy_fixture(tmp_path)
+    study = json.loads((results / "evaluation_results.json").read_text())
+    base_id = next(r["run_id"] for r in study["runs"] if r["name"] == "baseline_full_dev")
+    study["runs"] = [r for r in study["runs"] if r["run_id"] != base_id]
+    study["pending"] = [base_id]
+    for key in ("baseline_full_dev", "baseline_evaluation", "comparison"):
+        study["final"].pop(key, None)
+    (results / "evaluation_results.json").write_text(json.dumps(study))
+    built = build_report(results, tmp_path / "r.pdf", source_dir=tmp_path / "source")
+    rendered = _rendered_paragraphs(built.source_dir)
+    abstract = next(p for p in rendered if "We adapt a causal" in p)
+    assert f"F1 {study['final']['test']['f1']:.1f} on the full SQuAD dev set." in abstract
+    text = " ".join(rendered)
+    assert "the untuned model’s full-dev run, which the paired comparison needs, is still running" in text
+    status = next(p for p in rendered if "The study is still running" in p)
+    assert "the untuned model on all of dev" in status and "the final model" not in status
+    assert built.values.fields["has_final_baseline"] == "false"
+
+
 def test_partial_results_render_and_say_what_is_pending(tmp_path, monkeypatch):
     results = _copy_fixture(tmp_path)
     study = json.loads((results / "evaluation_results.json").read_text())
