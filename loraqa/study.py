@@ -433,16 +433,19 @@ PRELIMINARY_EVALUATIONS = ("results/eval_finetuned_500.json", "results/eval_base
 
 
 def final_evaluations(results: str | Path = "results/evaluation_results.json") -> tuple[str, ...]:
-    """What the demo's Errors tab opens by default: the final model's full-dev evaluation and the untuned
-    model's once the study has scored both; before that, the complete grid's selection and the untuned model
-    on the test subset; before that, the 500-question pair of `make results`."""
+    """What the demo's Errors tab opens by default (and `make collect` analyses the first of): the final
+    model's full-dev evaluation, with the untuned model's once it is scored too; before that, the complete
+    grid's selection and the untuned model on the test subset; before that, the 500-question pair of `make
+    results`."""
     study = _read_json(Path(results)) or {}
     final, selection = study.get("final") or {}, study.get("selection") or {}
     baseline = next((r["run_id"] for r in study.get("runs") or [] if r.get("name") == "baseline"), None)
     sweep = Path(study.get("sweep_dir") or ".")
-    for pair in ((final.get("evaluation"), final.get("baseline_evaluation")),
-                 tuple(str(sweep / run / "eval_test.json") if run and selection.get("grid_complete") else None
-                       for run in (selection.get("best_run"), baseline))):
-        if all(pair) and all(Path(p).exists() for p in pair):
+    exists = lambda path: bool(path) and Path(path).exists()  # noqa: E731
+    if exists(final.get("evaluation")):
+        return tuple(p for p in (final["evaluation"], final.get("baseline_evaluation")) if exists(p))
+    if selection.get("grid_complete") and selection.get("best_run") and baseline:
+        pair = tuple(str(sweep / run / "eval_test.json") for run in (selection["best_run"], baseline))
+        if all(map(exists, pair)):
             return pair
     return PRELIMINARY_EVALUATIONS

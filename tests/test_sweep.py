@@ -228,9 +228,11 @@ def test_demo_opens_the_final_models_full_dev_errors_once_the_study_has_them(tmp
     study["final"] = {"run": "final", "evaluation": str(pair[0]), "baseline_evaluation": str(pair[1])}
     results.write_text(json.dumps(study))
     assert final_evaluations(results) == tuple(map(str, grid))  # named but not on this machine
-    for path in pair:
-        path.parent.mkdir()
-        path.write_text("{}")
+    pair[0].parent.mkdir()
+    pair[0].write_text("{}")
+    assert final_evaluations(results) == (str(pair[0]),)  # the final model before the untuned one's full-dev run
+    pair[1].parent.mkdir()
+    pair[1].write_text("{}")
     assert final_evaluations(results) == tuple(map(str, pair))
 
 
