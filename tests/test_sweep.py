@@ -157,7 +157,8 @@ def test_sweep_runs_each_run_once_resumes_and_collects(tmp_path, tiny_gpt2_dir, 
 
 def test_eta_scales_with_each_runs_questions_and_method(tmp_path):
     """The ETA comes from the finished runs' measured rates: a run with 8x the questions is expected to take
-    8x the training time, full fine-tuning its own rate, a resumed run its timed steps only."""
+    8x the training time, full fine-tuning its own rate, a resumed run its timed steps only; a pending run
+    counts only what is left of it."""
     def finished(name, settings, summary=None, questions_per_s=10.0):
         run_dir = tmp_path / name
         run_dir.mkdir()
@@ -179,6 +180,15 @@ def test_eta_scales_with_each_runs_questions_and_method(tmp_path):
     assert estimated_seconds(Run("baseline", {}, test, train=False), rates) == pytest.approx(50)
     assert estimated_seconds(Run("steps", {"max_steps": 4}, test), rates) is None  # no question count to scale
     assert estimated_seconds(Run("x", {"max_train_samples": 10}, test), {}) is None  # nothing measured yet
+    # a run resumed at step 1,500 of 2,000 has a quarter of its training left; a written evaluation is done
+    final = Run("final", {"max_train_samples": 16000}, {**test, "validation": {"max_samples": 500}})
+    (tmp_path / "final" / "checkpoint-1500").mkdir(parents=True)
+    (tmp_path / "final" / "checkpoint-1500" / "trainer_state.json").write_text(
+        json.dumps({"global_step": 1500, "max_steps": 2000}))
+    assert estimated_seconds(final, rates, tmp_path / "final") == pytest.approx(8400 / 4 + 100)
+    (tmp_path / "final" / "summary.json").write_text("{}")
+    (tmp_path / "final" / "eval_validation.json").write_text("{}")
+    assert estimated_seconds(final, rates, tmp_path / "final") == pytest.approx(50)
 
 
 def test_selection_agreement_ranks_the_grid_on_both_sets():
