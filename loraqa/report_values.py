@@ -12,7 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .report_text import (FORMATS, Inputs, Values, claim_agreement, claim_best_strategy, claim_bf16, claim_count, claim_curve, claim_edge, claim_difference, claim_failure_top, claim_identical, claim_padding, claim_same_loss, claim_sampling, claim_significant, claim_trend, literal, plural)
+from .report_text import (FORMATS, Inputs, Number, Values, claim_agreement, claim_best_strategy, claim_bf16, claim_count, claim_curve, claim_edge, claim_difference, claim_failure_top, claim_identical, claim_padding, claim_same_loss, claim_sampling, claim_significant, claim_trend, literal, plural)
 
 # figure name in the sections -> file stem under results/plots/ (a .pdf is preferred to a .png)
 FIGURES = {"loss_curves": "loss_curves", "params_vs_f1": "params_vs_f1", "f1_heatmaps": "f1_heatmaps",
@@ -94,6 +94,20 @@ def _run_index(inputs: Inputs, *, run_id: str | None = None, name: str | None = 
     return None
 
 
+def _train_time(v: Values, name: str, run: str) -> Number | None:
+    """'21.5 minutes' or '2.0 h' of training; 'about' when extrapolated from a resumed run's timed steps."""
+    source = f"{run}/train_time_s"
+    hours = v.number("1", source, scale=1 / 3600)
+    minutes = None if hours is None or hours.value >= 2 else \
+        v.number("1" if hours.value < 1 else "int", source, scale=1 / 60)
+    try:
+        about = "about " if v.inputs.resolve(f"{run}/train_time_extrapolated") is True else ""
+    except KeyError:
+        about = ""
+    v.text(name, f"{about}{minutes.text} minutes" if minutes else f"{about}{hours.text} h" if hours else None, source)
+    return hours
+
+
 def _headline(v: Values) -> None:
     study, R = v.inputs.json(STUDY) or {}, f"{STUDY}#"
     final = study.get("final") or {}
@@ -115,11 +129,7 @@ def _headline(v: Values) -> None:
         v.put("final_total_params", "int", f"{R}/runs/{i}/total_params")
         v.put("final_reduction", "x", f"{R}/runs/{i}/total_params", f"{R}/runs/{i}/trainable_params", op="ratio")
         v.put("final_train_questions", "int", f"{R}/runs/{i}/settings/max_train_samples")
-        seconds = f"{R}/runs/{i}/train_runtime_s"
-        hours = v.number("1", seconds, scale=1 / 3600)
-        minutes = None if hours is None or hours.value >= 2 else v.number("int", seconds, scale=1 / 60)
-        v.text("final_train_time", f"{minutes.text} minutes" if minutes else f"{hours.text} h" if hours else None,
-               seconds)
+        _train_time(v, "final_train_time", f"{R}/runs/{i}")
     _grid_headline(v, study)
     has_pre = v.flag("has_preliminary", v.inputs.json(PRE_TUNED) is not None and v.inputs.json(PRE_BASE) is not None
                      and v.inputs.json(PRE_SUMMARY) is not None)
@@ -305,7 +315,7 @@ def _grid_headline(v: Values, study: dict) -> None:
               v.put("grid_total_params", "int", f"{run}/total_params"),
               v.put("grid_reduction", "x", f"{run}/total_params", f"{run}/trainable_params", op="ratio"),
               v.put("grid_train_questions", "int", f"{run}/settings/max_train_samples"),
-              v.put("grid_train_minutes", "1", f"{run}/train_runtime_s", scale=1 / 60)]
+              _train_time(v, "grid_train_time", run)]
     v.text("grid_best_settings", describe(study["runs"][best]["grid_point"]))
     v.flag("has_grid_headline", all(x is not None for x in values))
 
@@ -394,7 +404,7 @@ def _study(v: Values) -> None:
         v.put("centre_ci_halfwidth", "1", f"{R}/runs/{centre}/scores/test/f1_ci/1",
               f"{R}/runs/{centre}/scores/test/f1_ci/0", op="diff", scale=0.5)
         v.put("centre_s_per_step", "2", f"{R}/runs/{centre}/seconds_per_step")
-        v.put("centre_train_minutes", "1", f"{R}/runs/{centre}/train_runtime_s", scale=1 / 60)
+        _train_time(v, "centre_train_time", f"{R}/runs/{centre}")
         v.put("centre_tokens_per_s", "int", f"{R}/runs/{centre}/train_tokens_per_s")
         v.put("centre_peak_gib", "1", f"{R}/runs/{centre}/peak_memory_mb", scale=1 / 1024)
         curve = runs[centre].get("curves", {}).get("validation") or []

@@ -106,6 +106,11 @@ def _run_entry(run_dir: Path, done: dict) -> dict:
         entry["trainable_ratio"] = entry["trainable_params"] / entry["total_params"]
     # the steps this run's last process trained (a resumed run timed only those); older summaries: all steps
     entry["seconds_per_step"] = summary.get("seconds_per_step") or (summary["train_runtime_s"] / steps if steps else None)
+    # the whole run's training time: measured, or for a run resumed across sessions its timed steps' pace times
+    # all its steps (train_runtime_s is then the last process's time alone)
+    resumed = bool(summary.get("resumed_from_step")) and bool(entry["seconds_per_step"]) and bool(steps)
+    entry["train_time_s"] = entry["seconds_per_step"] * steps if resumed else summary.get("train_runtime_s")
+    entry["train_time_extrapolated"] = resumed
     for split in done["evaluations"]:
         evaluation = _read_json(run_dir / f"eval_{split}.json")
         if evaluation is None:

@@ -113,6 +113,8 @@ def test_headline_numbers_are_the_final_models(built):
     assert f"F1 {study['final']['test']['f1']:.1f} on the full SQuAD dev set" in abstract
     assert f"EM {study['final']['baseline_full_dev']['exact_match']:.1f}" in abstract
     assert f"{final['trainable_params']:,} parameters" in abstract
+    # resumed across sessions: the whole run's time, extrapolated and said so, not the last process's
+    assert f"16,000 questions in about {final['train_time_s'] / 60:.0f} minutes" in abstract
     assert "preliminary" not in abstract  # the final model replaces the preliminary numbers
 
 
