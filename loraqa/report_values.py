@@ -98,7 +98,7 @@ def _train_time(v: Values, name: str, run: str) -> Number | None:
     """'21.5 minutes' or '2.0 h' of training; 'about' when extrapolated from a resumed run's timed steps."""
     source = f"{run}/train_time_s"
     hours = v.number("1", source, scale=1 / 3600)
-    minutes = None if hours is None or hours.value >= 2 else \
+    minutes = None if hours is None or hours.value >= 1.5 else \
         v.number("1" if hours.value < 1 else "int", source, scale=1 / 60)
     try:
         about = "about " if v.inputs.resolve(f"{run}/train_time_extrapolated") is True else ""
@@ -498,7 +498,9 @@ CLAIMS = {r"^centre vs target_modules=": ("claim_targets", "attention only", "at
           r"^answer-only loss": ("claim_masking", "answer-only loss", "loss on the whole sequence"),
           r"^max_length 512 vs 256": ("claim_max_length", "max_length 512", "max_length 256"),
           r"^LoRA \(best\) vs full": ("claim_full_ft", "LoRA", "full fine-tuning"),
-          r"^baseline vs LoRA": ("claim_baseline", "the untuned model", "LoRA")}
+          r"^baseline vs LoRA": ("claim_baseline", "the untuned model", "LoRA"),
+          r"^LoRA \(best\) on \S+ vs \S+ questions": ("claim_budget", "the selected configuration on the grid’s budget",
+                                           "the final model")}
 
 
 def _tests(v: Values, study: dict) -> None:

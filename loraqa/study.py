@@ -291,6 +291,10 @@ def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
         comparisons.append(("LoRA (best) vs full fine-tuning", lora, best_full_ft))
     if lora and "baseline" in by_name:
         comparisons.append(("baseline vs LoRA (best)", by_name["baseline"], lora))
+    if best_entry and "final" in by_name:  # what the larger budget buys, on the questions both answered
+        sizes = [e["settings"].get("max_train_samples") for e in (best_entry, by_name["final"])]
+        if all(isinstance(size, int) for size in sizes):
+            comparisons.append((f"LoRA (best) on {sizes[0]:,} vs {sizes[1]:,} questions", best_entry, by_name["final"]))
 
     tests = []
     for name, a, b in comparisons:

@@ -14,12 +14,12 @@ from loraqa.sweep import Run, commands, estimated_seconds, load_spec, measured_r
 def _spec(tmp_path, model_dir, squad_file) -> str:
     spec = {
         "base": {"model": str(model_dir), "train_file": str(squad_file), "validation_file": str(squad_file),
-                 "max_length": 128, "max_steps": 4, "per_device_train_batch_size": 2, "eval_steps": 2,
+                 "max_length": 128, "max_steps": 4, "max_train_samples": 4, "per_device_train_batch_size": 2, "eval_steps": 2,
                  "save_steps": 2, "logging_steps": 1, "disable_tqdm": True, "lora_dropout": 0.0},
         "grid": {"learning_rate": [1.0e-3, 5.0e-3],
                  "rank": [{"lora_r": 2, "lora_alpha": 4}, {"lora_r": 4, "lora_alpha": 8}]},
         "centre": {"learning_rate": 1.0e-3, "rank": {"lora_r": 4, "lora_alpha": 8}},
-        "runs": {"baseline": {"train": False}, "final": {"from": "best", "seed": 1}},
+        "runs": {"baseline": {"train": False}, "final": {"from": "best", "seed": 1, "max_train_samples": 5}},
         "first": ["baseline"],
         "evaluations": {"test": {"data": str(squad_file), "max_samples": 5, "max_new_tokens": 4}},
         "select_on": "test",
@@ -96,8 +96,8 @@ def test_sweep_runs_each_run_once_resumes_and_collects(tmp_path, tiny_gpt2_dir, 
     best = max(grid, key=lambda r: r["scores"]["test"]["f1"])
     assert results["selection"]["best_run"] == best["run_id"]
     final = next(r for r in results["runs"] if r["name"] == "final")
-    assert {k: v for k, v in final["settings"].items() if k != "seed"} == \
-        {k: v for k, v in best["settings"].items() if k != "seed"}
+    assert {k: v for k, v in final["settings"].items() if k not in ("seed", "max_train_samples")} == \
+        {k: v for k, v in best["settings"].items() if k not in ("seed", "max_train_samples")}
     for run in grid:
         assert run["trainable_params"] < run["total_params"] and run["weights_bytes"] > 0
         assert [step for step, _ in run["curves"]["validation"]][:2] == [2, 4]
@@ -112,6 +112,9 @@ def test_sweep_runs_each_run_once_resumes_and_collects(tmp_path, tiny_gpt2_dir, 
                       and t["name"].startswith("centre vs")]
     assert [t["b"] for t in centre_vs_best] == ([best["run_id"]] if best["grid_point"] != load_spec(spec)["centre"] else [])
     assert {"centre vs learning_rate=0.005", "centre vs rank=lora_r=2,lora_alpha=4", "baseline vs LoRA (best)"} <= names
+    # what the final model's larger budget buys: the grid's selection against it, on the questions both answered
+    budget = next(t for t in results["tests"] if t["name"] == "LoRA (best) on 4 vs 5 questions")
+    assert (budget["a"], budget["b"], budget["n"]) == (best["run_id"], final["run_id"], 5)
     assert all(t["p_value"] <= t["p_holm"] <= 1 for t in results["tests"])
 
     # the final model's adapter is exported, loadable by plain PEFT, with its config and tokenizer
