@@ -94,6 +94,16 @@ def _run_index(inputs: Inputs, *, run_id: str | None = None, name: str | None = 
     return None
 
 
+def _curve_claim(v: Values, runs: list[dict], i: int, name: str) -> None:
+    """Whether run i's validation loss still falls at its end, from its curve."""
+    curve = runs[i].get("curves", {}).get("validation") or []
+    if len(curve) >= 2:
+        R = f"{STUDY}#/runs/{i}/curves/validation"
+        steps = [v.number("int", f"{R}/{j}/0") for j in range(len(curve))]
+        losses = [v.number("3", f"{R}/{j}/1") for j in range(len(curve))]
+        v.text(name, claim_curve(steps, losses))
+
+
 def _train_time(v: Values, name: str, run: str) -> Number | None:
     """'21.5 minutes' or '2.0 h' of training; 'about' when extrapolated from a resumed run's timed steps."""
     source = f"{run}/train_time_s"
@@ -407,12 +417,12 @@ def _study(v: Values) -> None:
         _train_time(v, "centre_train_time", f"{R}/runs/{centre}")
         v.put("centre_tokens_per_s", "int", f"{R}/runs/{centre}/train_tokens_per_s")
         v.put("centre_peak_gib", "1", f"{R}/runs/{centre}/peak_memory_mb", scale=1 / 1024)
-        curve = runs[centre].get("curves", {}).get("validation") or []
-        if len(curve) >= 2:
-            steps = [v.number("int", f"{R}/runs/{centre}/curves/validation/{j}/0") for j in range(len(curve))]
-            losses = [v.number("3", f"{R}/runs/{centre}/curves/validation/{j}/1") for j in range(len(curve))]
-            v.text("claim_curve", claim_curve(steps, losses))
+        _curve_claim(v, runs, centre, "claim_curve")
+    final = _run_index(v.inputs, name="final")
+    if final is not None:
+        _curve_claim(v, runs, final, "claim_final_curve")
     v.flag("has_curve", "claim_curve" in v.fields)
+    v.flag("has_final_curve", "claim_final_curve" in v.fields)
     _effects(v, study)
     _tests(v, study)
     _seeds(v, study)

@@ -117,6 +117,8 @@ def test_headline_numbers_are_the_final_models(built):
     assert f"16,000 questions in about {final['train_time_s'] / 60:.0f} minutes" in abstract
     assert "preliminary" not in abstract  # the final model replaces the preliminary numbers
     results = next(p for p in _rendered_paragraphs(built.source_dir) if "the final model reaches" in p)
+    assert any("For the final model, trained on 16,000 questions, its validation loss falls to its lowest value"
+               in p for p in _rendered_paragraphs(built.source_dir))
     budget = next(t for t in study["tests"] if t["name"].startswith("LoRA (best) on "))
     assert f"the final model beats the selected configuration on the grid’s budget by {budget['delta_f1']:.1f} F1" \
         in results
