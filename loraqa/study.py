@@ -383,7 +383,9 @@ def main_table(results: dict) -> str:
               ("LoRA, grid centre", runs.get(selection.get("centre_run"))),
               ("full fine-tuning (best lr)", runs.get(selection.get("best_full_ft_run")))]
     picked += [(f"ablation: {r['name']}", r) for r in results["runs"] if r["group"] in ("ablation", "alpha")]
-    picked += [("final model", next((r for r in results["runs"] if r["name"] == "final"), None))]
+    picked += [("final model (all of dev)", next((r for r in results["runs"] if r["name"] == "final"), None)),
+               ("untuned baseline (all of dev)", next((r for r in results["runs"] if r["name"] == "baseline_full_dev"),
+                                                      None))]
     lines = ["| run | settings | trainable params | test EM | test F1 | validation F1 | s/step | peak MB |",
              "|---|---|---|---|---|---|---|---|"]
     for label, run in picked:
