@@ -310,7 +310,7 @@ def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
         test["p_holm"] = adjusted
         test["significant"] = adjusted < 0.05
         sd = (seeds.get("centre") or {}).get("test_f1_sd")
-        test["survives_seed_sd"] = None if sd is None else abs(test["delta_f1"]) > 2 * sd
+        test["survives_seed_sd"] = None if sd is None else bool(abs(test["delta_f1"]) > 2 * sd)  # JSON: not numpy
 
     final = None
     if "final" in by_name:
