@@ -248,22 +248,26 @@ def _method(settings: dict) -> str:
         ("+train_on_prompt" if settings.get("train_on_prompt") else "")
 
 
+def _done_fraction(run_dir: Path | None) -> float:
+    """The share of training steps its latest checkpoint holds (0 when none, or unreadable: only an ETA)."""
+    checkpoint = _latest_checkpoint(run_dir) if run_dir is not None else None
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text()) if checkpoint else {}
+    except (OSError, json.JSONDecodeError):
+        return 0.0
+    return state["global_step"] / state["max_steps"] if state.get("max_steps") else 0.0
+
+
 def estimated_seconds(run: Run, rates: dict[str, float], run_dir: Path | None = None) -> float | None:
     """A pending run's time left at the measured rates (None before anything comparable has finished): the
     steps past its latest checkpoint and the evaluations not yet written in `run_dir`. An evaluation counts
     its `max_samples` cap, so 'all of dev' (a cap above its size) is over-estimated."""
     seconds = 0.0
-    done_fraction = 0.0
-    if run.train and run_dir is not None and not (run_dir / "summary.json").exists():
-        checkpoint = _latest_checkpoint(run_dir)
-        if checkpoint:
-            state = json.loads((checkpoint / "trainer_state.json").read_text())
-            done_fraction = state["global_step"] / state["max_steps"] if state.get("max_steps") else 0.0
     if run.train and not (run_dir is not None and (run_dir / "summary.json").exists()):
         rate = rates.get(_method(run.settings), rates.get("lora"))
         if rate is None or not run.settings.get("max_train_samples"):
             return None
-        seconds += rate * run.settings["max_train_samples"] * (1 - done_fraction)
+        seconds += rate * run.settings["max_train_samples"] * (1 - _done_fraction(run_dir))
     questions = sum(e.get("max_samples") or 0 for name, e in run.evaluations.items()
                     if run_dir is None or not (run_dir / f"eval_{name}.json").exists())
     return seconds + rates["evaluate"] * questions if "evaluate" in rates else None

@@ -189,6 +189,8 @@ def test_eta_scales_with_each_runs_questions_and_method(tmp_path):
     (tmp_path / "final" / "checkpoint-1500" / "trainer_state.json").write_text(
         json.dumps({"global_step": 1500, "max_steps": 2000}))
     assert estimated_seconds(final, rates, tmp_path / "final") == pytest.approx(8400 / 4 + 100)
+    (tmp_path / "final" / "checkpoint-1500" / "trainer_state.json").write_text('{"global_step": 15')  # cut short
+    assert estimated_seconds(final, rates, tmp_path / "final") == pytest.approx(8400 + 100)  # an ETA, never a crash
     (tmp_path / "final" / "summary.json").write_text("{}")
     (tmp_path / "final" / "eval_validation.json").write_text("{}")
     assert estimated_seconds(final, rates, tmp_path / "final") == pytest.approx(50)
