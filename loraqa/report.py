@@ -31,16 +31,15 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .report_text import Values, literal
+from .config import write_bytes_atomic
+from .report_text import ReportError, Values, literal  # noqa: F401 (ReportError: the API's error)
 from .report_values import report_values
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "report"
+BUILD_MARKER = ".loraqa-report-build"
 SECTIONS = ("abstract", "introduction", "methodology", "results", "analysis", "theory", "conclusion")
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
 
-
-class ReportError(ValueError):
-    """The report cannot be built; the message names the placeholder, file or section."""
 
 # ---------------------------------------------------------------------------------------------- building
 
@@ -107,10 +106,13 @@ def build_report(results_dir: str | Path, output: str | Path = "report.pdf", *, 
     if not (template / "main.typ").exists():
         raise ReportError(f"{template}: main.typ not found (the report's Typst sources)")
     if source.exists() and any(source.iterdir()):
-        if not (source / "main.typ").exists():
-            raise ReportError(f"{source}: not empty and not a previous report build (no main.typ); not deleting it")
+        if not any((source / name).exists() for name in ("main.typ", BUILD_MARKER)):
+            raise ReportError(f"{source}: not empty and not a previous report build (no main.typ, no "
+                              f"{BUILD_MARKER}); not deleting it")
         shutil.rmtree(source)
     (source / "sections").mkdir(parents=True)
+    # marked first, so that a build stopped half-way (a results file that does not parse) is still recognised
+    (source / BUILD_MARKER).write_text("written by loraqa report; deleted and rebuilt by the next build\n")
     values = report_values(results_dir, source / "figures")
     for path in template.glob("*.*"):
         if path.suffix in (".typ", ".bib", ".yml"):
@@ -125,7 +127,8 @@ def build_report(results_dir: str | Path, output: str | Path = "report.pdf", *, 
     output.parent.mkdir(parents=True, exist_ok=True)
     fonts = {"sys_inputs": {"serif": serif or "Libertinus Serif"}, "ignore_system_fonts": serif is None}
     try:
-        typst.compile(str(source / "main.typ"), output=str(output), root=str(source), **fonts)
+        # compiled to memory, then renamed into place: a failed compile keeps the previous report.pdf
+        write_bytes_atomic(output, typst.compile(str(source / "main.typ"), root=str(source), **fonts))
         pngs = []
         if png_dir is not None:
             png_dir = Path(png_dir)

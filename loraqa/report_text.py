@@ -36,7 +36,7 @@ FORMATS = {
 }
 OPS = {  # how a printed number is computed from the values at its sources
     "value": lambda x: x, "ratio": lambda a, b: a / b, "diff": lambda a, b: a - b, "sum": lambda a, b: a + b,
-    "ratio_of_diffs": lambda a, b, c, d: (a - b) / (c - d),
+    "ratio_of_diffs": lambda a, b, c, d: (a - b) / (c - d), "inverse_plus_one": lambda n: 1 / (n + 1),
     "len": len,
     "grid_size": lambda grid: math.prod(len(v) for v in grid.values()),
     "n_significant": lambda tests: sum(t["p_holm"] < 0.05 for t in tests),
@@ -57,6 +57,10 @@ class Number:
     fmt: str = "score"
 
 
+class ReportError(ValueError):
+    """The report cannot be built; the message names the placeholder, file or section."""
+
+
 class Inputs:
     """The results folder: JSON files read on first use, values addressed as 'file.json#/json/pointer'."""
 
@@ -68,9 +72,18 @@ class Inputs:
         if name not in self._cache:
             try:
                 self._cache[name] = json.loads((self.root / name).read_text())
-            except (OSError, json.JSONDecodeError):
+            except FileNotFoundError:  # not produced yet: the report says what is pending
                 self._cache[name] = None
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:  # there but unreadable: stop
+                raise ReportError(f"{self.root / name}: not readable as JSON ({err})") from None
         return self._cache[name]
+
+    def has(self, source: str) -> bool:
+        try:
+            self.resolve(source)
+        except (KeyError, IndexError, ValueError):
+            return False
+        return True
 
     def resolve(self, source: str):
         """'bench.json#/train/speedup' -> its value; KeyError when the file or a field is missing."""

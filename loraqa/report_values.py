@@ -370,6 +370,14 @@ def _study(v: Values) -> None:
                      and not r.get("name", "").endswith("full_dev")), None)
     v.put("val_n", "int", f"{R}/runs/{any_val}/scores/validation/n")
     v.put("test_n", "int", f"{R}/runs/{any_test}/scores/test/n")
+    # the permutation test's resolution: p = (b + 1) / (resamples + 1), b the resamples at least as extreme, so
+    # 1 / (resamples + 1) is its smallest p-value (no resample reached the observed difference), not a rounded 0
+    resamples = next((src for src in (f"{R}/final/comparison/permutation_resamples",
+                                      f"{R}/tests/0/permutation_resamples", f"{PRE_COMPARE}#/f1/permutation_resamples")
+                      if v.inputs.has(src)), None)
+    if v.flag("has_perm_resamples", resamples is not None):
+        v.put("perm_resamples", "int", resamples)
+        v.put("perm_p_floor", "p", resamples, op="inverse_plus_one")
     # trainable parameters over the grid
     grid_runs = [(k, r) for k, r in enumerate(runs) if r.get("group") == "grid" and r.get("trainable_params")]
     if grid_runs:

@@ -17,7 +17,7 @@ Schema (all scores in percentage points):
                   selected_test_f1, test_best_run, test_best_f1} (selection set against test set over the grid)
     main_effects: {factor: [{level, runs, f1, f1_ci, validation_f1}]}   (grid runs, test split)
     seeds:        {centre|best: {runs, test_f1: [..], test_f1_mean, test_f1_sd, validation_f1_sd}}
-    tests[]:      name, a, b, split, delta_f1, delta_f1_ci, p_value, p_holm, significant, survives_seed_sd
+    tests[]:      name, a, b, split, delta_f1, delta_f1_ci, p_value (permutation, its resamples), p_holm, significant, survives_seed_sd
     final:        run, test (full dev), baseline_full_dev, comparison, checkpoint
     pending:      runs of the spec not finished yet
 """
@@ -304,6 +304,7 @@ def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
         tests.append({"name": name, "a": a["run_id"], "b": b["run_id"], "split": split,
                       "n": result["n_common"], "delta_f1": result["f1"]["delta"], "delta_f1_ci": result["f1"]["delta_ci"],
                       "p_value": result["f1"]["permutation_p_value"],
+                      "permutation_resamples": result["f1"]["permutation_resamples"],
                       "delta_exact_match": result["exact_match"]["delta"],
                       "exact_match_p_value": result["exact_match"]["mcnemar"]["p_value"]})
     for test, adjusted in zip(tests, holm([t["p_value"] for t in tests])):
@@ -326,6 +327,7 @@ def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
             if comparison:
                 final["comparison"] = {"delta_f1": comparison["f1"]["delta"], "delta_f1_ci": comparison["f1"]["delta_ci"],
                                        "p_value": comparison["f1"]["permutation_p_value"],
+                                       "permutation_resamples": comparison["f1"]["permutation_resamples"],
                                        "delta_exact_match": comparison["exact_match"]["delta"],
                                        "delta_exact_match_ci": comparison["exact_match"]["delta_ci"]}
 

@@ -124,6 +124,15 @@ def test_headline_numbers_are_the_final_models(built):
         in results
 
 
+def test_the_permutation_tests_smallest_p_value_is_explained(built):
+    """p = (b + 1) / (resamples + 1): its floor, printed as a p-value, says that no resample reached the
+    observed difference (read from the comparison that recorded its resamples)."""
+    resamples = json.loads((FIXTURE / "compare_500.json").read_text())["f1"]["permutation_resamples"]
+    method = next(p for p in _rendered_paragraphs(built.source_dir) if "random sign vectors" in p)
+    assert f"({resamples:,} random sign vectors" in method
+    assert f"smallest p-value, {FORMATS['p'](1 / (resamples + 1)).split('×')[0]}×10" in method
+
+
 def test_a_complete_grid_without_the_final_model_gives_the_headline(tmp_path):
     """Between the grid and the final model, the abstract quotes the grid's selection on the test subset (the
     study's own protocol), not the preliminary adapter trained before the study."""
@@ -287,6 +296,26 @@ def test_source_folder_that_is_not_a_build_is_never_deleted(tmp_path):
     with pytest.raises(ReportError, match="not deleting"):
         build_report(FIXTURE, tmp_path / "r.pdf", source_dir=tmp_path)
     assert (tmp_path / "keep.txt").exists()
+
+
+def test_failed_build_keeps_previous_pdf_and_is_cleared_by_the_next(tmp_path):
+    """A results file that does not parse stops the build before main.typ is written: the half-made
+    build folder is still recognised as a build and replaced, and report.pdf is never half-written."""
+    pdf, build = tmp_path / "report.pdf", tmp_path / "build"
+    pdf.write_bytes(b"%PDF previous")
+    broken = tmp_path / "results"
+    shutil.copytree(FIXTURE, broken)
+    (broken / "evaluation_results.json").write_text('{"runs": [')
+    with pytest.raises(ReportError, match="evaluation_results.json: not readable as JSON"):
+        build_report(broken, pdf, source_dir=build)
+    assert not (build / "main.typ").exists() and any(build.iterdir())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReportError, match="could not compile"):  # an empty results folder compiles to an error
+        build_report((tmp_path / "empty").resolve(), pdf, source_dir=build)
+    assert pdf.read_bytes() == b"%PDF previous"
+    built = build_report(FIXTURE, pdf, source_dir=build)
+    assert built.pages >= 1 and pdf.read_bytes().startswith(b"%PDF-")
+    assert not list(tmp_path.glob(".report.pdf.tmp*"))
 
 
 # ---------------------------------------------------------------------------------------------- claims

@@ -9,6 +9,7 @@ import yaml
 from loraqa.config import ConfigError
 from loraqa.data import heldout_split, load_squad
 from loraqa.sweep import Run, commands, estimated_seconds, load_spec, measured_rates, plan, run_sweep
+from loraqa.stats import PERMUTATION_RESAMPLES
 
 
 def _spec(tmp_path, model_dir, squad_file) -> str:
@@ -116,6 +117,8 @@ def test_sweep_runs_each_run_once_resumes_and_collects(tmp_path, tiny_gpt2_dir, 
     budget = next(t for t in results["tests"] if t["name"] == "LoRA (best) on 4 vs 5 questions")
     assert (budget["a"], budget["b"], budget["n"]) == (best["run_id"], final["run_id"], 5)
     assert all(t["p_value"] <= t["p_holm"] <= 1 for t in results["tests"])
+    assert all(t["permutation_resamples"] == PERMUTATION_RESAMPLES and t["p_value"] >= 1 / (PERMUTATION_RESAMPLES + 1)
+               for t in results["tests"])  # (b + 1) / (resamples + 1): never 0
 
     # the final model's adapter is exported, loadable by plain PEFT, with its config and tokenizer
     from peft import PeftModel
