@@ -197,7 +197,7 @@ def plot_params_vs_f1(results: dict) -> Figure | None:
     ax.xaxis.set_major_formatter(EngFormatter())
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel(f"test F1 ({n} dev questions, 95% CI)")
-    ax.legend(loc="best", fontsize=7)
+    fig.legend(loc="outside lower center", ncols=3, fontsize=7)  # below the axes: inside, it hid the baseline band
     return fig
 
 
@@ -289,7 +289,7 @@ def plot_cost(study: dict) -> Figure | None:
     machine = study.get("machine") or {}
     fig.suptitle(f"{study.get('model', '')}, batch of {max(study.get('batches') or [0])} questions, the same "
                  f"batches for every configuration; measured on {machine.get('cuda') or machine.get('cpu_model', '?')}, "
-                 f"{machine.get('torch_threads')} thread(s)", fontsize=8)
+                 f"{_threads(machine)}", fontsize=8)
     return fig
 
 
@@ -301,7 +301,7 @@ def plot_strategies(evaluations: Iterable[dict]) -> Figure | None:
     seeds' standard deviation as error bars: what sampling trades in accuracy for variety (greedy sits at 0).
     One colour per evaluation file."""
     fig, axes = _figure(width=5.0, height=3.4)
-    ax, drawn, labels = axes[0][0], False, []
+    ax, drawn, labels = axes[0][0], [], []
     for i, evaluation in enumerate(evaluations):
         rows = [r for r in evaluation.get("strategies") or []
                 if r.get("seed_disagreement") is not None and r.get("f1") is not None]
@@ -314,13 +314,16 @@ def plot_strategies(evaluations: Iterable[dict]) -> Figure | None:
                     yerr=[r.get("f1_sd") or 0.0 for r in rows],
                     color=PALETTE[i], marker="o", linestyle="none", label=f"{label} (n={evaluation.get('n')})")
         labels += [(r["strategy"], 100 * r["seed_disagreement"], r["f1"]) for r in rows]
-        drawn = True
+        drawn.append(evaluation)
     if not drawn:
         _skip("decoding_strategies", "no strategy-grid evaluation given")
         return None
     ax.set_xlabel("questions whose answer differs between seeds (%)")
-    ax.set_ylabel("F1 (error bars: SD over seeds)")
-    fig.legend(loc="outside lower center")
+    if len(drawn) == 1:  # one series: its size on the axis, no legend box of file names
+        ax.set_ylabel(f"F1 on {drawn[0].get('n')} questions\n(error bars: SD over seeds)")
+    else:
+        ax.set_ylabel("F1 (error bars: SD over seeds)")
+        fig.legend(loc="outside lower center")
     _label_points(ax, labels)
     return fig
 
@@ -386,6 +389,11 @@ def padding_series(study: dict, strategy: str, metric: str) -> tuple[list[int], 
     return xs, ys
 
 
+def _threads(machine: dict) -> str:
+    n = machine.get("torch_threads")
+    return f"{n} thread{'' if n == 1 else 's'}"
+
+
 def _untimed(study: dict) -> str:
     """'; not timed: static at 16, 32, ...' for the cells the study skipped (too costly on its machine)."""
     skipped = {}
@@ -426,7 +434,7 @@ def plot_padding(study: dict) -> Figure | None:
     fig.suptitle(f"{study.get('model', '')} + LoRA r={(study.get('lora') or {}).get('lora_r')}, "
                  f"{(study.get('pool') or {}).get('questions', '?')} SQuAD questions; timed on "
                  f"{machine.get('cuda') or machine.get('cpu_model', '?')}"
-                 + (f", {machine.get('torch_threads')} thread(s), CPU seconds of the step" if on_cpu else "")
+                 + (f", {_threads(machine)}, CPU seconds of the step" if on_cpu else "")
                  + _untimed(study), fontsize=8)
     return fig
 

@@ -76,31 +76,44 @@ def excerpt(context: str, gold: tuple[int, int] | None, predicted: tuple[int, in
 
 def failure_examples(eval_path: str, data_path: str | None = None, *, per_category: int = 1) -> dict:
     """Failure categories over an evaluation and a few examples with a context excerpt (gold and predicted
-    spans marked), for the report: {evaluation, n, counts: {category: count}, examples: [...]}."""
+    spans marked), for the report: {evaluation, n, counts: {category: count}, examples: [...]}. The examples
+    come from different articles where the data allows (dev order would take them all from its first one)."""
     from .analysis import failure_category, read_evaluation
     from .data import load_squad
+    from .metrics import normalize_answer
 
     result = read_evaluation(eval_path)
     records = {r["id"]: r for r in load_squad(data_path or result["data"], "validation")}
     counts: dict[str, int] = {}
-    examples = []
+    candidates: dict[str, list[tuple[str, dict]]] = {}
     for qid, score in result["per_question"].items():
         record, prediction = records[qid], result["predictions"].get(qid, "")
         category = failure_category(prediction, record["answers"]["text"], record["context"],
                                     score["exact_match"], score["f1"])
         counts[category] = counts.get(category, 0) + 1
-        if category == "correct" or sum(e["category"] == category for e in examples) >= per_category:
-            continue
-        context, answers = record["context"], record["answers"]
-        start = answers["answer_start"][0] if answers["text"] else 0  # SQuAD v2: unanswerable has no span
-        gold = (start, start + len(answers["text"][0])) if answers["text"] else None
-        found = [m.start() for m in re.finditer(re.escape(prediction), context)] if prediction.strip() else []
-        nearest = min(found, key=lambda at: abs(at - start), default=None)
-        predicted = (nearest, nearest + len(prediction)) if nearest is not None else None
-        examples.append({"id": qid, "category": category, "question": record["question"].strip(),
-                         "gold": list(dict.fromkeys(record["answers"]["text"])), "prediction": prediction,
-                         "exact_match": score["exact_match"], "f1": score["f1"],
-                         **excerpt(context, gold, predicted)})
+        if category != "correct":
+            candidates.setdefault(category, []).append((qid, score))
+    examples, articles = [], set()
+    for category, found in candidates.items():
+        for _ in range(min(per_category, len(found))):
+            pick = next((c for c in found if records[c[0]]["title"] not in articles), found[0])
+            found.remove(pick)
+            qid, score = pick
+            record, prediction = records[qid], result["predictions"].get(qid, "")
+            articles.add(record["title"])
+            context, answers = record["context"], record["answers"]
+            start = answers["answer_start"][0] if answers["text"] else 0  # SQuAD v2: unanswerable has no span
+            gold = (start, start + len(answers["text"][0])) if answers["text"] else None
+            found_at = [m.start() for m in re.finditer(re.escape(prediction), context)] if prediction.strip() else []
+            nearest = min(found_at, key=lambda at: abs(at - start), default=None)
+            predicted = (nearest, nearest + len(prediction)) if nearest is not None else None
+            distinct: dict[str, str] = {}  # one gold per normalised form (SQuAD lists an answer per annotator)
+            for text in answers["text"]:
+                distinct.setdefault(normalize_answer(text), text)
+            examples.append({"id": qid, "category": category, "question": record["question"].strip(),
+                             "title": record["title"], "gold": list(distinct.values()),
+                             "prediction": prediction, "exact_match": score["exact_match"], "f1": score["f1"],
+                             **excerpt(context, gold, predicted)})
     return {"evaluation": str(eval_path), "model": result.get("model"), "adapter": result.get("adapter"),
             "n": len(result["per_question"]), "counts": counts, "examples": examples}
 

@@ -37,6 +37,8 @@ FORMATS = {
 OPS = {  # how a printed number is computed from the values at its sources
     "value": lambda x: x, "ratio": lambda a, b: a / b, "diff": lambda a, b: a - b, "sum": lambda a, b: a + b,
     "ratio_of_diffs": lambda a, b, c, d: (a - b) / (c - d), "inverse_plus_one": lambda n: 1 / (n + 1),
+    # a LoRA model's total counts its adapter too: full fine-tuning trains the rest, (total - trainable)
+    "frozen_per_trainable": lambda total, trainable: (total - trainable) / trainable,
     "len": len,
     "grid_size": lambda grid: math.prod(len(v) for v in grid.values()),
     "n_significant": lambda tests: sum(t["p_holm"] < 0.05 for t in tests),
@@ -227,14 +229,18 @@ def claim_best_strategy(rows: list[tuple[str, Number]]) -> str:
     return f"{best[0]} beats greedy decoding ({best[1].text} against {greedy_f1.text} F1)"
 
 
-def claim_curve(steps: list[Number], losses: list[Number], *, tolerance: float = 0.01) -> str:
+OVERFIT_FREE = "no sign of over-fitting within one epoch"
+
+
+def claim_curve(steps: list[Number], losses: list[Number], *, tolerance: float = 0.01, again: bool = False) -> str:
     """Whether the validation loss still falls at the end of training, levels off (ends within `tolerance`,
-    relative, of its minimum) or turned up before. Of equal losses the last one counts as the lowest."""
+    relative, of its minimum) or turned up before. Of equal losses the last one counts as the lowest.
+    `again`: a sentence before this one said the same of another run."""
     best = min(reversed(range(len(losses))), key=lambda i: losses[i].value)
     last = len(losses) - 1
     if best == last or losses[last].value <= losses[best].value:
         return f"its validation loss falls to its lowest value, {losses[last].text}, at the last evaluation " \
-               f"(step {steps[last].text}): no sign of over-fitting within one epoch"
+               f"(step {steps[last].text}): {'again ' if again else ''}{OVERFIT_FREE}"
     if losses[last].value - losses[best].value <= tolerance * abs(losses[best].value):
         return f"its validation loss levels off: it is lowest at step {steps[best].text} ({losses[best].text}) " \
                f"and ends at {losses[last].text} (step {steps[last].text})"
@@ -277,7 +283,7 @@ def claim_failure_top(category: str) -> str:
     return f"_{literal(category)}_, is {meaning}"
 
 
-def claim_padding(steps: list[tuple[str, Number]], tokens: list[tuple[str, Number]]) -> str:
+def claim_padding(steps: list[tuple[str, Number]], tokens: list[tuple[str, Number]], unit: str = "s") -> str:
     """Which collation computes the fewest tokens per question and, where timed, which steps fastest."""
     fewest = min(tokens, key=lambda t: t[1].value)
     most = max(tokens, key=lambda t: t[1].value)
@@ -285,7 +291,7 @@ def claim_padding(steps: list[tuple[str, Number]], tokens: list[tuple[str, Numbe
            f"{most[0]})"
     if steps:
         fastest = min(steps, key=lambda t: t[1].value)
-        text += f" and {fastest[0]} the fastest step ({fastest[1].text} s)"
+        text += f" and {fastest[0]} the fastest step ({fastest[1].text} {unit})"
     return text
 
 

@@ -12,7 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .report_text import (FORMATS, Inputs, Number, Values, claim_agreement, claim_best_strategy, claim_bf16, claim_count, claim_curve, claim_edge, claim_difference, claim_failure_top, claim_identical, claim_padding, claim_same_loss, claim_sampling, claim_significant, claim_trend, literal, plural)
+from .report_text import (FORMATS, OVERFIT_FREE, Inputs, Number, Values, claim_agreement, claim_best_strategy, claim_bf16, claim_count, claim_curve, claim_edge, claim_difference, claim_failure_top, claim_identical, claim_padding, claim_same_loss, claim_sampling, claim_significant, claim_trend, literal, plural)
 
 # figure name in the sections -> file stem under results/plots/ (a .pdf is preferred to a .png)
 FIGURES = {"loss_curves": "loss_curves", "params_vs_f1": "params_vs_f1", "f1_heatmaps": "f1_heatmaps",
@@ -94,14 +94,15 @@ def _run_index(inputs: Inputs, *, run_id: str | None = None, name: str | None = 
     return None
 
 
-def _curve_claim(v: Values, runs: list[dict], i: int, name: str) -> None:
-    """Whether run i's validation loss still falls at its end, from its curve."""
+def _curve_claim(v: Values, runs: list[dict], i: int, name: str, *, after: str | None = None) -> None:
+    """Whether run i's validation loss still falls at its end, from its curve; `after`: the claim printed
+    just before it, so that the same finding is not repeated word for word."""
     curve = runs[i].get("curves", {}).get("validation") or []
     if len(curve) >= 2:
         R = f"{STUDY}#/runs/{i}/curves/validation"
         steps = [v.number("int", f"{R}/{j}/0") for j in range(len(curve))]
         losses = [v.number("3", f"{R}/{j}/1") for j in range(len(curve))]
-        v.text(name, claim_curve(steps, losses))
+        v.text(name, claim_curve(steps, losses, again=bool(after) and after.endswith(OVERFIT_FREE)))
 
 
 def _train_time(v: Values, name: str, run: str) -> Number | None:
@@ -137,7 +138,8 @@ def _headline(v: Values) -> None:
         v.put("final_n", "int", R + "/final/test/n")
         v.put("final_trainable", "int", f"{R}/runs/{i}/trainable_params")
         v.put("final_total_params", "int", f"{R}/runs/{i}/total_params")
-        v.put("final_reduction", "x", f"{R}/runs/{i}/total_params", f"{R}/runs/{i}/trainable_params", op="ratio")
+        v.put("final_reduction", "x", f"{R}/runs/{i}/total_params", f"{R}/runs/{i}/trainable_params",
+              op="frozen_per_trainable")
         v.put("final_train_questions", "int", f"{R}/runs/{i}/settings/max_train_samples")
         _train_time(v, "final_train_time", f"{R}/runs/{i}")
     _grid_headline(v, study)
@@ -155,7 +157,8 @@ def _headline(v: Values) -> None:
         v.put("pre_perm_p", "p", f"{PRE_COMPARE}#/f1/permutation_p_value")
         v.put("pre_trainable", "int", f"{PRE_SUMMARY}#/trainable_params")
         v.put("pre_total_params", "int", f"{PRE_SUMMARY}#/total_params")
-        v.put("pre_reduction", "x", f"{PRE_SUMMARY}#/total_params", f"{PRE_SUMMARY}#/trainable_params", op="ratio")
+        v.put("pre_reduction", "x", f"{PRE_SUMMARY}#/total_params", f"{PRE_SUMMARY}#/trainable_params",
+              op="frozen_per_trainable")
         v.put("pre_train_questions", "int", f"{PRE_SUMMARY}#/train_examples")
         v.put("pre_train_minutes", "1", f"{PRE_SUMMARY}#/train_runtime_s", scale=1 / 60)
         v.put("pre_steps", "int", f"{PRE_SUMMARY}#/global_steps")
@@ -284,6 +287,10 @@ def _padding(v: Values) -> None:
     sizes = {c["batch_size"] for c in cells}
     batch = 8 if 8 in sizes else max(sizes)
     body, steps, tokens = [], [], []
+    # CPU seconds where measured (the plot's rule): wall time of a 1-thread study counts what else ran beside it
+    timed = [c["timing"] for c in cells if c.get("timing")]
+    on_cpu = bool(timed) and all(t.get("step_cpu_seconds_median") for t in timed)
+    timing = "step_cpu_seconds_median" if on_cpu else "step_seconds_median"
     for i, cell in enumerate(cells):
         if cell["batch_size"] != batch:
             continue
@@ -292,13 +299,14 @@ def _padding(v: Values) -> None:
         name = literal(cell["strategy"].replace("_", " "))
         share = v.number("pct0", f"{P}/cells/{i}/padded_share", scale=100)
         per_question = v.number("int", f"{P}/cells/{i}/tokens_per_question")
-        step = v.number("2", f"{P}/cells/{i}/timing/step_seconds_median")
+        step = v.number("2", f"{P}/cells/{i}/timing/{timing}")
         memory = v.number("1", f"{P}/cells/{i}/timing/peak_memory_mb_max", scale=1 / 1024)
         body.append([name, *(n.text if n else "–" for n in (share, per_question, step, memory))])
         steps += [(name, step)] if step else []
         tokens += [(name, per_question)] if per_question else []
-    v.text("table_padding", table(["Collation", "Padding", "Tokens/q.", "s/step", "Peak GiB"], body, "lrrrr"))
-    v.text("claim_padding", claim_padding(steps, tokens) if tokens else None, PADDING)
+    v.text("table_padding", table(["Collation", "Padding", "Tokens/q.", "CPU s/step" if on_cpu else "s/step",
+                                   "Peak GiB"], body, "lrrrr"))
+    v.text("claim_padding", claim_padding(steps, tokens, "CPU s" if on_cpu else "s") if tokens else None, PADDING)
 
 
 def _grid_headline(v: Values, study: dict) -> None:
@@ -323,7 +331,7 @@ def _grid_headline(v: Values, study: dict) -> None:
               v.put("grid_p_holm", "p", f"{T}/p_holm"),
               v.put("grid_trainable", "int", f"{run}/trainable_params"),
               v.put("grid_total_params", "int", f"{run}/total_params"),
-              v.put("grid_reduction", "x", f"{run}/total_params", f"{run}/trainable_params", op="ratio"),
+              v.put("grid_reduction", "x", f"{run}/total_params", f"{run}/trainable_params", op="frozen_per_trainable"),
               v.put("grid_train_questions", "int", f"{run}/settings/max_train_samples"),
               _train_time(v, "grid_train_time", run)]
     v.text("grid_best_settings", describe(study["runs"][best]["grid_point"]))
@@ -428,7 +436,7 @@ def _study(v: Values) -> None:
         _curve_claim(v, runs, centre, "claim_curve")
     final = _run_index(v.inputs, name="final")
     if final is not None:
-        _curve_claim(v, runs, final, "claim_final_curve")
+        _curve_claim(v, runs, final, "claim_final_curve", after=v.fields.get("claim_curve"))
     v.flag("has_curve", "claim_curve" in v.fields)
     v.flag("has_final_curve", "claim_final_curve" in v.fields)
     _effects(v, study)

@@ -78,6 +78,31 @@ def test_failure_report_puts_each_known_example_in_its_category(tmp_path):
     assert unanswerable["gold"] == [] and all(kind != "gold" for *_, kind in unanswerable["spans"])
 
 
+def test_failure_examples_spread_over_articles_and_list_each_gold_once(tmp_path):
+    """Dev order would take every example from its first article; equal golds up to SQuAD normalisation
+    (an answer per annotator) are listed once, in their first spelling."""
+    from loraqa.report_inputs import failure_examples
+
+    articles = []
+    for title in ("first", "second", "third"):
+        context = f"The {title} bridge was opened in 1900 by the mayor."
+        qas = [{"id": f"{title}-{k}", "question": f"Question {k}?",
+                "answers": [{"text": "1900", "answer_start": context.index("1900")},
+                            {"text": " 1900", "answer_start": context.index(" 1900")},
+                            {"text": "in 1900", "answer_start": context.index("in 1900")}]} for k in range(2)]
+        articles.append({"title": title, "paragraphs": [{"context": context, "qas": qas}]})
+    data = tmp_path / "squad.json"
+    data.write_text(json.dumps({"version": "1.1", "data": articles}))
+    wrong = {f"{t}-{k}": "the mayor" for t in ("first", "second", "third") for k in range(2)}  # wrong span each
+    evaluation = tmp_path / "e.json"
+    evaluation.write_text(json.dumps({"data": str(data), "predictions": wrong,
+                                      "per_question": {q: {"exact_match": 0.0, "f1": 0.0} for q in wrong}}))
+    examples = failure_examples(str(evaluation), per_category=3)["examples"]
+    assert [e["title"] for e in examples] == ["first", "second", "third"]
+    assert all(e["gold"] == ["1900", "in 1900"] for e in examples)
+    assert [e["id"] for e in failure_examples(str(evaluation), per_category=1)["examples"]] == ["first-0"]
+
+
 def _write_evaluation(path, gains: dict[str, float], *, data_hash="d1", paragraphs=None) -> str:
     """An evaluation JSON where question q scores gains[q] (EM = F1)."""
     result = {"data_hash": data_hash, "per_question": {q: {"exact_match": g, "f1": g} for q, g in gains.items()},

@@ -143,7 +143,7 @@ def test_cost_lines_are_the_cost_studys_numbers_and_full_ft_is_a_line():
             expected = sorted((c["lora_r"], c[metric] * scale) for c in lora if c["target_modules"] == target)
             np.testing.assert_allclose(np.column_stack([line.get_xdata(), line.get_ydata()]), expected)
         assert _line(ax, "full fine-tuning").get_ydata()[0] == pytest.approx(full[metric] * scale)
-    assert "fixture CPU, 2 thread(s)" in fig._suptitle.get_text()
+    assert "fixture CPU, 2 threads" in fig._suptitle.get_text()
 
 
 def test_strategies_plot_f1_against_seed_disagreement_with_seed_sd():
@@ -160,6 +160,9 @@ def test_strategies_plot_f1_against_seed_disagreement_with_seed_sd():
     np.testing.assert_allclose(segments[:, 1, 1] - segments[:, 0, 1], [2 * r["f1_sd"] for r in rows])
     assert sorted(t.get_text() for t in ax.texts) == sorted(r["strategy"] for r in rows)
     assert rows[0]["strategy"] == "greedy" and data_line.get_xdata()[0] == 0.0
+    assert not fig.legends and f"F1 on {evaluation['n']} questions" in ax.get_ylabel()  # one file: no legend
+    two = plots.plot_strategies([evaluation, {**evaluation, "label": "second"}])
+    assert [t.get_text() for t in two.legends[0].get_texts()][1] == f"second (n={evaluation['n']})"
 
 
 def test_padding_plot_a_line_per_strategy_and_untimed_cells_left_out():

@@ -113,12 +113,17 @@ def test_headline_numbers_are_the_final_models(built):
     assert f"F1 {study['final']['test']['f1']:.1f} on the full SQuAD dev set" in abstract
     assert f"EM {study['final']['baseline_full_dev']['exact_match']:.1f}" in abstract
     assert f"{final['trainable_params']:,} parameters" in abstract
+    # "N× fewer than full fine-tuning": against what full fine-tuning trains, not the adapted model's total
+    full_ft = next(r for r in study["runs"] if r["group"] == "full_ft")
+    assert full_ft["trainable_params"] == final["total_params"] - final["trainable_params"]
+    assert f"({FORMATS['x'](full_ft['trainable_params'] / final['trainable_params'])} fewer than full fine-tuning)" in abstract
     # resumed across sessions: the whole run's time, extrapolated and said so, not the last process's
     assert f"16,000 questions in about {final['train_time_s'] / 60:.0f} minutes" in abstract
     assert "preliminary" not in abstract  # the final model replaces the preliminary numbers
     results = next(p for p in _rendered_paragraphs(built.source_dir) if "the final model reaches" in p)
-    assert any("For the final model, trained on 16,000 questions, its validation loss falls to its lowest value"
-               in p for p in _rendered_paragraphs(built.source_dir))
+    curves = next(p for p in _rendered_paragraphs(built.source_dir) if "For the final model, trained on 16,000" in p)
+    assert "For the final model, trained on 16,000 questions, its validation loss falls to its lowest value" in curves
+    assert curves.count("no sign of over-fitting") <= 1 or "again no sign of over-fitting" in curves
     budget = next(t for t in study["tests"] if t["name"].startswith("LoRA (best) on "))
     assert f"the final model beats the selected configuration on the grid’s budget by {budget['delta_f1']:.1f} F1" \
         in results
@@ -380,10 +385,30 @@ def test_curve_and_padding_claims():
     # a repeated last evaluation is still the lowest, and a rise within 1% is levelling off, not over-fitting
     assert "falls to its lowest value" in claim_curve(steps, [_n(v, "3") for v in (0.9, 0.6, 0.6)])
     assert "levels off" in claim_curve(steps, [_n(v, "3") for v in (0.9, 0.600, 0.603)])
+    assert claim_curve(steps, [_n(v, "3") for v in (0.9, 0.7, 0.6)], again=True).endswith(
+        ": again no sign of over-fitting within one epoch")
     text = claim_padding([("static", _n(2.0, "2")), ("packed", _n(0.5, "2"))],
                          [("static", _n(512, "int")), ("packed", _n(60, "int"))])
     assert text.startswith("packed computes the fewest tokens per question (60, against 512 for static)")
     assert text.endswith("packed the fastest step (0.50 s)")
+
+
+def test_padding_table_times_steps_as_the_figure_does(tmp_path):
+    """CPU seconds where the study measured them (a 1-thread step's wall time counts whatever ran beside it),
+    in the table, its claim and the figure alike; wall time only for a study without CPU times."""
+    results = tmp_path / "results"
+    shutil.copytree(FIXTURE, results)
+    study = json.loads((results / "padding_study.json").read_text())
+    for k, cell in enumerate(study["cells"]):
+        if "timing" in cell:  # the largest batch is counted, not timed
+            cell["timing"]["step_cpu_seconds_median"] = 0.25 + k / 100
+    (results / "padding_study.json").write_text(json.dumps(study))
+    fields = report_values(results).fields
+    batch = int(fields["pad_batch_size"])
+    shown = [c["timing"]["step_cpu_seconds_median"] for c in study["cells"] if c["batch_size"] == batch and "timing" in c]
+    assert "CPU s/step" in fields["table_padding"] and all(f"{s:.2f}" in fields["table_padding"] for s in shown)
+    assert fields["claim_padding"].endswith(f"the fastest step ({min(shown):.2f} CPU s)")
+    assert "CPU s/step" not in report_values(FIXTURE).fields["table_padding"]
 
 
 def test_count_and_equality_claims_go_both_ways():
