@@ -214,7 +214,7 @@ def claim_agreement(runs: Number, rho: Number, test_choice: str | None, test_f1:
     would have picked (`test_choice` None: the same run) and over-reported."""
     how = ("rank the configurations alike" if rho.value >= 0.8 else
            "rank the configurations similarly" if rho.value >= 0.5 else "rank the configurations differently")
-    text = f"over the {runs.text} grid runs, validation and test F1 {how} (Spearman’s $rho$ = {rho.text})"
+    text = f"over the {runs.text} grid runs, validation and test F1 {how} (Spearman’s rank correlation {rho.text})"
     if test_choice is None:
         return text + "; selecting on the test set would have picked the same run"
     return (text + f"; selecting on the test set would have picked {test_choice} and reported test F1 "

@@ -360,7 +360,7 @@ def test_edge_claim_names_each_axis_the_selection_ends():
 def test_agreement_claim_follows_the_correlation_and_the_test_sets_own_choice():
     same = claim_agreement(_n(24, "int"), _n(0.98, "2"), None, None, None)
     assert same == ("over the 24 grid runs, validation and test F1 rank the configurations alike (Spearman’s "
-                    "$rho$ = 0.98); selecting on the test set would have picked the same run")
+                    "rank correlation 0.98); selecting on the test set would have picked the same run")
     other = claim_agreement(_n(24, "int"), _n(0.3, "2"), "attention, _r_ = 32", _n(63.6, "score"), _n(1.6, "1"))
     assert "rank the configurations differently" in other
     assert other.endswith("would have picked attention, _r_ = 32 and reported test F1 63.6, 1.6 points above the "
