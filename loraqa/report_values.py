@@ -740,6 +740,17 @@ def _failures(v: Values) -> None:
     v.text("fail_categories", ", ".join(parts) or None, F)
     if ranked:
         v.text("claim_failure_top", claim_failure_top(ranked[0][0]))
+    # the hardest and easiest question word, among those asked often enough (1% of the questions) to compare
+    types = {t: s for t, s in (data.get("by_question_type") or {}).items()
+             if t != "other" and s.get("n", 0) >= 0.01 * data["n"]}
+    if v.flag("has_claim_question_types", len(types) >= 2):
+        def f1(t):
+            return v.number("score", f"{F}/by_question_type/{t}/f1")
+
+        hard, easy = min(types, key=lambda t: types[t]["f1"]), max(types, key=lambda t: types[t]["f1"])
+        v.text("claim_question_types", f"_{literal(hard)}_ questions are the hardest (F1 {f1(hard).text}) and "
+                                       f"_{literal(easy)}_ questions the easiest (F1 {f1(easy).text}) of the "
+                                       f"{len(types)} question words that each make up at least 1% of the set")
     rows = []
     for j, example in enumerate(data.get("examples") or []):
         em = v.number("score", f"{F}/examples/{j}/f1", scale=100)

@@ -74,6 +74,10 @@ def test_failure_report_puts_each_known_example_in_its_category(tmp_path):
     examples = json.loads((tmp_path / "failure_examples.json").read_text())  # the report's input
     assert examples["n"] == len(KNOWN) and examples["counts"] == {c: sum(k[4] == c for k in KNOWN) for *_, c in KNOWN}
     assert {e["category"] for e in examples["examples"]} == {c for *_, c in KNOWN} - {"correct"}
+    # who: c1, c2, c4, c5, c7, c8 (EM c1 + c8; F1 1 + 0.8 + 2/3 + 1 over 6), as in the markdown table above
+    assert examples["by_question_type"]["who"]["n"] == 6
+    assert examples["by_question_type"]["who"]["exact_match"] == pytest.approx(100 * 2 / 6)
+    assert examples["by_question_type"]["who"]["f1"] == pytest.approx(100 * (1 + 0.8 + 2 / 3 + 1) / 6)
     unanswerable = next(e for e in examples["examples"] if e["category"] == "answered an unanswerable question")
     assert unanswerable["gold"] == [] and all(kind != "gold" for *_, kind in unanswerable["spans"])
 

@@ -393,6 +393,24 @@ def test_curve_and_padding_claims():
     assert text.endswith("packed the fastest step (0.50 s)")
 
 
+def test_question_type_claim_names_the_hardest_and_easiest_common_wh_word(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(FIXTURE, results)
+    failures = json.loads((results / "failure_examples.json").read_text())
+    n = failures["n"]
+    failures["by_question_type"] = {"what": {"n": n // 2, "exact_match": 60.0, "f1": 70.04},
+                                    "why": {"n": n // 10, "exact_match": 30.0, "f1": 44.96},
+                                    "when": {"n": n // 10, "exact_match": 80.0, "f1": 91.0},
+                                    "whom": {"n": 0, "exact_match": 0.0, "f1": 0.0},  # too rare to compare
+                                    "other": {"n": n // 10, "exact_match": 0.0, "f1": 10.0}}
+    (results / "failure_examples.json").write_text(json.dumps(failures))
+    fields = report_values(results).fields
+    assert fields["has_claim_question_types"] == "true"
+    assert fields["claim_question_types"] == ("_#\"why\";_ questions are the hardest (F1 45.0) and _#\"when\";_ questions "
+                                              "the easiest (F1 91.0) of the 3 question words that each make up at "
+                                              "least 1% of the set")
+
+
 def test_padding_table_times_steps_as_the_figure_does(tmp_path):
     """CPU seconds where the study measured them (a 1-thread step's wall time counts whatever ran beside it),
     in the table, its claim and the figure alike; wall time only for a study without CPU times."""
