@@ -197,7 +197,7 @@ def plot_params_vs_f1(results: dict) -> Figure | None:
     ax.xaxis.set_major_formatter(EngFormatter())
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel(f"test F1 ({n} dev questions, 95% CI)")
-    fig.legend(loc="outside lower center", ncols=3, fontsize=7)  # below the axes: inside, it hid the baseline band
+    fig.legend(loc="outside lower center", ncols=3, fontsize=7, labelspacing=0.9, markerscale=0.8)  # inside, it hid the baseline
     return fig
 
 

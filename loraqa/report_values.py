@@ -441,6 +441,7 @@ def _study(v: Values) -> None:
     v.flag("has_final_curve", "claim_final_curve" in v.fields)
     _effects(v, study)
     _tests(v, study)
+    _alpha_series(v, runs)
     _seeds(v, study)
     _full_ft(v, study, runs, best)
 
@@ -529,6 +530,42 @@ CLAIMS = {r"^centre vs target_modules=": ("claim_targets", "attention only", "at
                                            "the final model")}
 
 
+def _alpha_series(v: Values, runs: list[dict]) -> None:
+    """The rank series at one fixed alpha against the grid's alpha = 2r series at the same learning rate and
+    targets: how much of the rise with rank comes with alpha = 2r's growing update rather than with capacity."""
+    fixed_runs = [r for r in runs if r.get("group") == "alpha" and "test" in r.get("scores", {})]
+    keys = {(r["settings"].get("lora_alpha"), r["settings"].get("learning_rate"), r["settings"].get("target_modules"))
+            for r in fixed_runs}
+    series: dict[str, dict[int, int]] = {"fixed": {}, "2r": {}}
+    if len(keys) == 1:
+        (alpha, lr, targets), = keys
+        for k, run in enumerate(runs):
+            s = run.get("settings") or {}
+            if run.get("group") not in ("grid", "alpha") or "test" not in run.get("scores", {}) \
+                    or (s.get("learning_rate"), s.get("target_modules")) != (lr, targets):
+                continue
+            if s.get("lora_alpha") == alpha:
+                series["fixed"][s["lora_r"]] = k
+            if run.get("group") == "grid" and s.get("lora_alpha") == 2 * s.get("lora_r", 0):
+                series["2r"][s["lora_r"]] = k
+    ranks = sorted(set(series["fixed"]) & set(series["2r"]))
+    if not v.flag("has_claim_alpha_series", len(ranks) >= 2):
+        return
+    R, spans = f"{STUDY}#/runs", {}
+    for name, found in series.items():
+        ordered = sorted((runs[found[r]]["scores"]["test"]["f1"], found[r]) for r in ranks)
+        low, high = (f"{R}/{ordered[end][1]}/scores/test/f1" for end in (0, -1))
+        spans[name] = (v.number("score", low), v.number("score", high), v.number("1", high, low, op="diff"))
+    (flo, fhi, fspread), (tlo, thi, tspread) = spans["fixed"], spans["2r"]
+    fixed_alpha = v.number("int", f"{R}/{series['fixed'][ranks[0]]}/settings/lora_alpha")
+    text = (f"with $alpha$ fixed at {fixed_alpha.text} test F1 stays between {flo.text} and {fhi.text} over "
+            f"_r_ = {', '.join(map(str, ranks))} (a spread of {fspread.text} points), against {tlo.text} to "
+            f"{thi.text} ({tspread.text} points) with $alpha = 2r$")
+    if fspread.value < tspread.value / 2:
+        text += ": most of the rise with rank at $alpha = 2r$ comes with its growing update, not with capacity"
+    v.text("claim_alpha_series", text)
+
+
 def _tests(v: Values, study: dict) -> None:
     R, tests = f"{STUDY}#", study.get("tests") or []
     v.put("n_tests", "int", R + "/tests", op="len")
@@ -551,14 +588,16 @@ def _tests(v: Values, study: dict) -> None:
                 v.text(name, claim_difference(a, b, delta, ci, p_holm, flipped_ci=flipped))
         found = re.match(r"alpha=2r vs alpha=(\d+) at r=(\d+)", t["name"])
         if found:
-            alpha_claims.append(claim_difference("$alpha = 2r$", f"$alpha = {found.group(1)}$", delta, ci, p_holm,
-                                                 flipped_ci=flipped) + f" at $r = {found.group(2)}$")
+            alpha_claims.append((int(found.group(2)), claim_difference(
+                "$alpha = 2r$", f"$alpha = {found.group(1)}$", delta, ci, p_holm, flipped_ci=flipped)
+                + f" at $r = {found.group(2)}$"))
     significant = v.put("n_significant", "int", R + "/tests", op="n_significant")
     n_tests = v.number("int", R + "/tests", op="len")
     v.text("n_tests_phrase", plural(n_tests, "test") if n_tests else None, R + "/tests")
     v.text("claim_significant", claim_significant(significant, n_tests) if significant and n_tests else None,
            R + "/tests")
-    v.text("claim_alpha", "; ".join(alpha_claims) if alpha_claims else None, "tests: alpha=2r vs alpha=...")
+    v.text("claim_alpha", "; ".join(text for _, text in sorted(alpha_claims)) if alpha_claims else None,
+           "tests: alpha=2r vs alpha=...")
     for name, *_ in CLAIMS.values():
         v.flag(f"has_{name}", name in v.fields)
     v.flag("has_claim_alpha", bool(alpha_claims))

@@ -411,6 +411,26 @@ def test_question_type_claim_names_the_hardest_and_easiest_common_wh_word(tmp_pa
                                               "least 1% of the set")
 
 
+@pytest.mark.parametrize("fixed_r8, conclusion", [(58.3, False), (50.0, False), (58.5, True)])
+def test_alpha_series_claim_compares_the_spread_over_rank_at_both_scalings(tmp_path, fixed_r8, conclusion):
+    """Fixed alpha (r 8 at alpha 32, r 16 = the centre) against alpha = 2r (the grid's r 8 and r 16) at the
+    same learning rate and targets; 'most of the rise ... not capacity' only when the fixed series spreads
+    less than half as much."""
+    results = tmp_path / "results"
+    shutil.copytree(FIXTURE, results)
+    study = json.loads((results / "evaluation_results.json").read_text())
+    by_name = {r["name"]: r for r in study["runs"]}
+    by_name["fixed_alpha_r8"]["scores"]["test"]["f1"] = fixed_r8
+    two_r = [by_name[f"attention-lr0.0002-r{r}-alpha{2 * r}"]["scores"]["test"]["f1"] for r in (8, 16)]
+    (results / "evaluation_results.json").write_text(json.dumps(study))
+    claim = report_values(results).fields["claim_alpha_series"]
+    fixed = sorted([fixed_r8, two_r[1]])  # r 16 at alpha 32 is the centre, in both series
+    assert claim.startswith(f"with $alpha$ fixed at 32 test F1 stays between {fixed[0]:.1f} and {fixed[1]:.1f} "
+                            f"over _r_ = 8, 16 (a spread of {fixed[1] - fixed[0]:.1f} points), against "
+                            f"{min(two_r):.1f} to {max(two_r):.1f} ({max(two_r) - min(two_r):.1f} points)")
+    assert claim.endswith("not with capacity") == conclusion
+
+
 def test_padding_table_times_steps_as_the_figure_does(tmp_path):
     """CPU seconds where the study measured them (a 1-thread step's wall time counts whatever ran beside it),
     in the table, its claim and the figure alike; wall time only for a study without CPU times."""
