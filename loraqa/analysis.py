@@ -11,7 +11,6 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 
 from .data import SquadFormatError, load_squad
 from .metrics import normalize_answer
@@ -66,6 +65,15 @@ def question_type(question: str) -> str:
     return "other"
 
 
+def scores_by_question_type(questions: dict[str, str], per_question: dict[str, dict]) -> dict[str, dict]:
+    """{question word: {n, exact_match, f1}} (0-100), most frequent word first; `questions`: id -> question."""
+    types: dict[str, list[dict]] = defaultdict(list)
+    for qid, score in per_question.items():
+        types[question_type(questions[qid])].append(score)
+    return {t: {"n": len(scores), **{m: 100 * sum(s[m] for s in scores) / len(scores) for m in ("exact_match", "f1")}}
+            for t, scores in sorted(types.items(), key=lambda kv: -len(kv[1]))}
+
+
 def failure_category(prediction: str, golds: list[str], context: str, em: float, f1: float) -> str:
     """correct / empty / answered an unanswerable question / not in context / extra words / partial overlap /
     wrong span."""
@@ -91,14 +99,12 @@ def failure_report(eval_path: str, data_path: str | None = None, examples_per_ca
     result = read_evaluation(eval_path)
     records = {r["id"]: r for r in load_squad(data_path or result["data"], "validation")}
     categories: dict[str, list[str]] = defaultdict(list)
-    types: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for qid, score in result["per_question"].items():
         record = records[qid]
         prediction = result["predictions"].get(qid, "")
         category = failure_category(prediction, record["answers"]["text"], record["context"],
                                     score["exact_match"], score["f1"])
         categories[category].append(qid)
-        types[question_type(record["question"])].append((score["exact_match"], score["f1"]))
     n = len(result["per_question"])
     lines = [f"# Failure analysis: {eval_path}", "",
              f"{n} questions; EM {result['exact_match']:.1f}, F1 {result['f1']:.1f}.", "",
@@ -106,9 +112,9 @@ def failure_report(eval_path: str, data_path: str | None = None, examples_per_ca
     for category, ids in sorted(categories.items(), key=lambda kv: -len(kv[1])):
         lines.append(f"| {category} | {len(ids)} | {100 * len(ids) / n:.1f}% |")
     lines += ["", "| question type | count | EM | F1 |", "|---|---|---|---|"]
-    for qtype, scores in sorted(types.items(), key=lambda kv: -len(kv[1])):
-        lines.append(f"| {qtype} | {len(scores)} | {100 * np.mean([s[0] for s in scores]):.1f} | "
-                     f"{100 * np.mean([s[1] for s in scores]):.1f} |")
+    questions = {qid: records[qid]["question"] for qid in result["per_question"]}
+    for qtype, s in scores_by_question_type(questions, result["per_question"]).items():
+        lines.append(f"| {qtype} | {s['n']} | {s['exact_match']:.1f} | {s['f1']:.1f} |")
     for category, ids in categories.items():
         if category == "correct":
             continue

@@ -79,21 +79,19 @@ def failure_examples(eval_path: str, data_path: str | None = None, *, per_catego
     spans marked), for the report: {evaluation, n, counts: {category: count}, by_question_type: {type: {n,
     exact_match, f1}} (0-100), examples: [...]}. The examples come from different articles where the data
     allows (dev order would take them all from its first one)."""
-    from .analysis import failure_category, question_type, read_evaluation
+    from .analysis import failure_category, read_evaluation, scores_by_question_type
     from .data import load_squad
     from .metrics import normalize_answer
 
     result = read_evaluation(eval_path)
     records = {r["id"]: r for r in load_squad(data_path or result["data"], "validation")}
     counts: dict[str, int] = {}
-    types: dict[str, list[dict]] = {}
     candidates: dict[str, list[tuple[str, dict]]] = {}
     for qid, score in result["per_question"].items():
         record, prediction = records[qid], result["predictions"].get(qid, "")
         category = failure_category(prediction, record["answers"]["text"], record["context"],
                                     score["exact_match"], score["f1"])
         counts[category] = counts.get(category, 0) + 1
-        types.setdefault(question_type(record["question"]), []).append(score)
         if category != "correct":
             candidates.setdefault(category, []).append((qid, score))
     examples, articles = [], set()
@@ -119,8 +117,7 @@ def failure_examples(eval_path: str, data_path: str | None = None, *, per_catego
                              **excerpt(context, gold, predicted)})
     return {"evaluation": str(eval_path), "model": result.get("model"), "adapter": result.get("adapter"),
             "n": len(result["per_question"]), "counts": counts,
-            "by_question_type": {t: {"n": len(scores), **{m: 100 * sum(s[m] for s in scores) / len(scores)
-                                                          for m in ("exact_match", "f1")}}
-                                 for t, scores in sorted(types.items(), key=lambda kv: -len(kv[1]))},
+            "by_question_type": scores_by_question_type({q: records[q]["question"] for q in result["per_question"]},
+                                                        result["per_question"]),
             "examples": examples}
 
