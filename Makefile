@@ -11,7 +11,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: the CPU wheel here (a bare `torch` would pull a multi-GB CUDA build)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test,bench,report,demo]"
+	# the versions the results were made with (requirements.txt) as constraints: a fresh machine gets the same ones
+	$(PY) -m pip install --quiet -c requirements.txt -e ".[test,bench,report,demo]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -70,7 +71,7 @@ collect: fetch
 	test ! -f results/model_checkpoints/final/adapter_model.safetensors || $(MAKE) results/strategies_final_500.json
 	# failure categories and the report's examples of each: the final model's over all of dev once it exists,
 	# before that the complete grid's selection on the test subset (the demo's Errors tab opens the same file)
-	eval=$$($(PY) -c "from loraqa.study import final_evaluations; print(final_evaluations()[0])"); \
+	eval=$$($(PY) -c "from loraqa.study.collect import final_evaluations; print(final_evaluations()[0])"); \
 		test "$$eval" = results/eval_finetuned_500.json || \
 		$(LORAQA) failures $$eval --output results/failures_study.md --report_json results/failure_examples.json
 	$(LORAQA) plots --results results/evaluation_results.json --output_dir results/plots \

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .assets import ASSET_NAMES, FetchError
-from .config import ArgumentParser, ConfigError, default_cache_dir
+from .app.args import ArgumentParser
+from .config import ConfigError, default_cache_dir
+from .data.assets import ASSET_NAMES, FetchError
 
 log = logging.getLogger("loraqa")
 
@@ -27,7 +28,7 @@ def _fetch(argv):
                         help=f"assets to fetch: {', '.join(ASSET_NAMES)} (default: all)")
     parser.add_argument("--cache_dir", "--cache-dir", default=default_cache_dir(), help="cache (env LORAQA_CACHE)")
     args = parser.parse_args(argv)
-    from .assets import fetch
+    from .data.assets import fetch
 
     for name in args.assets or ASSET_NAMES:
         print(f"{name}: {fetch(name, args.cache_dir)}")
@@ -39,8 +40,8 @@ def _score(argv):
     parser.add_argument("dataset_file", help="SQuAD v1.1 or v2.0 dataset JSON")
     parser.add_argument("prediction_file", help="JSON object {question id: answer text}")
     args = parser.parse_args(argv)
-    from .data import SquadFormatError, read_squad_json, squad_references
-    from .metrics import squad_scores
+    from .data.squad import SquadFormatError, read_squad_json, squad_references
+    from .evaluation.metrics import squad_scores
 
     references = squad_references(read_squad_json(args.dataset_file))
     try:
@@ -66,10 +67,10 @@ def _data_stats(argv):
     parser.add_argument("--cache_dir", "--cache-dir", default=default_cache_dir())
     parser.add_argument("--output", default=None, help="also write the statistics as JSON here")
     args = parser.parse_args(argv)
-    from .assets import fetch, squad_file
-    from .config import write_json_atomic
-    from .data import load_squad, token_length_stats
-    from .modeling import load_tokenizer, resolve_model
+    from .data.assets import fetch, squad_file
+    from .files import write_json_atomic
+    from .data.squad import load_squad, token_length_stats
+    from .model.loading import load_tokenizer, resolve_model
 
     source = str(fetch("gpt2-tokenizer", args.cache_dir)) if args.model == "gpt2-tokenizer" else \
         resolve_model(args.model, args.cache_dir)
@@ -89,9 +90,10 @@ def _data_stats(argv):
 
 def _train(argv, defaults: dict | None = None):
     """`loraqa train`; `defaults` are a calling command's own settings (`run`'s), below the user's file and flags."""
-    from .config import (DataArguments, LoraArguments, LoraQATrainingArguments, ModelArguments,
-                         parse_config_with_sources)
-    from .train import train
+    from .config import DataArguments, LoraArguments, ModelArguments
+    from .training.arguments import LoraQATrainingArguments
+    from .app.args import parse_config_with_sources
+    from .training.run import train
 
     (model_args, lora_args, data_args, training_args), sources = parse_config_with_sources(
         (ModelArguments, LoraArguments, DataArguments, LoraQATrainingArguments), argv, defaults=defaults,
@@ -107,8 +109,9 @@ def _train(argv, defaults: dict | None = None):
 
 
 def _evaluate(argv):
-    from .config import GenerationSettings, ModelArguments, parse_config
-    from .evaluation import EvaluateArguments, evaluate, strategy_table
+    from .config import GenerationSettings, ModelArguments
+    from .app.args import parse_config
+    from .evaluation.evaluate import EvaluateArguments, evaluate, strategy_table
 
     model_args, eval_args, settings = parse_config((ModelArguments, EvaluateArguments, GenerationSettings), argv)
     result = evaluate(model_args, eval_args, settings)
@@ -128,8 +131,8 @@ def _compare(argv):
     parser.add_argument("--output", default=None, help="also write the comparison JSON here")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from .analysis import compare
-    from .config import write_json_atomic
+    from .evaluation.analysis import compare
+    from .files import write_json_atomic
 
     r = compare(args.a, args.b, seed=args.seed)
     em, f1 = r["exact_match"], r["f1"]
@@ -156,8 +159,8 @@ def _failures(argv):
                         "category counts and one example per category with a context excerpt "
                         "(results/failure_examples.json)")
     args = parser.parse_args(argv)
-    from .analysis import failure_report
-    from .config import write_json_atomic, write_text_atomic
+    from .evaluation.analysis import failure_report
+    from .files import write_json_atomic, write_text_atomic
 
     report = failure_report(args.evaluation, args.data, args.examples)
     if args.output:
@@ -166,7 +169,7 @@ def _failures(argv):
     else:
         print(report)
     if args.report_json:
-        from .report_inputs import failure_examples
+        from .report.inputs import failure_examples
 
         write_json_atomic(args.report_json, failure_examples(args.evaluation, args.data))
         print(f"written: {args.report_json}")
@@ -183,8 +186,9 @@ class AskArguments:
 
 
 def _ask(argv):
-    from .config import GenerationSettings, ModelArguments, parse_config
-    from .evaluation import answer_question, load_model_for_eval, training_max_length
+    from .config import GenerationSettings, ModelArguments
+    from .app.args import parse_config
+    from .evaluation.evaluate import answer_question, load_model_for_eval, training_max_length
 
     model_args, args, settings = parse_config((ModelArguments, AskArguments, GenerationSettings), argv)
     max_length = training_max_length(args.adapter)  # long contexts are cut as `evaluate` cuts them
@@ -204,8 +208,9 @@ def _ask(argv):
 
 
 def _bench(argv):
-    from .bench import BenchArguments, BenchMeasurementError, run_bench, summary_lines
-    from .config import ModelArguments, parse_config
+    from .measure.bench import BenchArguments, BenchMeasurementError, run_bench, summary_lines
+    from .config import ModelArguments
+    from .app.args import parse_config
 
     model_args, bench_args = parse_config((ModelArguments, BenchArguments), argv)
     try:
@@ -219,43 +224,18 @@ def _bench(argv):
 
 # `loraqa run`'s own settings: a user's --config file and flags override them (run_config.json: sources).
 # 12 minutes of training (steps sized by a speed probe) keep the whole job near 20 minutes on 2 CPU cores.
-RUN_DEFAULTS = {"output_dir": "runs/main", "max_train_samples": 3000, "max_eval_samples": 64, "eval_steps": 50,
-                "save_steps": 50, "logging_steps": 10, "max_train_minutes": 12}
-
-
 def _run(argv):
     """The main job (`make run`): fetch, fine-tune on a time budget, evaluate baseline and tuned, compare."""
-    from .analysis import compare
-    from .config import GenerationSettings, ModelArguments
-    from .evaluation import EvaluateArguments, evaluate
+    from .study.main_run import RUN_DEFAULTS, evaluate_run, summary_lines
 
     model_args, result = _train(argv, defaults=RUN_DEFAULTS)
-    out = Path(result.output_dir)
-    settings = GenerationSettings()
-    evaluations = {}
-    for name, adapter in (("baseline", None), ("finetuned", str(out))):
-        eval_args = EvaluateArguments(adapter=adapter, max_samples=300, output=str(out / f"eval_{name}.json"))
-        evaluations[name] = evaluate(ModelArguments(result.summary["model_resolved"], model_args.cache_dir),
-                                     eval_args, settings)
-    comparison = compare(str(out / "eval_baseline.json"), str(out / "eval_finetuned.json"))
-    from .config import write_json_atomic
-
-    write_json_atomic(out / "comparison.json", comparison)
-    print(f"\nmodel: {result.summary['model_resolved']}  ({result.summary['train_examples']} training questions, "
-          f"{result.summary['train_runtime_s']:.0f} s)")
-    for name, r in evaluations.items():
-        print(f"{name:10s} EM {r['exact_match']:5.1f} [{r['exact_match_ci'][0]:.1f}, {r['exact_match_ci'][1]:.1f}]"
-              f"  F1 {r['f1']:5.1f} [{r['f1_ci'][0]:.1f}, {r['f1_ci'][1]:.1f}]  on {r['n']} dev questions")
-    f1 = comparison["f1"]
-    print(f"F1 gain {f1['delta']:+.1f} [{f1['delta_ci'][0]:+.1f}, {f1['delta_ci'][1]:+.1f}], "
-          f"permutation p = {f1['permutation_p_value']:.3g}")
-    print(f"results: {out}/")
+    print("\n".join(summary_lines(evaluate_run(result.output_dir, model_args))))
 
 
 def _sweep(argv):
     parser = ArgumentParser(prog="loraqa sweep", description="Run a sweep spec: train + evaluate per run, "
                                      "resumable (rerun the same command after an interruption).")
-    parser.add_argument("spec", help="sweep spec YAML (see loraqa.sweep)")
+    parser.add_argument("spec", help="sweep spec YAML (see loraqa.study.sweep)")
     parser.add_argument("--output_dir", "--output-dir", required=True, help="where the run directories go")
     parser.add_argument("--print_commands", "--print-commands", action="store_true",
                         help="print each pending run as a stand-alone shell line instead of running it")
@@ -272,14 +252,14 @@ def _sweep(argv):
                         "README's study-table markers")
     args = parser.parse_args(argv)
     if args.collect:
-        from .study import collect, main_table, update_readme
+        from .study.collect import collect, main_table, update_readme
 
         result = collect(args.spec, args.output_dir, args.collect, checkpoints=args.checkpoints)
         print(f"{len(result['runs'])} runs collected, {len(result['pending'])} pending; written: {args.collect}")
         if args.readme and update_readme(args.readme, main_table(result)):
             print(f"main table updated in {args.readme}")
         return
-    from .sweep import run_sweep
+    from .study.sweep import run_sweep
 
     run_sweep(args.spec, args.output_dir, print_commands=args.print_commands, limit=args.max_runs,
               torch_threads=args.torch_threads)
@@ -295,7 +275,7 @@ def _plots(argv):
     parser.add_argument("--padding", default="results/padding_study.json", help="`loraqa padding-study` output")
     parser.add_argument("--cost", default="results/cost_study.json", help="`loraqa cost-study` output")
     args = parser.parse_args(argv)
-    from .plots import make_plots
+    from .study.plots import make_plots
 
     written = make_plots(args.results, args.output_dir, strategies=args.strategies, padding=args.padding,
                          cost=args.cost)
@@ -303,8 +283,9 @@ def _plots(argv):
 
 
 def _padding_study(argv):
-    from .config import ModelArguments, parse_config
-    from .padding import PaddingStudyArguments, run_padding_study, summary_lines
+    from .config import ModelArguments
+    from .app.args import parse_config
+    from .measure.padding import PaddingStudyArguments, run_padding_study, summary_lines
 
     model_args, study_args = parse_config((ModelArguments, PaddingStudyArguments),
                                           ["--model", "smollm2-135m"] + argv)
@@ -314,8 +295,9 @@ def _padding_study(argv):
 
 
 def _cost_study(argv):
-    from .config import ModelArguments, parse_config
-    from .cost import CostStudyArguments, run_cost_study, summary_lines
+    from .config import ModelArguments
+    from .app.args import parse_config
+    from .measure.cost import CostStudyArguments, run_cost_study, summary_lines
 
     model_args, study_args = parse_config((ModelArguments, CostStudyArguments), ["--model", "smollm2-135m"] + argv)
     result = run_cost_study(model_args, study_args)
@@ -332,7 +314,7 @@ def _report(argv):
     parser.add_argument("--source_dir", "--source-dir", default=None,
                         help="where the filled Typst source goes (default report/build)")
     args = parser.parse_args(argv)
-    from .report import ReportError, build_report
+    from .report.build import ReportError, build_report
 
     try:
         built = build_report(args.results, args.output, png_dir=args.png_dir, source_dir=args.source_dir)
@@ -346,32 +328,20 @@ def _report(argv):
 
 def _param_counts(argv):
     parser = ArgumentParser(prog="loraqa param-counts", description="LoRA parameter counts and per-step "
-                                     "costs in closed form (loraqa.lora_math) for GPT-2 (124M, from its config) and "
+                                     "costs in closed form (loraqa.measure.lora_math) for GPT-2 (124M, from its config) and "
                                      "the fetched SmolLM2-135M, and the prompt-token share of the training rows.")
     parser.add_argument("--cache_dir", "--cache-dir", default=default_cache_dir())
     parser.add_argument("--max_train_samples", type=int, default=2000, help="training questions for the token share")
     parser.add_argument("--output", default="results/parameter_counts.json")
     args = parser.parse_args(argv)
-    from transformers import AutoConfig, GPT2Config
+    from .files import run_metadata, write_json_atomic
+    from .measure.lora_math import parameter_counts
 
-    from .assets import fetch, squad_file
-    from .config import run_metadata, write_json_atomic
-    from .data import IGNORE_INDEX, build_train_dataset, load_squad, take_subset
-    from .lora_math import parameter_table
-    from .modeling import load_tokenizer
-
-    smollm2 = fetch("smollm2-135m", args.cache_dir)
-    table = parameter_table({"gpt2": GPT2Config(), "smollm2-135m": AutoConfig.from_pretrained(smollm2)})
-    rows, _ = build_train_dataset(take_subset(load_squad(squad_file("squad", "train", args.cache_dir)),
-                                              args.max_train_samples), load_tokenizer(str(smollm2)), max_length=512)
-    prompt = sum(sum(label == IGNORE_INDEX for label in labels) for labels in rows["labels"])
-    total = sum(len(labels) for labels in rows["labels"])
-    table["prompt_tokens"] = {"rows": len(rows), "prompt_tokens": prompt, "all_tokens": total,
-                              "prompt_share": prompt / total, "tokenizer": "smollm2-135m", "max_length": 512}
+    table = parameter_counts(args.cache_dir, max_train_samples=args.max_train_samples)
     write_json_atomic(args.output, {**table, **run_metadata()})
-    s = table["smollm2-135m"]["presets"]["attention"]["16"]
+    s, share = table["smollm2-135m"]["presets"]["attention"]["16"], table["prompt_tokens"]["prompt_share"]
     print(f"smollm2-135m attention r=16: {s['trainable_params']:,} trainable (x{s['reduction_factor']}); "
-          f"prompt tokens {100 * prompt / total:.1f}% of training tokens; written: {args.output}")
+          f"prompt tokens {100 * share:.1f}% of training tokens; written: {args.output}")
 
 
 def _demo(argv):
@@ -400,10 +370,10 @@ def _demo(argv):
 
     if importlib.util.find_spec("gradio") is None:  # the optional extra
         raise ConfigError("the demo needs gradio: pip install -e '.[demo]'")
-    from .demo import serve
+    from .app.demo import serve
     from .config import ModelArguments
 
-    from .study import final_evaluations
+    from .study.collect import final_evaluations
 
     errors = args.errors if args.errors is not None else final_evaluations()
     serve(ModelArguments(args.model, args.cache_dir), args.adapter, host=args.host, port=args.port,
@@ -429,8 +399,8 @@ def main(argv: list[str] | None = None) -> int:
               + f"; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from .data import SquadFormatError
-    from .modeling import ModelSetupError
+    from .data.squad import SquadFormatError
+    from .model.loading import ModelSetupError
 
     try:
         COMMANDS[argv[0]](argv[1:])

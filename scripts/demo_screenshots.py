@@ -18,9 +18,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from loraqa.assets import squad_file
+from loraqa.data.assets import squad_file
 from loraqa.config import default_cache_dir
-from loraqa.demo import dev_examples
+from loraqa.app.demo import dev_examples
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from loraqa.assets import fetch
+from loraqa.data.assets import fetch
 from loraqa.config import default_cache_dir
-from loraqa.modeling import load_tokenizer
+from loraqa.model.loading import load_tokenizer
 
 CACHE = Path(os.environ.get("LORAQA_CACHE", default_cache_dir())).resolve()
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))  # 1 beside a sweep

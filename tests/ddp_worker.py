@@ -5,8 +5,9 @@ import json
 import sys
 from pathlib import Path
 
-from loraqa.config import DataArguments, LoraArguments, LoraQATrainingArguments, ModelArguments
-from loraqa.train import fit, setup
+from loraqa.config import DataArguments, LoraArguments, ModelArguments
+from loraqa.training.arguments import LoraQATrainingArguments
+from loraqa.training.run import fit, setup
 
 # Plain SGD at learning rate 1 without clipping: the LoRA update is minus the gradient itself (AdamW's first step
 # would be about its sign). From a zero B, one step changes only B, by the gradient of B.

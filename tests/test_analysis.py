@@ -4,16 +4,16 @@ import sys
 
 import pytest
 
-from loraqa.analysis import compare, failure_category, failure_report, question_type
+from loraqa.evaluation.analysis import compare, failure_category, failure_report, question_type
 from loraqa.cli import main
-from loraqa.data import SquadFormatError, read_squad_json, squad_references
-from loraqa.metrics import score_questions, squad_scores
+from loraqa.data.squad import SquadFormatError, read_squad_json, squad_references
+from loraqa.evaluation.metrics import score_questions, squad_scores
 
 CONTEXT = "The Denver Broncos defeated the Carolina Panthers 24-10."
 
 
 def test_analysis_reads_result_files_without_torch():
-    probe = "import sys, loraqa.analysis; assert 'torch' not in sys.modules"
+    probe = "import sys, loraqa.evaluation.analysis; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", probe], check=True)
 
 
@@ -85,7 +85,7 @@ def test_failure_report_puts_each_known_example_in_its_category(tmp_path):
 def test_failure_examples_spread_over_articles_and_list_each_gold_once(tmp_path):
     """Dev order would take every example from its first article; equal golds up to SQuAD normalisation
     (an answer per annotator) are listed once, in their first spelling."""
-    from loraqa.report_inputs import failure_examples
+    from loraqa.report.inputs import failure_examples
 
     articles = []
     for title in ("first", "second", "third"):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import tiny_gpt2, tiny_llama
-from loraqa.attention import SharedPrefixBatch, shared_prefix_attention, supports_shared_prefix
-from loraqa.generate import PaddedRowsBatch
+from loraqa.model.attention import SharedPrefixBatch, shared_prefix_attention, supports_shared_prefix
+from loraqa.generation.decode import PaddedRowsBatch
 
 
 def _prompts(vocab_size: int):
@@ -100,7 +100,7 @@ def test_shared_prefix_runs_in_bfloat16(make_model):
 def test_importing_loraqa_registers_no_attention_function():
     """transformers' attention registry is global: loraqa registers its functions where it switches a model
     to them (`shared_prefix_attention`, `train.setup`), so no module relies on another's import side effect."""
-    code = ("import loraqa.cli, loraqa.evaluation, loraqa.generate, loraqa.train; "
+    code = ("import loraqa.cli, loraqa.evaluation.evaluate, loraqa.generation.decode, loraqa.training.run; "
             "from transformers import AttentionInterface; "
             "print(sorted(name for name in AttentionInterface._global_mapping if name.startswith('loraqa')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

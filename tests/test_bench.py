@@ -5,7 +5,7 @@ import torch
 
 from conftest import tiny_gpt2, tiny_llama
 from loraqa import bench
-from loraqa.bench import _decode_linear_seconds, _linear_layers, _matmul_params, summary_lines
+from loraqa.measure.bench import _decode_linear_seconds, _linear_layers, _matmul_params, summary_lines
 
 
 def test_matmul_params_count_the_transformer_matrices_and_the_head():

@@ -8,7 +8,7 @@ import torch
 
 from loraqa.cli import main
 from loraqa.config import GenerationSettings, ModelArguments
-from loraqa.evaluation import answer_question, load_model_for_eval
+from loraqa.evaluation.evaluate import answer_question, load_model_for_eval
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -139,8 +139,8 @@ def test_mistyped_flag_or_command_is_one_line_with_the_closest_spelling(argv, me
 
 def test_unloadable_model_or_data_is_one_line_before_anything_loads(tmp_path, squad_file, tiny_gpt2_dir, capsys,
                                                                       monkeypatch):
-    monkeypatch.setattr("loraqa.modeling.hub_status", lambda repo_id, repo_type="model": None)  # offline
-    monkeypatch.setattr("loraqa.train.hub_status", lambda repo_id, repo_type="model": None)
+    monkeypatch.setattr("loraqa.model.loading.hub_status", lambda repo_id, repo_type="model": None)  # offline
+    monkeypatch.setattr("loraqa.training.run.hub_status", lambda repo_id, repo_type="model": None)
     run = tmp_path / "run"
     assert main(["train", "--model", "x", "--train_file", str(squad_file), "--output_dir", str(run)]) == 2
     assert _one_line_error(capsys).startswith("loraqa train: error: model 'x': no such directory, alias or hub model "
@@ -163,7 +163,7 @@ def test_run_defaults_yield_to_the_users_file_and_flags(tmp_path, monkeypatch):
     def stop(*args, sources):
         raise Stop(args, sources)
 
-    monkeypatch.setattr("loraqa.train.train", stop)
+    monkeypatch.setattr("loraqa.training.run.train", stop)
     config = tmp_path / "mine.yaml"
     config.write_text("output_dir: runs/mine\nmax_train_samples: 500\n")
     with pytest.raises(Stop) as stopped:
@@ -207,12 +207,12 @@ def test_output_dir_of_another_configuration_is_refused(tmp_path, tiny_gpt2_dir,
 
 
 def test_time_budget_sizes_the_schedule_to_end_at_zero(tmp_path, tiny_gpt2_dir, squad_file, monkeypatch):
-    import loraqa.train
+    import loraqa.training.run
 
     # a probed 4 s a step against the real few milliseconds: the budget (2 min) is far from the deadline even on a
     # loaded machine, where a tighter one (30 s) was reached while setting up
     probe = {"step_s": 4.0, "evaluation_s": 2.0, "timed_batches": 4, "warmup_batch_s": 0.1}
-    monkeypatch.setattr(loraqa.train, "probe_seconds", lambda trainer: dict(probe))
+    monkeypatch.setattr(loraqa.training.run, "probe_seconds", lambda trainer: dict(probe))
     run = tmp_path / "run"
     assert main(_train_argv(tiny_gpt2_dir, squad_file, run, "--max_train_minutes", "2", "--max_steps", "1000",
                             "--eval_steps", "10", "--warmup_ratio", "0")) == 0
@@ -246,3 +246,24 @@ def test_probe_changes_nothing_about_the_run(tmp_path, tiny_gpt2_dir, squad_file
     plain, probed = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("plain", "probed"))
     assert any(v.abs().sum() > 0 for k, v in plain.items() if "lora_B" in k)  # trained, B no longer zero
     assert plain.keys() == probed.keys() and all(torch.equal(plain[k], probed[k]) for k in plain)
+
+
+def test_run_summary_says_what_the_budget_trained(tmp_path):
+    """`make run` on a budget that cut the schedule names the steps and questions actually trained."""
+    from loraqa.study.main_run import summary_lines, trained
+
+    run = tmp_path / "main"
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps({"training": {
+        "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "num_train_epochs": 1.0, "max_steps": -1}}))
+    (run / "summary.json").write_text(json.dumps({
+        "model_resolved": "m", "train_examples": 3000, "global_steps": 179, "train_runtime_s": 700.0,
+        "budget": {"max_train_minutes": 12, "steps_without_budget": 375, "limited": True, "stopped_at_deadline": None}}))
+    done = trained(run)
+    assert (done["steps"], done["planned_steps"], done["questions"], done["cut_by_budget"]) == (179, 375, 1432, True)
+    scores = {"exact_match": 50.0, "exact_match_ci": [45.0, 55.0], "f1": 60.0, "f1_ci": [55.0, 65.0], "n": 300}
+    result = {"run_dir": str(run), "summary": json.loads((run / "summary.json").read_text()), "trained": done,
+              "evaluations": {"baseline": scores, "finetuned": scores},
+              "comparison": {"f1": {"delta": 0.0, "delta_ci": [-1.0, 1.0], "permutation_p_value": 1.0}}}
+    assert "trained 179 of 375 steps: 1,432 of 3,000 training questions, the rest cut by the 12-minute budget" in \
+        summary_lines(result)[0]

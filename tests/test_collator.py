@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from conftest import tiny_gpt2, tiny_llama
-from loraqa.collator import ContextGroupedSampler, QADataCollator, SharedContextCollator
-from loraqa.data import IGNORE_INDEX, build_train_dataset, load_squad
-from loraqa.train import PARAGRAPH_ATTENTION, register_paragraph_attention
+from loraqa.data.collate import ContextGroupedSampler, QADataCollator, SharedContextCollator
+from loraqa.data.squad import IGNORE_INDEX, build_train_dataset, load_squad
+from loraqa.model.attention import PARAGRAPH_ATTENTION, register_paragraph_attention
 
 
 def test_collator_pads_right_and_keeps_eos_label_when_pad_is_eos(gpt2_tokenizer):

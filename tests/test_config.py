@@ -2,8 +2,9 @@ import dataclasses
 
 import pytest
 
-from loraqa.config import (ConfigError, DataArguments, LoraArguments, LoraQATrainingArguments, ModelArguments,
-                           parse_config, parse_config_with_sources)
+from loraqa.config import ConfigError, DataArguments, LoraArguments, ModelArguments
+from loraqa.training.arguments import LoraQATrainingArguments
+from loraqa.app.args import parse_config, parse_config_with_sources
 
 TRAIN = (ModelArguments, LoraArguments, DataArguments, LoraQATrainingArguments)
 

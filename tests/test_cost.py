@@ -1,12 +1,12 @@
-"""loraqa.cost: every configuration measured on the same batches, in its own process, with the counts and
+"""loraqa.measure.cost: every configuration measured on the same batches, in its own process, with the counts and
 checkpoint sizes the configuration implies."""
 import json
 
 from transformers import AutoConfig
 
 from loraqa.cli import main
-from loraqa.cost import CostStudyArguments, summary_lines
-from loraqa.lora_math import lora_trainable_parameters
+from loraqa.measure.cost import CostStudyArguments, summary_lines
+from loraqa.measure.lora_math import lora_trainable_parameters
 
 
 def test_configurations_cross_targets_and_ranks_then_full_finetuning():

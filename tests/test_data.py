@@ -4,9 +4,9 @@ import datasets
 import pytest
 
 from conftest import SQUAD
-from loraqa.data import (IGNORE_INDEX, SKIP_TOO_LONG, SKIP_UNANSWERABLE, SquadFormatError, build_train_dataset,
-                         encode_prompt, format_prompt, load_squad, preprocess_function, read_squad_json, take_subset,
-                         token_length_stats)
+from loraqa.data.squad import (IGNORE_INDEX, SKIP_TOO_LONG, SKIP_UNANSWERABLE, SquadFormatError, build_train_dataset,
+                               encode_prompt, format_prompt, load_squad, preprocess_function, read_squad_json,
+                               take_subset, token_length_stats)
 
 
 def _rows(tokenizer, path, max_length=512, **kwargs):

@@ -1,4 +1,4 @@
-"""loraqa.demo: the pure helpers without a browser, the Ask logic on a tiny model, and `loraqa demo` itself
+"""loraqa.app.demo: the pure helpers without a browser, the Ask logic on a tiny model, and `loraqa demo` itself
 driven as a person would, in headless Chromium through Selenium (skipped, saying why, without them)."""
 from __future__ import annotations
 
@@ -18,14 +18,15 @@ import torch
 from conftest import SQUAD, SUPER_BOWL, TREASURE, tiny_gpt2
 
 from loraqa.config import ConfigError, GenerationSettings, LoraArguments, ModelArguments
-from loraqa.data import read_squad_json, squad_references
-from loraqa.demo import (answer, ask, demo_settings, error_rows, evaluation_labels, filter_rows, find_span, highlight_spans,
-                         load_demo_models, load_error_rows, parse_golds, render_error, shade_tokens, table_rows,
-                         token_probabilities)
-from loraqa.evaluation import answer_question, load_model_for_eval
-from loraqa.generate import generate_answers
-from loraqa.metrics import score_questions
-from loraqa.modeling import attach_lora
+from loraqa.data.squad import read_squad_json, squad_references
+from loraqa.app.demo import (answer, ask, demo_settings, evaluation_labels, load_demo_models, load_error_rows,
+                             token_probabilities)
+from loraqa.app.demo_view import (error_rows, filter_rows, find_span, highlight_spans, parse_golds, render_error,
+                                  shade_tokens, table_rows)
+from loraqa.evaluation.evaluate import answer_question, load_model_for_eval
+from loraqa.generation.decode import generate_answers
+from loraqa.evaluation.metrics import score_questions
+from loraqa.model.lora import attach_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER_MAX_LENGTH = 128

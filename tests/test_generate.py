@@ -3,12 +3,12 @@ import torch
 from transformers import LogitsProcessorList
 
 from conftest import tiny_gpt2, tiny_llama
-from loraqa.attention import SharedPrefixBatch, shared_prefix_attention, supports_shared_prefix
+from loraqa.model.attention import SharedPrefixBatch, shared_prefix_attention, supports_shared_prefix
 from loraqa.config import ConfigError, GenerationSettings
-from loraqa.data import load_squad
-from loraqa.evaluation import one_by_one_answers
-from loraqa.generate import (PaddedRowsBatch, _decode, _Rows, answer_text, generate_answer_sets, generate_answers,
-                             stop_token_ids)
+from loraqa.data.squad import load_squad
+from loraqa.evaluation.evaluate import one_by_one_answers
+from loraqa.generation.decode import (PaddedRowsBatch, _decode, _Rows, answer_text, generate_answer_sets,
+                                      generate_answers, stop_token_ids)
 from test_attention import _prompts
 
 
@@ -124,7 +124,7 @@ def test_finished_rows_of_a_merged_batch_stay_inside_their_buffer(make_model):
 def test_leftover_rows_finish_with_other_batches(gpt2_tokenizer, squad_file, monkeypatch):
     """With answers of many lengths (every fifth token stops a row), the rows left at the end of a batch are
     finished together with later batches' and the answers stay those of one-by-one `generate`."""
-    import loraqa.generate as generate
+    import loraqa.generation.decode as generate
 
     monkeypatch.setattr(generate, "stop_token_ids", lambda tokenizer: torch.arange(0, len(tokenizer), 5))
     merges = []
@@ -160,8 +160,8 @@ def test_shared_prefix_work_and_attention_restored(gpt2_tokenizer, squad_file):
     generate_answers(model, gpt2_tokenizer, records, settings=GenerationSettings(max_new_tokens=3), progress=False,
                      stats=work)
     assert model.config._attn_implementation == before
-    from loraqa.data import encode_prompt
-    from loraqa.generate import max_prompt_tokens
+    from loraqa.data.squad import encode_prompt
+    from loraqa.generation.decode import max_prompt_tokens
 
     limit = max_prompt_tokens(model, GenerationSettings(max_new_tokens=3))
     prompts = [encode_prompt(gpt2_tokenizer, r["context"], r["question"], limit) for r in records]

@@ -15,9 +15,9 @@ from transformers.pytorch_utils import Conv1D
 
 from loraqa import lora_math
 from loraqa.config import LoraArguments, default_cache_dir
-from loraqa.lora_math import (LoraLinear, base_parameters, full_layer_costs, lora_layer_costs,
-                              lora_trainable_parameters, step_costs)
-from loraqa.modeling import PRESETS, attach_lora, count_parameters
+from loraqa.measure.lora_math import (LoraLinear, base_parameters, full_layer_costs, lora_layer_costs,
+                                      lora_trainable_parameters, step_costs)
+from loraqa.model.lora import PRESETS, attach_lora, count_parameters
 
 SMOLLM2 = Path(os.environ.get("LORAQA_CACHE", default_cache_dir())).resolve() / "smollm2-135m"  # its config.json
 N, D_IN, D_OUT, R, ALPHA = 5, 7, 6, 3, 6

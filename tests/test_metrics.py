@@ -3,7 +3,7 @@ import json
 import pytest
 
 from loraqa.cli import main
-from loraqa.metrics import exact_match_score, f1_score, normalize_answer, score_questions, squad_scores
+from loraqa.evaluation.metrics import exact_match_score, f1_score, normalize_answer, score_questions, squad_scores
 
 
 @pytest.mark.parametrize("text, expected", [

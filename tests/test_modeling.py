@@ -5,8 +5,8 @@ import torch
 
 from conftest import CACHE, tiny_gpt2, tiny_llama
 from loraqa.config import LoraArguments
-from loraqa.modeling import (ModelSetupError, attach_lora, count_parameters, load_adapter, resolve_model,
-                             resolve_target_modules)
+from loraqa.model.loading import ModelSetupError, load_adapter, resolve_model
+from loraqa.model.lora import attach_lora, count_parameters, resolve_target_modules
 
 
 def _lora_layers(peft_model):
@@ -91,7 +91,7 @@ def test_adapter_for_another_model_is_rejected(tmp_path):
 def _no_hub(monkeypatch, answer=None):
     """The hub as `hub_status` sees it: None unreachable, False no such repo; records what was asked."""
     asked = []
-    monkeypatch.setattr("loraqa.modeling.hub_status",
+    monkeypatch.setattr("loraqa.model.loading.hub_status",
                         lambda repo_id, repo_type="model": asked.append(repo_id) or answer)
     return asked
 
@@ -114,7 +114,7 @@ def test_gpt2_falls_back_after_one_quick_hub_request(monkeypatch):
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HTTPError
 
-    from loraqa.assets import GPT2_HUB_ID, HUB_TIMEOUT_S, hub_status
+    from loraqa.data.assets import GPT2_HUB_ID, HUB_TIMEOUT_S, hub_status
 
     calls = []
 
@@ -138,7 +138,7 @@ def test_gpt2_falls_back_after_one_quick_hub_request(monkeypatch):
 def test_offline_mode_asks_the_hub_nothing(monkeypatch):
     from huggingface_hub import HfApi
 
-    from loraqa.assets import hub_status
+    from loraqa.data.assets import hub_status
 
     monkeypatch.setattr(HfApi, "repo_info", lambda *a, **k: pytest.fail("the hub was asked in offline mode"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)

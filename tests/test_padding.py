@@ -8,9 +8,9 @@ import pytest
 from conftest import tiny_llama
 from loraqa import padding
 from loraqa.cli import main
-from loraqa.collator import QADataCollator
-from loraqa.data import IGNORE_INDEX, build_train_dataset, load_squad
-from loraqa.padding import STRATEGIES, PaddingStudyArguments
+from loraqa.data.collate import QADataCollator
+from loraqa.data.squad import IGNORE_INDEX, build_train_dataset, load_squad
+from loraqa.measure.padding import STRATEGIES, PaddingStudyArguments
 
 MAX_LENGTH = 8
 

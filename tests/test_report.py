@@ -1,4 +1,4 @@
-"""loraqa.report: the report builds offline from a small results fixture, every number it prints is read from
+"""loraqa.report.build: the report builds offline from a small results fixture, every number it prints is read from
 its source, claims follow the numbers in both directions, and what is missing is printed as pending."""
 import json
 import re
@@ -9,12 +9,12 @@ import pytest
 
 pytest.importorskip("typst")
 
-from loraqa.report import PLACEHOLDER, ReportError, build_report, count_pages  # noqa: E402
-from loraqa.report_inputs import excerpt, label_example  # noqa: E402
-from loraqa.report_text import (FORMATS, OPS, Number, claim_agreement, claim_best_strategy, claim_bf16, claim_count, claim_curve,  # noqa: E402
-                                claim_difference, claim_edge, claim_identical, claim_padding, claim_same_loss, claim_sampling,
-                                claim_significant, claim_trend)
-from loraqa.report_values import FIGURES, report_values  # noqa: E402
+from loraqa.report.build import PLACEHOLDER, ReportError, build_report, count_pages  # noqa: E402
+from loraqa.report.inputs import excerpt, label_example  # noqa: E402
+from loraqa.report.text import (FORMATS, OPS, Number, claim_agreement, claim_best_strategy, claim_bf16, claim_count,
+                                claim_curve, claim_difference, claim_edge, claim_identical, claim_padding,
+                                claim_same_loss, claim_sampling, claim_significant, claim_trend)
+from loraqa.report.values import FIGURES, report_values  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 FIXTURE = Path(__file__).parent / "fixtures" / "report"
@@ -286,7 +286,7 @@ def test_a_placeholder_without_a_value_stops_the_build_naming_it(tmp_path, monke
 def test_theory_placeholders_all_have_values_from_lora_math():
     from transformers import GPT2Config
 
-    from loraqa.lora_math import lora_trainable_parameters
+    from loraqa.measure.lora_math import lora_trainable_parameters
 
     values = report_values(FIXTURE)
     names = _placeholders(SECTIONS / "theory.typ")

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import TopPLogitsWarper
 
-from loraqa.sampling import NucleusFilter, choose
+from loraqa.generation.sampling import NucleusFilter, choose
 
 
 @pytest.mark.parametrize("top_p", [0.5, 0.8, 0.9, 0.95])

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from loraqa.stats import bootstrap_ci, holm, mcnemar_pvalue, paired_comparison, paired_permutation_pvalue
+from loraqa.evaluation.stats import bootstrap_ci, holm, mcnemar_pvalue, paired_comparison, paired_permutation_pvalue
 
 
 def test_bootstrap_ci_matches_the_normal_approximation():

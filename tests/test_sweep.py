@@ -7,9 +7,9 @@ import pytest
 import yaml
 
 from loraqa.config import ConfigError
-from loraqa.data import heldout_split, load_squad
-from loraqa.sweep import Run, commands, estimated_seconds, load_spec, measured_rates, plan, run_sweep
-from loraqa.stats import PERMUTATION_RESAMPLES
+from loraqa.data.squad import heldout_split, load_squad
+from loraqa.study.sweep import Run, commands, estimated_seconds, load_spec, measured_rates, plan, run_sweep
+from loraqa.evaluation.stats import PERMUTATION_RESAMPLES
 
 
 def _spec(tmp_path, model_dir, squad_file) -> str:
@@ -88,7 +88,7 @@ def test_sweep_runs_each_run_once_resumes_and_collects(tmp_path, tiny_gpt2_dir, 
             assert (run_dir / "train.log").read_text().count("$ loraqa train") == 1, run_dir.name  # never twice
     assert run_sweep(spec, str(out)) == {r: "done" for r in second}  # a third call finds nothing to do
 
-    from loraqa.study import collect
+    from loraqa.study.collect import collect
 
     results = collect(spec, str(out), str(tmp_path / "evaluation_results.json"), checkpoints=str(tmp_path / "ckpt"))
     on_disk = json.loads((tmp_path / "evaluation_results.json").read_text())
@@ -150,7 +150,7 @@ def test_sweep_runs_each_run_once_resumes_and_collects(tmp_path, tiny_gpt2_dir, 
     assert final_eval["adapter"] == str(out / final["run_id"])
     assert final_eval["f1"] == pytest.approx(results["final"]["test"]["f1"])
 
-    from loraqa.study import main_table, settings_text, update_readme
+    from loraqa.study.collect import main_table, settings_text, update_readme
 
     table = main_table(results)
     assert all(settings_text(run) in table for run in grid)
@@ -200,7 +200,7 @@ def test_eta_scales_with_each_runs_questions_and_method(tmp_path):
 
 
 def test_selection_agreement_ranks_the_grid_on_both_sets():
-    from loraqa.study import selection_agreement
+    from loraqa.study.collect import selection_agreement
 
     def run(name, validation, test):
         return {"run_id": name, "scores": {"validation": {"f1": validation}, "test": {"f1": test}}}
@@ -226,7 +226,7 @@ def test_heldout_articles_are_whole_and_never_trained_on(squad_file):
 
 
 def test_demo_opens_the_final_models_full_dev_errors_once_the_study_has_them(tmp_path):
-    from loraqa.study import PRELIMINARY_EVALUATIONS, final_evaluations
+    from loraqa.study.collect import PRELIMINARY_EVALUATIONS, final_evaluations
 
     results = tmp_path / "evaluation_results.json"
     assert final_evaluations(results) == PRELIMINARY_EVALUATIONS  # no study yet

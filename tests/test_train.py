@@ -6,11 +6,15 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from conftest import tiny_gpt2, tiny_llama
-from loraqa.collator import QADataCollator, SharedContextCollator
-from loraqa.config import DataArguments, LoraArguments, LoraQATrainingArguments, ModelArguments
-from loraqa.data import build_train_dataset, load_squad
-from loraqa.modeling import ModelSetupError, attach_lora
-from loraqa.train import PARAGRAPH_ATTENTION, answer_loss, fit, register_paragraph_attention, setup, train
+from loraqa.data.collate import QADataCollator, SharedContextCollator
+from loraqa.config import DataArguments, LoraArguments, ModelArguments
+from loraqa.training.arguments import LoraQATrainingArguments
+from loraqa.data.squad import build_train_dataset, load_squad
+from loraqa.model.loading import ModelSetupError
+from loraqa.model.lora import attach_lora
+from loraqa.model.attention import PARAGRAPH_ATTENTION, register_paragraph_attention
+from loraqa.training.loss import answer_loss
+from loraqa.training.run import fit, setup, train
 
 
 @pytest.mark.parametrize("collate", ["padded", "shared_context"])

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
-from .data import IGNORE_INDEX
+from .squad import IGNORE_INDEX
 
 
 class QADataCollator:
@@ -31,7 +31,7 @@ class QADataCollator:
 
     def __init__(self, tokenizer, pad_to_multiple_of: int | None = None):
         if tokenizer.pad_token_id is None:
-            raise ValueError("the tokenizer has no pad token; load it through loraqa.modeling.load_tokenizer")
+            raise ValueError("the tokenizer has no pad token; load it through loraqa.model.loading.load_tokenizer")
         self.pad_token_id = tokenizer.pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
 

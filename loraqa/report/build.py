@@ -15,7 +15,7 @@ Output: `source_dir` (default report/build/) holding main.typ and sections/*.typ
 filled and the figures copied next to them; the PDF; optionally one PNG per page.
 
 The prose lives in report/sections/*.typ, one file per section, with `{{name}}` placeholders, filled from
-`loraqa.report_values` (what each result says) through `loraqa.report_text` (numbers and claims). A number
+`loraqa.report.values` (what each result says) through `loraqa.report.text` (numbers and claims). A number
 enters the text only through `Values.put/number`, which records the files, JSON pointers, operation and
 format it came from, so a test can re-read every printed number from its source. A value that does not
 exist becomes `missing("name: where")`, which stops compilation with that message if the text around it is
@@ -31,11 +31,11 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import write_bytes_atomic
-from .report_text import ReportError, Values, literal  # noqa: F401 (ReportError: the API's error)
-from .report_values import report_values
+from ..files import write_bytes_atomic
+from .text import ReportError, Values, literal
+from .values import report_values
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "report"
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "report"
 BUILD_MARKER = ".loraqa-report-build"
 SECTIONS = ("abstract", "introduction", "methodology", "results", "analysis", "theory", "conclusion")
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")

@@ -1,8 +1,8 @@
 """Result files -> the study's figures, PNG (README) and PDF (report), in one matplotlib style.
 
 Inputs: `results/evaluation_results.json` (`study.collect`'s schema), optionally strategy-grid evaluations
-(`loraqa evaluate --strategy_grid true`), `results/padding_study.json` (`loraqa.padding`) and
-`results/cost_study.json` (`loraqa.cost`). Outputs, in
+(`loraqa evaluate --strategy_grid true`), `results/padding_study.json` (`loraqa.measure.padding`) and
+`results/cost_study.json` (`loraqa.measure.cost`). Outputs, in
 `output_dir`: loss_curves, params_vs_f1, f1_heatmaps, cost, decoding_strategies, padding_study (.png, .pdf).
 
 The study fills its results file run by run, so every plot draws whatever runs exist and leaves out, with a

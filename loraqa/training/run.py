@@ -1,15 +1,14 @@
-"""Fine-tune a causal LM on SQuAD with LoRA (or fully, the control) on the Hugging Face Trainer.
+"""Fine-tune a causal LM on SQuAD with LoRA (or fully, the control): the recipe.
 
-`setup(...)` builds model, tokenizer, datasets and trainer; `fit(setup)` runs the Trainer and writes the
-run directory: the PEFT adapter (or the full model), the tokenizer, `run_config.json` (every resolved
-setting and where it came from), `metrics.jsonl` and `summary.json`. Every setting is checked before anything
-heavy loads, including that `output_dir` holds no run of another configuration. With `max_train_minutes`,
-a few steps timed before training size `max_steps` to the budget. Two things differ from a plain Trainer run:
-- the loss is computed from logits at answer positions only (`answer_loss`): the LM head over a
-  50k vocabulary is a quarter of the compute and the largest activation, yet only answers carry loss;
-- by default a batch's questions on the same paragraph share one encoding of it (see `collator`).
-Both leave the optimised objective unchanged: a token-level mean over answer tokens.
+`setup(...)` checks every setting before anything heavy loads (including that `output_dir` holds no run of
+another configuration), then builds model, tokenizer, datasets and Trainer and, with a time budget, sizes its
+steps; `fit(setup)` trains and writes the run directory: the PEFT adapter (or the full model), the tokenizer,
+`run_config.json` (every resolved setting and where it came from), `metrics.jsonl` and `summary.json`.
+Two things differ from a plain Trainer run, neither changing the optimised objective (a token-level mean
+over answer tokens): the loss needs logits at answer positions only (`loss`), and by default a batch's
+questions on one paragraph share one encoding of it (`data.collate`, `model.attention`).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -17,7 +16,6 @@ import json
 import logging
 import math
 import os
-import resource
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,161 +23,21 @@ from pathlib import Path
 
 import datasets
 import torch
-import torch.nn.functional as F
-from transformers import AttentionInterface, Trainer, TrainerCallback, set_seed
-from transformers.trainer_utils import IntervalStrategy
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers import Trainer, set_seed
 
-from .assets import hub_status, squad_file
-from .attention import supports_shared_prefix
-from .collator import ContextGroupedSampler, QADataCollator, SharedContextCollator
-from .config import (ConfigError, DataArguments, LoraArguments, LoraQATrainingArguments, ModelArguments, run_metadata,
-                     to_dict, write_json_atomic, write_text_atomic)
-from .data import IGNORE_INDEX, build_train_dataset, data_fingerprint, heldout_split, load_squad, take_subset
-from .modeling import ModelSetupError, attach_lora, count_parameters, load_model_and_tokenizer
+from ..config import ConfigError, DataArguments, LoraArguments, ModelArguments, to_dict
+from ..data.assets import hub_status, squad_file
+from ..data.collate import QADataCollator, SharedContextCollator
+from ..data.squad import build_train_dataset, data_fingerprint, heldout_split, load_squad, take_subset
+from ..files import run_metadata, write_json_atomic, write_text_atomic
+from ..model.attention import PARAGRAPH_ATTENTION, register_paragraph_attention, supports_shared_prefix
+from ..model.loading import ModelSetupError, load_model_and_tokenizer
+from ..model.lora import attach_lora, count_parameters
+from .arguments import LoraQATrainingArguments
+from .budget import Deadline, fit_to_budget
+from .trainer import MetricsLogger, QATrainer, peak_memory_mb
 
 logger = logging.getLogger(__name__)
-
-PARAGRAPH_ATTENTION = "loraqa_paragraphs"
-
-
-def _paragraph_attention(module, query, key, value, attention_mask, paragraph_spans: list | None = None,
-                         **kwargs):
-    """transformers' sdpa attention, one paragraph of a shared-context row at a time: the paragraphs never
-    attend to each other, so the mask's cross-paragraph blocks are skipped instead of computed and masked
-    (training steps ~10% faster at batch 8). Without spans it is plain sdpa."""
-    if paragraph_spans is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    outputs = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
-                                      attention_mask[:, :, s:e, s:e], **kwargs)[0] for s, e in paragraph_spans]
-    return torch.cat(outputs, dim=1), None  # (1, T, heads, head_dim)
-
-
-def register_paragraph_attention() -> None:
-    """Make PARAGRAPH_ATTENTION a name that attention layers resolve. transformers' registry is global, so the
-    code that sets the implementation registers it first (as `setup` does), never an import."""
-    AttentionInterface.register(PARAGRAPH_ATTENTION, _paragraph_attention)
-
-
-def answer_loss(model, batch: dict[str, torch.Tensor], *, answer_only: bool = True,
-                num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
-    """Causal-LM cross-entropy over answer tokens, with logits computed only where they are needed.
-
-    Returns sum(CE) / num_items_in_batch when given (token mean over an accumulated batch), else the mean.
-    """
-    total, count = answer_loss_sum(model, batch, answer_only=answer_only)
-    return total / (num_items_in_batch if num_items_in_batch is not None else count)
-
-
-def answer_loss_sum(model, batch: dict[str, torch.Tensor], *, answer_only: bool = True
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed cross-entropy over the batch's labelled tokens, their count).
-
-    Position t predicts token t+1, so the LM head runs on the positions `keep` where some row has a label
-    at t+1 (`logits_to_keep`, supported by every transformers causal LM); with `answer_only=False` it runs
-    on all positions (the usual computation), giving the same loss.
-    """
-    labels = batch["labels"]
-    targets = labels[:, 1:]  # (B, T-1)
-    if answer_only:
-        keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)  # (K,)
-    else:
-        keep = torch.arange(targets.shape[1], device=labels.device)
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "paragraph_spans")}
-    if inputs["attention_mask"].dim() == 4:  # the shared-context block mask is additive, in the model's dtype
-        inputs["attention_mask"] = inputs["attention_mask"].to(next(model.parameters()).dtype)
-    core = getattr(model, "module", model)  # inside DistributedDataParallel
-    if "paragraph_spans" in batch and core.config._attn_implementation == PARAGRAPH_ATTENTION:
-        inputs["paragraph_spans"] = batch["paragraph_spans"].tolist()
-    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (B, K, V)
-    picked = targets[:, keep]  # (B, K)
-    total = F.cross_entropy(logits.flatten(0, 1).float(), picked.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    return total, (picked != IGNORE_INDEX).sum()
-
-
-class QATrainer(Trainer):
-    """Trainer with the answer loss and, for shared-context packing, paragraph-grouped random sampling
-    (`train_sampling_strategy="sequential"` keeps file order, where a paragraph's questions are adjacent)."""
-
-    def __init__(self, *args, answer_only_logits: bool = True, packing: str = "shared_context", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.answer_only_logits = answer_only_logits
-        self.packing = packing
-        self.processed_tokens = 0  # tokens run through the model in training (padding included): for FLOP/s
-        self.logit_positions = 0  # rows x positions that went through the LM head
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = answer_loss(model, inputs, answer_only=self.answer_only_logits, num_items_in_batch=num_items_in_batch)
-        if model.training:
-            self.processed_tokens += inputs["input_ids"].numel()
-            self.logit_positions += inputs["input_ids"].shape[0] * (
-                int((inputs["labels"][:, 1:] != IGNORE_INDEX).any(0).sum()) if self.answer_only_logits
-                else inputs["input_ids"].shape[1] - 1)
-        # A loss normalised by the token count of the whole accumulated batch needs no further 1/GA scaling.
-        self.loss_is_scaled_for_ga = num_items_in_batch is not None
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
-        return (loss, None) if return_outputs else loss
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Validation loss as the token mean over the whole validation set, the training objective's own
-        definition (the Trainer's loop averages batch means, which depends on batch size and packing)."""
-        dataloader = self.get_eval_dataloader(eval_dataset)
-        model = self.model
-        was_training = model.training
-        model.eval()
-        started, sums = time.perf_counter(), torch.zeros(2, dtype=torch.float64, device=self.args.device)
-        with torch.no_grad():
-            for batch in dataloader:
-                total, count = answer_loss_sum(model, self._prepare_inputs(batch), answer_only=self.answer_only_logits)
-                sums += torch.stack([total.double(), count.double()])
-        sums = self.accelerator.reduce(sums, reduction="sum")
-        model.train(was_training)
-        metrics = {f"{metric_key_prefix}_loss": float(sums[0] / sums[1]),
-                   f"{metric_key_prefix}_tokens": int(sums[1]),
-                   f"{metric_key_prefix}_runtime": time.perf_counter() - started}
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
-
-    def _get_train_sampler(self, train_dataset=None):
-        if self.packing == "shared_context" and self.args.train_sampling_strategy == "random":
-            dataset = train_dataset if train_dataset is not None else self.train_dataset
-            return ContextGroupedSampler(dataset["context_key"], seed=self.args.seed)
-        return super()._get_train_sampler(train_dataset)
-
-
-def peak_memory_mb() -> float:
-    """Peak GPU memory when on CUDA, else the process's peak resident set size."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class MetricsLogger(TrainerCallback):
-    """Append every Trainer log (loss, eval_loss, learning_rate, grad_norm) to metrics.jsonl, with speed."""
-
-    def __init__(self, path: Path, examples_per_step: int, tokens_per_example: float):
-        self.path = path
-        self.examples_per_step = examples_per_step
-        self.tokens_per_example = tokens_per_example
-        self.last = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.last = (time.perf_counter(), state.global_step)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        now, step = time.perf_counter(), state.global_step
-        record = {"step": step, "epoch": state.epoch, **logs}
-        if "loss" in logs and self.last and step > self.last[1]:
-            examples_per_s = (step - self.last[1]) * self.examples_per_step / (now - self.last[0])
-            record.update(examples_per_s=examples_per_s, tokens_per_s=examples_per_s * self.tokens_per_example,
-                          peak_memory_mb=peak_memory_mb())
-            self.last = (now, step)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 @dataclass
@@ -325,122 +183,6 @@ def check_settings(model_args: ModelArguments, lora_args: LoraArguments, data_ar
         _check_data_file(data_args.validation_file, "validation_file")
 
 
-def _evaluations(args: LoraQATrainingArguments, steps: int, steps_per_epoch: int) -> int:
-    """Validation passes in a run of `steps` optimizer steps: the periodic ones and `fit`'s final one."""
-    if args.eval_strategy == IntervalStrategy.NO:
-        return 0
-    if args.eval_strategy == IntervalStrategy.EPOCH:
-        return math.ceil(steps / steps_per_epoch) + 1
-    every = args.eval_steps if args.eval_steps >= 1 else math.ceil(args.eval_steps * steps)
-    return steps // max(int(every), 1) + 1
-
-
-def steps_within(budget_s: float, step_s: float, evaluation_s: float, evaluations) -> int:
-    """The most optimizer steps S with S * step_s + evaluations(S) * evaluation_s <= budget_s (0 if none fit)."""
-    low, high = 0, max(int(budget_s / step_s), 0)
-    while low < high:
-        mid = (low + high + 1) // 2
-        if mid * step_s + evaluations(mid) * evaluation_s <= budget_s:
-            low = mid
-        else:
-            high = mid - 1
-    return low
-
-
-def probe_seconds(trainer: QATrainer, *, batches: int = 4) -> dict:
-    """Seconds per optimizer step and per validation pass, timed on real batches before training starts.
-
-    One warm-up and `batches` timed forward+backward passes on batches spread over the training set, and one
-    validation batch, under a forked RNG with gradients dropped afterwards: the weights never change and the
-    run trains exactly as it would have without the probe (tested).
-    """
-    args, model, collate = trainer.args, trainer.model, trainer.data_collator
-    rows, size = trainer.train_dataset, args.per_device_train_batch_size
-    starts = [i * max(len(rows) - size, 0) // max(batches, 1) for i in range(batches + 1)]
-    sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
-    was_training = model.training
-    seconds = []
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-        model.train()
-        for start in starts:
-            batch = trainer._prepare_inputs(collate([rows[i] for i in range(start, min(start + size, len(rows)))]))
-            began = time.perf_counter()
-            answer_loss(model, batch, answer_only=trainer.answer_only_logits).backward()
-            sync()
-            seconds.append(time.perf_counter() - began)
-        model.zero_grad(set_to_none=True)
-        evaluation_s = 0.0
-        if trainer.eval_dataset is not None:
-            model.eval()
-            eval_rows, eval_size = trainer.eval_dataset, args.per_device_eval_batch_size
-            batch = trainer._prepare_inputs(collate([eval_rows[i] for i in range(min(eval_size, len(eval_rows)))]))
-            began = time.perf_counter()
-            with torch.no_grad():
-                answer_loss_sum(model, batch, answer_only=trainer.answer_only_logits)
-            sync()
-            evaluation_s = (time.perf_counter() - began) * math.ceil(len(eval_rows) / eval_size)
-    model.train(was_training)
-    micro_s = sum(seconds[1:]) / len(seconds[1:])  # the first pass pays one-time set-up costs
-    times = torch.tensor([micro_s, evaluation_s], dtype=torch.float64, device=args.device)
-    slowest = trainer.accelerator.gather(times.unsqueeze(0)).max(dim=0).values  # every process picks the same steps
-    return {"step_s": float(slowest[0]) * args.gradient_accumulation_steps, "evaluation_s": float(slowest[1]),
-            "timed_batches": batches, "warmup_batch_s": seconds[0]}
-
-
-def fit_to_budget(trainer: QATrainer, started: float) -> tuple[dict, float | None]:
-    """Size `max_steps` so that the whole `train` (counted from `started`, a time.time()) fits
-    `max_train_minutes`; the Trainer builds its scheduler for it, so the learning rate still decays to its end.
-    Returns (the budget record, the deadline for training) and says when the run is expected to finish."""
-    args = trainer.args
-    if args.resume_from_checkpoint:  # the checkpoint's schedule was sized when the run started
-        state = json.loads((Path(args.resume_from_checkpoint) / "trainer_state.json").read_text())
-        args.max_steps = state["max_steps"]
-        return {"max_train_minutes": args.max_train_minutes, "max_steps": args.max_steps,
-                "resumed_from": args.resume_from_checkpoint}, None
-    probe_began = time.time()
-    probe = probe_seconds(trainer)
-    probe["probe_s"] = time.time() - probe_began
-    batches = math.ceil(len(trainer.train_dataset) / (args.per_device_train_batch_size * args.world_size))
-    steps_per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
-    own_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-    budget_s = 60 * args.max_train_minutes
-    spent = time.time() - started
-    # 5% of what is left covers what the probe does not time: optimizer steps, logging, checkpoints
-    steps = steps_within(0.95 * (budget_s - spent), probe["step_s"], probe["evaluation_s"],
-                         lambda s: _evaluations(args, s, steps_per_epoch))
-    if steps < 1:
-        raise ConfigError(f"max_train_minutes={args.max_train_minutes}: not one step fits ({spent:.0f} s went to "
-                          f"loading and the probe, a step takes {probe['step_s']:.1f} s)")
-    limited = steps < own_steps
-    steps = min(steps, own_steps)
-    if limited:
-        args.max_steps = steps
-    expected = spent + steps * probe["step_s"] + _evaluations(args, steps, steps_per_epoch) * probe["evaluation_s"]
-    finish = time.strftime("%H:%M:%S", time.localtime(started + expected))
-    logger.info("max_train_minutes=%s: %.2f s per step, %.1f s per validation pass (probe) -> %d steps (%d without "
-                "the budget); expected to finish at %s", args.max_train_minutes, probe["step_s"],
-                probe["evaluation_s"], steps, own_steps, finish)
-    budget = {"max_train_minutes": args.max_train_minutes, "probe": probe, "setup_s": spent, "max_steps": steps,
-              "steps_without_budget": own_steps, "limited": limited, "expected_s": expected,
-              "expected_finish": finish}
-    return budget, started + budget_s - probe["evaluation_s"]  # the final validation pass must still fit
-
-
-class Deadline(TrainerCallback):
-    """Stop training at the budget's deadline: a safeguard for a probe that was too optimistic (the run then
-    ends before its schedule does, and summary.json says so). One process only: processes that stopped at
-    different steps would wait for each other forever."""
-
-    def __init__(self, deadline: float):
-        self.deadline = deadline
-        self.stopped_at = None
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if time.time() > self.deadline and state.global_step < state.max_steps:
-            control.should_training_stop = True
-            self.stopped_at = state.global_step
-
-
 def setup(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataArguments,
           training_args: LoraQATrainingArguments, *, sources: dict[str, str] | None = None) -> TrainingSetup:
     """Check every setting, load model and data, attach LoRA (unless full fine-tuning), build the Trainer and,
@@ -579,3 +321,4 @@ def train(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataA
           training_args: LoraQATrainingArguments, *, sources: dict[str, str] | None = None) -> TrainResult:
     """setup + fit: the whole recipe in one call, for notebooks."""
     return fit(setup(model_args, lora_args, data_args, training_args, sources=sources))
+

@@ -1,6 +1,6 @@
 """Report numbers and sentences: every number printed with the result file, JSON pointer and operation it came
 from (`Values.put/number`), and sentences whose truth depends on the numbers (`claim_*`, which compare what
-they print). `loraqa.report_values` uses them to turn the result files into placeholder values."""
+they print). `loraqa.report.values` uses them to turn the result files into placeholder values."""
 from __future__ import annotations
 
 import json

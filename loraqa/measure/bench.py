@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import platform
 import resource
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import torch
 
-from .config import (DataArguments, GenerationSettings, LoraArguments, LoraQATrainingArguments, ModelArguments,
-                     run_metadata, write_json_atomic)
+from ..config import DataArguments, GenerationSettings, LoraArguments, ModelArguments
+from ..files import run_metadata, write_json_atomic
+from ..training.arguments import LoraQATrainingArguments
+from .common import in_child
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _peak_text(machine: dict) -> str:
 
 
 def _loraqa_worker(job: dict) -> dict:
-    from .train import train
+    from ..training.run import train
 
     with tempfile.TemporaryDirectory() as out:
         result = train(ModelArguments(model=job["model"], cache_dir=job["cache_dir"]),
@@ -149,9 +149,9 @@ def _trl_worker(job: dict) -> dict:
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from .assets import squad_file
-    from .data import format_prompt, load_squad, take_subset
-    from .modeling import load_model_and_tokenizer
+    from ..data.assets import squad_file
+    from ..data.squad import format_prompt, load_squad, take_subset
+    from ..model.loading import load_model_and_tokenizer
 
     model, tokenizer, _ = load_model_and_tokenizer(job["model"], job["cache_dir"])
     raw = take_subset(load_squad(squad_file("squad", "train", job["cache_dir"])), job["n"], 0)
@@ -178,15 +178,13 @@ def _trl_worker(job: dict) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def _in_child(function, job: dict) -> dict:
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(function, job).result()
+
 
 
 def _side_by_side(model, tokenizer, records: list[dict], settings: GenerationSettings, work: dict | None = None):
     """(loraqa's answers, seconds, one-by-one answers, seconds) on the same questions, after a warm-up."""
-    from .evaluation import one_by_one_answers
-    from .generate import generate_answers
+    from ..evaluation.evaluate import one_by_one_answers
+    from ..generation.decode import generate_answers
 
     generate_answers(model, tokenizer, records[:1], settings=settings, progress=False)  # warm-up, stop-token table
     started = time.perf_counter()
@@ -199,9 +197,9 @@ def _side_by_side(model, tokenizer, records: list[dict], settings: GenerationSet
 
 def _eval_bench(model, tokenizer, cache_dir: str, m: int, ablations: bool, bf16: bool) -> dict:
     """Evaluation speed and matmul work; the figures at the matmul peak are added by `_apply_peak`."""
-    from .assets import squad_file
-    from .data import load_squad, take_subset
-    from .generate import generate_answers
+    from ..data.assets import squad_file
+    from ..data.squad import load_squad, take_subset
+    from ..generation.decode import generate_answers
 
     model.eval()
     records = list(take_subset(load_squad(squad_file("squad", "validation", cache_dir), "validation"), m, 0))
@@ -268,8 +266,8 @@ def _bf16_eval(model, tokenizer, records: list[dict], settings: GenerationSettin
 
 def run_bench(model_args: ModelArguments, bench: BenchArguments) -> dict:
     """Run every variant on the same questions and write `bench.output` (partial results as they come)."""
-    from .assets import fetch
-    from .modeling import inference_placement, native_bf16, resolve_model
+    from ..data.assets import fetch
+    from ..model.loading import inference_placement, native_bf16, resolve_model
 
     fetch("squad", model_args.cache_dir)
     resolved = resolve_model(model_args.model, model_args.cache_dir)
@@ -292,14 +290,14 @@ def run_bench(model_args: ModelArguments, bench: BenchArguments) -> dict:
     train = {}
     for name, options in variants.items():
         logger.info("training variant %s", name)
-        train[name] = _in_child(_loraqa_worker, {**job, **options})
+        train[name] = in_child(_loraqa_worker, {**job, **options})
         result["train"] = train
         write_json_atomic(bench.output, result)
     if bench.reference:
         logger.info("training reference: TRL SFTTrainer + PEFT")
-        train["reference_trl"] = _in_child(_trl_worker, job)
+        train["reference_trl"] = in_child(_trl_worker, job)
     ours = train["loraqa"]
-    from .modeling import load_model_and_tokenizer
+    from ..model.loading import load_model_and_tokenizer
 
     model, tokenizer, _ = load_model_and_tokenizer(resolved, model_args.cache_dir)
     model.to(device)

@@ -19,13 +19,14 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .assets import squad_file
-from .config import DataArguments, GenerationSettings, ModelArguments, run_metadata, to_dict, write_json_atomic
-from .data import (SquadFormatError, data_fingerprint, encode_prompt, heldout_split, load_squad, squad_references,
-                   take_subset)
-from .generate import generate_answer_sets, generate_answers, max_prompt_tokens
+from ..config import DataArguments, GenerationSettings, ModelArguments, to_dict
+from ..data.assets import squad_file
+from ..data.squad import (SquadFormatError, data_fingerprint, encode_prompt, heldout_split, load_squad,
+                          squad_references, take_subset)
+from ..files import run_metadata, write_json_atomic
+from ..generation.decode import generate_answer_sets, generate_answers, max_prompt_tokens
+from ..model.loading import inference_placement, load_adapter, load_model_and_tokenizer, native_bf16
 from .metrics import score_questions
-from .modeling import inference_placement, load_adapter, load_model_and_tokenizer, native_bf16
 from .stats import bootstrap_ci
 
 logger = logging.getLogger(__name__)
@@ -232,7 +233,7 @@ def answer_question(model, tokenizer, context: str, question: str, settings: Gen
 
 def one_by_one_answers(model, tokenizer, records: list[dict], settings: GenerationSettings) -> dict[str, str]:
     """The notebook way: `model.generate` on one prompt at a time (same prompt ids, same stopping rule)."""
-    from .generate import answer_text, stop_token_ids
+    from ..generation.decode import answer_text, stop_token_ids
 
     stop = stop_token_ids(tokenizer).tolist()
     limit = max_prompt_tokens(model, settings)

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
-from .collator import ContextGroupedSampler, QADataCollator, SharedContextCollator
-from .config import _check
+from ..config import check_setting
+from ..data.collate import ContextGroupedSampler, QADataCollator, SharedContextCollator
+from .common import features, machine_info, proc_status_mb
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +61,10 @@ class PaddingStudyArguments:
 
     def __post_init__(self):
         sizes = [s for s in self.batch_sizes.split(",") if s.strip()]
-        _check(bool(sizes) and all(s.strip().isdigit() and int(s) >= 1 for s in sizes), "batch_sizes",
+        check_setting(bool(sizes) and all(s.strip().isdigit() and int(s) >= 1 for s in sizes), "batch_sizes",
                self.batch_sizes, "must be comma-separated integers >= 1")
-        _check(self.questions >= 1, "questions", self.questions, "must be >= 1")
-        _check(self.max_timed_batches >= 0, "max_timed_batches", self.max_timed_batches, "must be >= 0")
+        check_setting(self.questions >= 1, "questions", self.questions, "must be >= 1")
+        check_setting(self.max_timed_batches >= 0, "max_timed_batches", self.max_timed_batches, "must be >= 0")
 
     @property
     def batch_size_list(self) -> list[int]:
@@ -111,8 +112,7 @@ def count_tokens(batch: dict[str, torch.Tensor]) -> dict[str, int]:
     return {"computed": computed, "padding": computed - real}
 
 
-def _features(rows: dict[str, list], indices: list[int]) -> list[dict]:
-    return [{k: rows[k][i] for k in ("input_ids", "labels", "context_length", "context_key")} for i in indices]
+
 
 
 def token_accounting(rows: dict[str, list], tokenizer, *, batch_sizes: list[int], max_length: int,
@@ -129,7 +129,7 @@ def token_accounting(rows: dict[str, list], tokenizer, *, batch_sizes: list[int]
         for batch_size in batch_sizes:
             batches, computed, padding = [], 0, 0
             for indices in batch_orders(rows, batch_size, strategy, seed):
-                counts = count_tokens(collate(_features(rows, indices), strategy, tokenizer, max_length))
+                counts = count_tokens(collate(features(rows, indices), strategy, tokenizer, max_length))
                 batches.append({"indices": indices, "computed": counts["computed"]})
                 computed += counts["computed"]
                 padding += counts["padding"]
@@ -162,15 +162,7 @@ def representative_batches(cell: dict, token_budget: int, max_batches: int) -> l
 _libc = ctypes.CDLL("libc.so.6") if platform.system() == "Linux" else None
 
 
-def _proc_status_mb(key: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+
 
 
 def _reset_peak_rss() -> bool:
@@ -197,7 +189,7 @@ def step_cost(model, batch: dict[str, torch.Tensor]) -> dict[str, float | None]:
     allocated memory over the step; on the CPU see `MEMORY_METHOD` (None when /proc/self/clear_refs cannot be
     written).
     """
-    from .train import answer_loss
+    from ..training.loss import answer_loss
 
     cuda = next(model.parameters()).is_cuda
     model.zero_grad(set_to_none=True)
@@ -210,7 +202,7 @@ def step_cost(model, batch: dict[str, torch.Tensor]) -> dict[str, float | None]:
         if _libc is not None:
             _libc.malloc_trim(0)
         resettable = _reset_peak_rss()
-        before = _proc_status_mb("VmRSS")
+        before = proc_status_mb("VmRSS")
     started, cpu_started = time.perf_counter(), time.process_time()
     answer_loss(model, batch).backward()
     if cuda:
@@ -219,7 +211,7 @@ def step_cost(model, batch: dict[str, torch.Tensor]) -> dict[str, float | None]:
     if cuda:
         peak = (torch.cuda.max_memory_allocated() - before) / 2**20
     else:
-        after = _proc_status_mb("VmHWM")
+        after = proc_status_mb("VmHWM")
         peak = after - before if resettable and after is not None and before is not None else None
     model.zero_grad(set_to_none=True)
     return {"seconds": seconds, "cpu_seconds": None if cuda else cpu_seconds, "peak_memory_mb": peak}
@@ -230,7 +222,7 @@ def time_cells(model, tokenizer, rows: dict[str, list], cells: list[dict], *, ma
     """Add `timing` (or `timing_skipped`, with the reason) to each cell, in place: step time and peak memory of
     its representative batches, smallest cells first so an interrupted run has the cheap ones."""
     device = next(model.parameters()).device
-    warm = collate(_features(rows, cells[0]["batches"][0]["indices"]), cells[0]["strategy"], tokenizer, max_length)
+    warm = collate(features(rows, cells[0]["batches"][0]["indices"]), cells[0]["strategy"], tokenizer, max_length)
     step_cost(model, {k: v.to(device) for k, v in warm.items()})  # one-time costs (kernels, allocator) go here
     for cell in sorted(cells, key=lambda c: c["computed_tokens"] / len(c["batches"])):
         chosen = representative_batches(cell, timed_tokens, max_timed_batches)
@@ -243,7 +235,7 @@ def time_cells(model, tokenizer, rows: dict[str, list], cells: list[dict], *, ma
             continue
         costs = []
         for b in chosen:
-            batch = collate(_features(rows, b["indices"]), cell["strategy"], tokenizer, max_length)
+            batch = collate(features(rows, b["indices"]), cell["strategy"], tokenizer, max_length)
             costs.append(step_cost(model, {k: v.to(device) for k, v in batch.items()}))
         tokens = [b["computed"] for b in chosen]
         seconds, cpu, memory = ([c[k] for c in costs] for k in ("seconds", "cpu_seconds", "peak_memory_mb"))
@@ -262,18 +254,7 @@ def time_cells(model, tokenizer, rows: dict[str, list], cells: list[dict], *, ma
 
 # ---------------------------------------------------------------------------------------------- the study
 
-def _machine(threads: int, note: str) -> dict:
-    cpu_model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu_model)
-    except OSError:
-        pass
-    return {"cpu_model": cpu_model, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_count": os.cpu_count(), "torch_threads": threads,
-            "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "note": note}
+
 
 
 def padding_study(model, tokenizer, rows: dict[str, list], args: PaddingStudyArguments) -> dict:
@@ -300,7 +281,7 @@ def padding_study(model, tokenizer, rows: dict[str, list], args: PaddingStudyArg
 
 
 def _lora_arguments(args: PaddingStudyArguments):
-    from .config import LoraArguments
+    from ..config import LoraArguments
 
     return LoraArguments(lora_r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=args.target_modules)
 
@@ -308,9 +289,9 @@ def _lora_arguments(args: PaddingStudyArguments):
 def lora_model(model, args: PaddingStudyArguments):
     """The timed model as training builds it: LoRA attached (seeded), training mode (dropout on), and attention
     run per paragraph on shared-context rows, as `train.setup` does for shared-context packing."""
-    from .generate import supports_shared_prefix
-    from .modeling import attach_lora
-    from .train import PARAGRAPH_ATTENTION, register_paragraph_attention
+    from ..generation.decode import supports_shared_prefix
+    from ..model.lora import attach_lora
+    from ..model.attention import PARAGRAPH_ATTENTION, register_paragraph_attention
 
     torch.manual_seed(args.seed)
     model = attach_lora(model, _lora_arguments(args)).train()
@@ -322,14 +303,15 @@ def lora_model(model, args: PaddingStudyArguments):
 
 def run_padding_study(model_args, args: PaddingStudyArguments) -> dict:
     """Load SQuAD train and the model with LoRA, run `padding_study`, write `args.output`."""
-    from .assets import squad_file
-    from .config import run_metadata, to_dict, write_json_atomic
-    from .data import build_train_dataset, load_squad, take_subset
-    from .modeling import load_model_and_tokenizer
+    from ..data.assets import squad_file
+    from ..files import run_metadata, write_json_atomic
+    from ..config import to_dict
+    from ..data.squad import build_train_dataset, load_squad, take_subset
+    from ..model.loading import load_model_and_tokenizer
 
     started = time.perf_counter()
     torch.set_num_threads(args.torch_threads)
-    machine = _machine(torch.get_num_threads(), args.note)
+    machine = machine_info(torch.get_num_threads(), args.note)
     model, tokenizer, resolved = load_model_and_tokenizer(model_args.model, model_args.cache_dir)
     model = lora_model(model, args)
     if torch.cuda.is_available():

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
-from .config import run_metadata, write_json_atomic
-from .stats import bootstrap_ci, holm, paired_comparison
+from ..evaluation.stats import bootstrap_ci, holm, paired_comparison
+from ..files import run_metadata, write_json_atomic
 from .sweep import best_run, load_spec, plan
 
 STAND_IN = ("GPT-2's pretrained weights cannot be fetched on this machine (no hub access); every run uses "

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .modeling import _ATTENTION, _LLAMA_ATTENTION, _LLAMA_MLP, _MLP, PRESETS
+from ..model.lora import PRESETS, preset_targets
 
 # ----------------------------------------------------------------------------------------------------
 # (1) The layer: forward and a hand-written backward (report eqs. lora-forward .. lora-grad-x)
@@ -119,14 +119,13 @@ def block_linear_shapes(config) -> dict[str, tuple[int, int]]:
 
 
 def targeted_block_layers(config, preset: str) -> list[str]:
-    """The block layers a preset adapts, from loraqa.modeling's own tables. all-linear takes every linear
+    """The block layers a preset adapts, from `model.lora.preset_targets`. all-linear takes every linear
     layer except the LM head, which for GPT-2 and Llama are exactly the block layers (= attention+mlp)."""
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r}: must be one of {', '.join(PRESETS)}")
     if preset == "all-linear":
         return list(block_linear_shapes(config))
-    targets = _ATTENTION.get(config.model_type, _LLAMA_ATTENTION)
-    return targets + (_MLP.get(config.model_type, _LLAMA_MLP) if preset == "attention+mlp" else [])
+    return preset_targets(config.model_type, preset)
 
 
 def base_parameters(config) -> int:
@@ -150,7 +149,7 @@ def base_parameters(config) -> int:
 def lora_trainable_parameters(config, preset: str, r: int) -> dict[str, int | float]:
     """Closed-form counts for LoRA of rank r on `preset`: r (d_in + d_out) per adapted layer, times L.
 
-    Keys as loraqa.modeling.count_parameters (which counts them from a model): trainable_params,
+    Keys as loraqa.model.lora.count_parameters (which counts them from a model): trainable_params,
     total_params (P plus the adapters), reduction_factor = total_params / trainable_params (rounded to
     0.1 as there); plus base_params (P, what full fine-tuning trains) and per_layer (one block).
     GPT2Config(), 'attention', 16 -> 12 * 16 * ((768 + 2304) + (768 + 768)) = 884,736 trainable.
@@ -245,4 +244,24 @@ def parameter_table(configs: dict, ranks=(4, 8, 16, 32), presets=("attention", "
                         for preset in presets},
             "step_costs_r16": {preset: step_costs(config, preset, 16, tokens=1) for preset in presets[:2]},
         }
+    return table
+
+
+def parameter_counts(cache_dir: str, *, max_train_samples: int = 2000, max_length: int = 512) -> dict:
+    """`loraqa param-counts`: `parameter_table` for GPT-2 (124M, from its config) and the fetched SmolLM2-135M,
+    with the prompt-token share of the first `max_train_samples` training rows (SmolLM2's tokenizer)."""
+    from transformers import AutoConfig, GPT2Config
+
+    from ..data.assets import fetch, squad_file
+    from ..data.squad import IGNORE_INDEX, build_train_dataset, load_squad, take_subset
+    from ..model.loading import load_tokenizer
+
+    smollm2 = fetch("smollm2-135m", cache_dir)
+    table = parameter_table({"gpt2": GPT2Config(), "smollm2-135m": AutoConfig.from_pretrained(smollm2)})
+    rows, _ = build_train_dataset(take_subset(load_squad(squad_file("squad", "train", cache_dir)), max_train_samples),
+                                  load_tokenizer(str(smollm2)), max_length=max_length)
+    prompt = sum(sum(label == IGNORE_INDEX for label in labels) for labels in rows["labels"])
+    total = sum(len(labels) for labels in rows["labels"])
+    table["prompt_tokens"] = {"rows": len(rows), "prompt_tokens": prompt, "all_tokens": total,
+                              "prompt_share": prompt / total, "tokenizer": "smollm2-135m", "max_length": max_length}
     return table

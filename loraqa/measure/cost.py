@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .config import _check
+from ..config import check_setting
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +44,10 @@ class CostStudyArguments:
     output: str = field(default="results/cost_study.json", metadata={"help": "Where to write the results."})
 
     def __post_init__(self):
-        _check(all(r.strip().isdigit() and int(r) >= 1 for r in self.ranks.split(",") if r.strip()), "ranks",
+        check_setting(all(r.strip().isdigit() and int(r) >= 1 for r in self.ranks.split(",") if r.strip()), "ranks",
                self.ranks, "must be comma-separated integers >= 1")
-        _check(self.steps >= 1, "steps", self.steps, "must be >= 1")
-        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        check_setting(self.steps >= 1, "steps", self.steps, "must be >= 1")
+        check_setting(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
 
     def configurations(self) -> list[dict]:
         """Every configuration to measure: LoRA target set x rank, then full fine-tuning."""
@@ -60,11 +60,14 @@ class CostStudyArguments:
 
 def measure(job: dict) -> dict:
     """One configuration, in its own process: load, attach LoRA (or not), time the steps, save the weights."""
-    from .config import LoraArguments
-    from .generate import supports_shared_prefix
-    from .modeling import attach_lora, count_parameters, load_model_and_tokenizer
-    from .padding import _features, _proc_status_mb, collate
-    from .train import PARAGRAPH_ATTENTION, answer_loss, register_paragraph_attention
+    from ..config import LoraArguments
+    from ..generation.decode import supports_shared_prefix
+    from ..model.lora import attach_lora, count_parameters
+    from ..model.loading import load_model_and_tokenizer
+    from .common import features, proc_status_mb
+    from .padding import collate
+    from ..model.attention import PARAGRAPH_ATTENTION, register_paragraph_attention
+    from ..training.loss import answer_loss
 
     config, rows, batches = job["config"], job["rows"], job["batches"]
     if job["torch_threads"]:
@@ -81,10 +84,10 @@ def measure(job: dict) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)  # the Trainer's default optimizer
     gc.collect()
-    rss_loaded = _proc_status_mb("VmRSS")
+    rss_loaded = proc_status_mb("VmRSS")
     wall, cpu, update, tokens = [], [], [], []
     for i, indices in enumerate(batches):
-        batch = collate(_features(rows, indices), "shared_context", tokenizer, job["max_length"])
+        batch = collate(features(rows, indices), "shared_context", tokenizer, job["max_length"])
         started, cpu_started = time.perf_counter(), time.process_time()
         optimizer.zero_grad(set_to_none=True)
         answer_loss(model, batch).backward()
@@ -111,9 +114,9 @@ def measure(job: dict) -> dict:
 
 def study_batches(model_args, args: CostStudyArguments) -> tuple[dict[str, list], list[list[int]], dict]:
     """The study's training rows and the first `steps + 1` batches of its shared-context batching."""
-    from .assets import squad_file
-    from .data import build_train_dataset, heldout_split, load_squad, take_subset
-    from .modeling import load_tokenizer, resolve_model
+    from ..data.assets import squad_file
+    from ..data.squad import build_train_dataset, heldout_split, load_squad, take_subset
+    from ..model.loading import load_tokenizer, resolve_model
     from .padding import batch_orders
 
     source = squad_file(args.data, "train", model_args.cache_dir)
@@ -133,20 +136,21 @@ def study_batches(model_args, args: CostStudyArguments) -> tuple[dict[str, list]
 
 def run_cost_study(model_args, args: CostStudyArguments) -> dict:
     """Measure every configuration (each in a fresh process) and write `args.output` atomically."""
-    from .bench import _in_child
-    from .config import run_metadata, to_dict, write_json_atomic
-    from .modeling import resolve_model
-    from .padding import _machine
+    from .common import in_child
+    from ..files import run_metadata, write_json_atomic
+    from ..config import to_dict
+    from ..model.loading import resolve_model
+    from .common import machine_info
 
     started = time.perf_counter()
     resolved = resolve_model(model_args.model, model_args.cache_dir)
     rows, batches, data = study_batches(model_args, args)
-    machine = _machine(args.torch_threads or torch.get_num_threads(), args.note)
+    machine = machine_info(args.torch_threads or torch.get_num_threads(), args.note)
     job = {"model": model_args.model, "cache_dir": model_args.cache_dir, "rows": rows, "batches": batches,
            "max_length": args.max_length, "seed": args.seed, "torch_threads": args.torch_threads}
     measured = []
     for config in args.configurations():
-        measured.append(_in_child(measure, {**job, "config": config}))
+        measured.append(in_child(measure, {**job, "config": config}))
         logger.info("%s: %.2f CPU s/step, peak %.0f MiB, checkpoint %.1f MiB", label(config),
                     measured[-1]["step_cpu_seconds_mean"], measured[-1]["peak_rss_mb"],
                     measured[-1]["checkpoint_bytes"] / 2**20)

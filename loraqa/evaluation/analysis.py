@@ -12,7 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 
-from .data import SquadFormatError, load_squad
+from ..data.squad import SquadFormatError, load_squad
 from .metrics import normalize_answer
 from .stats import paired_comparison
 

@@ -17,9 +17,9 @@ EXAMPLE = {"id": "56f8ca289b226e1400dd1007", "title": "Martin_Luther",  # a shor
 
 
 def label_example(tokenizer, record: dict = EXAMPLE, max_length: int = 512) -> dict:
-    """One training row as `loraqa.data` builds it: each token's text, its label and whether it is prompt,
+    """One training row as `loraqa.data.squad` builds it: each token's text, its label and whether it is prompt,
     answer or EOS (the report's label-masking figure)."""
-    from .data import IGNORE_INDEX, preprocess_function
+    from ..data.squad import IGNORE_INDEX, preprocess_function
 
     columns = {k: [record[k]] for k in ("context", "question", "answers")}
     row = preprocess_function(columns, tokenizer, max_length=max_length)
@@ -79,9 +79,9 @@ def failure_examples(eval_path: str, data_path: str | None = None, *, per_catego
     spans marked), for the report: {evaluation, n, counts: {category: count}, by_question_type: {type: {n,
     exact_match, f1}} (0-100), examples: [...]}. The examples come from different articles where the data
     allows (dev order would take them all from its first one)."""
-    from .analysis import failure_category, read_evaluation, scores_by_question_type
-    from .data import load_squad
-    from .metrics import normalize_answer
+    from ..evaluation.analysis import failure_category, read_evaluation, scores_by_question_type
+    from ..data.squad import load_squad
+    from ..evaluation.metrics import normalize_answer
 
     result = read_evaluation(eval_path)
     records = {r["id"]: r for r in load_squad(data_path or result["data"], "validation")}

@@ -12,7 +12,7 @@ import hashlib
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from .config import GenerationSettings
+from ..config import GenerationSettings
 
 
 class NucleusFilter:

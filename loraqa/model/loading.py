@@ -1,10 +1,9 @@
-"""Model names -> loaded causal LMs and tokenizers; LoRA attached through PEFT with architecture-aware presets.
+"""Model names -> loaded causal LMs and tokenizers, for training and for inference.
 
-`load_model_and_tokenizer` resolves aliases (`gpt2`, `smollm2-135m`), hub ids and local folders.
-`attach_lora` turns a `target_modules` preset into full-path module suffixes, so `attn.c_proj` never
-silently also matches GPT-2's `mlp.c_proj` (PEFT matches bare names as suffixes), sets `fan_in_fan_out`
-for GPT-2's Conv1D layers, checks the rank against every targeted layer and freezes everything else.
+`load_model_and_tokenizer` resolves aliases (`gpt2`, `smollm2-135m`), hub ids and local folders;
+`inference_placement` picks device and dtype; `load_adapter` puts a trained LoRA adapter on its base model.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -13,21 +12,12 @@ import os
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.pytorch_utils import Conv1D
 
-from .assets import GPT2_HUB_ID, MODEL_ALIASES, fetch, hub_status
-from .config import LoraArguments
+from ..data.assets import GPT2_HUB_ID, MODEL_ALIASES, fetch, hub_status
 
 logger = logging.getLogger(__name__)
-
-# model_type -> preset -> module path suffixes. Other architectures can always name modules explicitly.
-_ATTENTION = {"gpt2": ["attn.c_attn", "attn.c_proj"]}
-_MLP = {"gpt2": ["mlp.c_fc", "mlp.c_proj"]}
-_LLAMA_ATTENTION = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
-_LLAMA_MLP = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-PRESETS = ("attention", "attention+mlp", "all-linear")
 
 
 class ModelSetupError(ValueError):
@@ -122,64 +112,6 @@ def inference_placement(device: str = "auto", dtype: str = "auto") -> tuple[torc
     return place, getattr(torch, dtype)
 
 
-def linear_layer_names(model: torch.nn.Module) -> list[str]:
-    """Distinct two-level names (`attn.c_attn`, `self_attn.q_proj`) of the model's Linear/Conv1D layers."""
-    names = []
-    for path, module in model.named_modules():
-        if isinstance(module, (torch.nn.Linear, Conv1D)):
-            short = ".".join(path.split(".")[-2:])
-            if short not in names:
-                names.append(short)
-    return names
-
-
-def resolve_target_modules(model: torch.nn.Module, target_modules: str) -> list[str] | str:
-    """Preset or comma-separated names -> the list handed to PEFT, checked against the model's layers."""
-    model_type = model.config.model_type
-    spec = target_modules.strip()
-    if spec == "all-linear":
-        return "all-linear"
-    if spec in ("attention", "attention+mlp"):
-        attention = _ATTENTION.get(model_type, _LLAMA_ATTENTION)
-        targets = attention + (_MLP.get(model_type, _LLAMA_MLP) if spec == "attention+mlp" else [])
-    else:
-        targets = [t.strip() for t in spec.split(",") if t.strip()]
-    module_paths = [p for p, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
-    for target in targets:
-        if not any(p == target or p.endswith("." + target) for p in module_paths):
-            raise ModelSetupError(
-                f"target_modules: {target!r} matches no linear layer of this {model_type} model; its linear "
-                f"layers are {', '.join(linear_layer_names(model))} (presets: {', '.join(PRESETS)})")
-    return targets
-
-
-def _targeted(model: torch.nn.Module, targets: list[str] | str) -> list[tuple[str, torch.nn.Module]]:
-    output = model.get_output_embeddings()
-    layers = [(p, m) for p, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not output]
-    if targets == "all-linear":
-        return layers
-    return [(p, m) for p, m in layers if any(p == t or p.endswith("." + t) for t in targets)]
-
-
-def attach_lora(model: torch.nn.Module, settings: LoraArguments) -> PeftModel:
-    """Wrap `model` with LoRA adapters per `settings`; only LoRA weights require grad afterwards.
-
-    Scaling is PEFT's: lora_alpha / r (lora_alpha / sqrt(r) with use_rslora). B starts at zero, so the
-    adapted model equals the base model at step 0.
-    """
-    targets = resolve_target_modules(model, settings.target_modules)
-    layers = _targeted(model, targets)
-    for path, module in layers:
-        width = min(module.weight.shape)
-        if settings.lora_r > width:
-            raise ModelSetupError(f"lora_r={settings.lora_r} exceeds the width {width} of layer {path}")
-    config = LoraConfig(
-        r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-        target_modules=targets, use_rslora=settings.use_rslora, task_type="CAUSAL_LM",
-        fan_in_fan_out=any(isinstance(m, Conv1D) for _, m in layers), bias="none")
-    return get_peft_model(model, config)
-
-
 def load_adapter(model: torch.nn.Module, adapter_dir: str | os.PathLike, *, merge: bool = True) -> torch.nn.Module:
     """Load a trained adapter onto its base model; merged by default (fastest inference, same logits)."""
     from peft import PeftConfig
@@ -201,15 +133,3 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | os.PathLike, *, merg
 def _missing_lora_keys(peft_model: PeftModel) -> bool:
     return not any("lora_" in name for name, _ in peft_model.named_parameters())
 
-
-def count_parameters(model: torch.nn.Module) -> dict[str, int | float]:
-    """Trainable and total parameter counts (tied weights once) and the reduction factor total/trainable."""
-    seen, total, trainable = set(), 0, 0
-    for parameter in model.parameters():
-        if id(parameter) in seen:
-            continue
-        seen.add(id(parameter))
-        total += parameter.numel()
-        trainable += parameter.numel() if parameter.requires_grad else 0
-    return {"trainable_params": trainable, "total_params": total,
-            "reduction_factor": round(total / trainable, 1) if trainable else float("inf")}

@@ -2,7 +2,7 @@
 
 Each part reads one kind of result (the study, the preliminary adapter, bench, data statistics, padding
 study, decoding strategies, failures, plots, the theory's closed-form counts) and records its numbers with
-their sources through `loraqa.report_text.Values`; what does not exist yet is left missing and flagged
+their sources through `loraqa.report.text.Values`; what does not exist yet is left missing and flagged
 pending, never guessed. Tables are Typst code built here from the same recorded numbers.
 """
 from __future__ import annotations
@@ -12,7 +12,9 @@ import re
 import shutil
 from pathlib import Path
 
-from .report_text import (FORMATS, OVERFIT_FREE, Inputs, Number, Values, claim_agreement, claim_best_strategy, claim_bf16, claim_count, claim_curve, claim_edge, claim_difference, claim_failure_top, claim_identical, claim_padding, claim_same_loss, claim_sampling, claim_significant, claim_trend, literal, plural)
+from .text import (FORMATS, OVERFIT_FREE, Inputs, Number, Values, claim_agreement, claim_best_strategy, claim_bf16,
+                   claim_count, claim_curve, claim_edge, claim_difference, claim_failure_top, claim_identical,
+                   claim_padding, claim_same_loss, claim_sampling, claim_significant, claim_trend, literal, plural)
 
 # figure name in the sections -> file stem under results/plots/ (a .pdf is preferred to a .png)
 FIGURES = {"loss_curves": "loss_curves", "params_vs_f1": "params_vs_f1", "f1_heatmaps": "f1_heatmaps",
@@ -837,7 +839,7 @@ def _figures(v: Values, plots: Path, figures_dir: Path | None) -> None:
 
 def _theory(v: Values) -> None:
     """Placeholders of sections/theory.typ: closed-form counts and costs (`loraqa param-counts`, which runs
-    `loraqa.lora_math` on GPT-2's and SmolLM2's configs) and the study's masking ablation."""
+    `loraqa.measure.lora_math` on GPT-2's and SmolLM2's configs) and the study's masking ablation."""
     counts = "parameter_counts.json#"
     for model, key in (("gpt2", "gpt2"), ("smollm2", "smollm2-135m")):
         v.put(f"{model}_base_params", "int", f"{counts}/{key}/base_params")

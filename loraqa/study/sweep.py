@@ -37,8 +37,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import (ConfigError, DataArguments, GenerationSettings, LoraArguments, LoraQATrainingArguments,
-                     ModelArguments, read_yaml, write_json_atomic)
+from ..config import ConfigError, DataArguments, GenerationSettings, LoraArguments, ModelArguments
+from ..files import read_yaml, write_json_atomic
+from ..training.arguments import LoraQATrainingArguments
 
 SPEC_KEYS = {"base", "grid", "centre", "runs", "first", "evaluations", "select_on"}
 RUN_KEYS = {"train", "from", "evaluate"}  # run-level keys that are not `loraqa train` settings
@@ -52,7 +53,7 @@ TRAIN_SETTINGS = _fields(ModelArguments, LoraArguments, DataArguments, LoraQATra
 
 
 def _evaluate_settings() -> set[str]:
-    from .evaluation import EvaluateArguments  # heavy import (torch), only when a spec is checked
+    from ..evaluation.evaluate import EvaluateArguments
 
     return _fields(ModelArguments, EvaluateArguments, GenerationSettings) - {"output", "adapter"}
 

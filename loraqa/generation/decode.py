@@ -25,9 +25,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from .attention import SharedPrefixBatch, shared_prefix_attention, supports_shared_prefix
-from .config import GenerationSettings
-from .data import encode_prompt_counting_cut
+from ..config import GenerationSettings
+from ..data.squad import encode_prompt_counting_cut
+from ..model.attention import SharedPrefixBatch, shared_prefix_attention, supports_shared_prefix
 from .sampling import choose_rows, logits_processors, question_generator
 
 _STOP_IDS: dict[tuple, torch.Tensor] = {}
