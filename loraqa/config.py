@@ -172,6 +172,12 @@ class GenerationSettings:
     prefix_cache: bool = field(default=True, **_help(
         "Encode each paragraph once and let its questions attend to its shared keys/values (models using "
         "transformers' attention interface with global attention); false: every row its full prompt."))
+    constrain_to_context: bool = field(default=False, **_help(
+        "Answer only with a span of the context: every token keeps the answer a prefix of the tokens of "
+        "' ' + a span starting at a word, EOS/newline only where the span may end (constraints.SpanTrie)."))
+    num_beams: int = field(default=1, **_help(
+        "Beam search with this many beams (1: off), as transformers' generate(num_beams=N, length_penalty=1.0, "
+        "early_stopping=False); a beam ends at EOS or a newline token."))
 
     def __post_init__(self):
         _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
@@ -179,10 +185,20 @@ class GenerationSettings:
         _check(self.top_p is None or 0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
         _check(self.temperature > 0.0, "temperature", self.temperature, "must be > 0")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        _check(self.num_beams >= 1, "num_beams", self.num_beams, "must be >= 1")
+        _check(self.num_beams == 1 or not self.do_sample, "num_beams", self.num_beams,
+               "beam search is deterministic: use it with do_sample false")
 
     @property
     def name(self) -> str:
-        """Short label for tables: greedy, top_k=50, top_p=0.9, temperature=0.7."""
+        """Short label for tables: greedy, top_k=50, top_p=0.9, temperature=0.7, num_beams=4; ",in_context"
+        appended when constrained to the context's spans."""
+        return self._decoding_name + (",in_context" if self.constrain_to_context else "")
+
+    @property
+    def _decoding_name(self) -> str:
+        if self.num_beams > 1:
+            return f"num_beams={self.num_beams}"
         if not self.do_sample:
             return "greedy"
         parts = [f"top_k={self.top_k}" if self.top_k else "", f"top_p={self.top_p}" if self.top_p else "",
