@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from conftest import SUPER_BOWL, tiny_gpt2, tiny_llama
+from loraqa.analysis import failure_category
 from loraqa.config import GenerationSettings
 from loraqa.constraints import SpanTrie, may_end, restrict, span_starts, span_terminators, visible_context
 from loraqa.data import encode_prompt, encode_prompt_counting_cut, load_squad
@@ -135,4 +136,5 @@ def test_every_constrained_answer_is_in_its_context(arch, squad_file, gpt2_token
                 seen = visible_context(tokenizer, r["context"], encode_prompt_counting_cut(
                     tokenizer, r["context"], r["question"], 1024 - base.max_new_tokens)[2])
                 assert answers[r["id"]] and answers[r["id"]] in seen, (r["id"], answers[r["id"]])
+                assert failure_category(answers[r["id"]], ["-"], r["context"], 0.0, 0.0) != "answer not in context"
         assert len(seen) < len(r["context"])  # the last record's prompt was cut
