@@ -45,7 +45,8 @@ class ModelArguments:
 @dataclass
 class LoraArguments:
     lora_r: int = field(default=16, **field_help("LoRA rank r."))
-    lora_alpha: int = field(default=32, **field_help("LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA)."))
+    lora_alpha: int = field(default=32, **field_help(
+        "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA)."))
     lora_dropout: float = field(default=0.05, **field_help("Dropout on the LoRA input."))
     target_modules: str = field(default="attention", **field_help(
         "Preset (attention, attention+mlp, all-linear) or comma-separated module names/paths, e.g. "
@@ -66,7 +67,8 @@ class DataArguments:
         "SQuAD-format JSON, the alias 'squad' (fetched v1.1 train) or a hub dataset name."))
     validation_file: str = field(default="squad", **field_help(
         "SQuAD-format JSON, 'squad' (fetched v1.1 dev) or a hub dataset name; a slice gives the validation loss."))
-    max_train_samples: int | None = field(default=None, **field_help("Use a seeded subset of this many training questions."))
+    max_train_samples: int | None = field(default=None, **field_help(
+        "Use a seeded subset of this many training questions."))
     max_eval_samples: int | None = field(default=200, **field_help("Validation-loss questions (a seeded subset)."))
     max_length: int = field(default=512, **field_help(
         "Maximum prompt+answer tokens; longer examples keep a context window around the answer."))
@@ -97,7 +99,8 @@ class GenerationSettings:
         "Answer token budget (SQuAD v1.1 dev answers + EOS: 99th percentile 21 GPT-2 / 22 SmolLM2 tokens)."))
     do_sample: bool = field(default=False, **field_help("Sample instead of greedy decoding."))
     top_k: int | None = field(default=None, **field_help("Keep the k most likely tokens when sampling."))
-    top_p: float | None = field(default=None, **field_help("Nucleus sampling: keep the smallest set with mass >= top_p."))
+    top_p: float | None = field(default=None, **field_help(
+        "Nucleus sampling: keep the smallest set with mass >= top_p."))
     temperature: float = field(default=1.0, **field_help("Softmax temperature when sampling."))
     seed: int = field(default=0, **field_help("Sampling seed; a run with the same seed gives the same answers."))
     batch_size: int = field(default=128, **field_help(
@@ -107,6 +110,12 @@ class GenerationSettings:
     prefix_cache: bool = field(default=True, **field_help(
         "Encode each paragraph once and let its questions attend to its shared keys/values (models using "
         "transformers' attention interface with global attention); false: every row its full prompt."))
+    constrain_to_context: bool = field(default=False, **field_help(
+        "Answer only with a span of the context: every token keeps the answer a prefix of the tokens of "
+        "' ' + a span starting at a word, EOS/newline only where the span may end (generation.constraints.SpanTrie)."))
+    num_beams: int = field(default=1, **field_help(
+        "Beam search with this many beams (1: off), as transformers' generate(num_beams=N, length_penalty=1.0, "
+        "early_stopping=False); a beam ends at EOS or a newline token."))
 
     def __post_init__(self):
         check_setting(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
@@ -114,10 +123,20 @@ class GenerationSettings:
         check_setting(self.top_p is None or 0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
         check_setting(self.temperature > 0.0, "temperature", self.temperature, "must be > 0")
         check_setting(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        check_setting(self.num_beams >= 1, "num_beams", self.num_beams, "must be >= 1")
+        check_setting(self.num_beams == 1 or not self.do_sample, "num_beams", self.num_beams,
+               "beam search is deterministic: use it with do_sample false")
 
     @property
     def name(self) -> str:
-        """Short label for tables: greedy, top_k=50, top_p=0.9, temperature=0.7."""
+        """Short label for tables: greedy, top_k=50, top_p=0.9, temperature=0.7, num_beams=4; ",in_context"
+        appended when constrained to the context's spans."""
+        return self._decoding_name + (",in_context" if self.constrain_to_context else "")
+
+    @property
+    def _decoding_name(self) -> str:
+        if self.num_beams > 1:
+            return f"num_beams={self.num_beams}"
         if not self.do_sample:
             return "greedy"
         parts = [f"top_k={self.top_k}" if self.top_k else "", f"top_p={self.top_p}" if self.top_p else "",

@@ -132,8 +132,12 @@ def test_strategy_grid(tmp_path, tiny_gpt2_dir, squad_file):
     result = _evaluate(tiny_gpt2_dir, squad_file, tmp_path / "grid.json", strategy_grid=True, grid_seeds=2)
     names = [row["strategy"] for row in result["strategies"]]
     assert names == ["greedy", "top_k=10", "top_k=25", "top_k=50", "top_p=0.8", "top_p=0.9", "top_p=0.95",
-                     "temperature=0.7", "sample", "temperature=1.3"]
+                     "temperature=0.7", "sample", "temperature=1.3", "greedy,in_context", "num_beams=2",
+                     "num_beams=4", "num_beams=4,in_context"]
     assert result["strategies"][0]["seeds"] == [0] and result["strategies"][1]["seeds"] == [0, 1]
+    assert [row["seeds"] for row in result["strategies"][-4:]] == [[0]] * 4
+    for row in result["strategies"][-4:]:
+        assert row["verbatim_in_context"] == 1.0 or "in_context" not in row["strategy"]
     for row in result["strategies"]:
         assert 0.0 <= row["distinct_1"] <= 1.0 and 0.0 <= row["seed_disagreement"] <= 1.0
     greedy = _evaluate(tiny_gpt2_dir, squad_file, tmp_path / "greedy.json")

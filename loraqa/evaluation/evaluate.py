@@ -57,12 +57,18 @@ class EvaluateArguments:
 
 
 def _grid(base: GenerationSettings) -> list[GenerationSettings]:
-    """The assignment's strategies: greedy; top-k 10/25/50; nucleus 0.8/0.9/0.95; temperature 0.7/1.0/1.3."""
+    """The assignment's strategies: greedy; top-k 10/25/50; nucleus 0.8/0.9/0.95; temperature 0.7/1.0/1.3;
+    then decoding that knows the answer is a span: greedy within the context's spans, beams 2/4, and 4 beams
+    within the spans."""
+    base = replace(base, constrain_to_context=False, num_beams=1)
     sampled = dict(do_sample=True, top_k=None, top_p=None, temperature=1.0)
-    return ([replace(base, do_sample=False, top_k=None, top_p=None, temperature=1.0)]
+    greedy = replace(base, do_sample=False, top_k=None, top_p=None, temperature=1.0)
+    return ([greedy]
             + [replace(base, **{**sampled, "top_k": k}) for k in (10, 25, 50)]
             + [replace(base, **{**sampled, "top_p": p}) for p in (0.8, 0.9, 0.95)]
-            + [replace(base, **{**sampled, "temperature": t}) for t in (0.7, 1.0, 1.3)])
+            + [replace(base, **{**sampled, "temperature": t}) for t in (0.7, 1.0, 1.3)]
+            + [replace(greedy, constrain_to_context=True), replace(greedy, num_beams=2), replace(greedy, num_beams=4),
+               replace(greedy, num_beams=4, constrain_to_context=True)])
 
 
 def load_model_for_eval(model_args: ModelArguments, adapter: str | None, merge: bool = True, *,

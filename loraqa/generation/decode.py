@@ -28,6 +28,8 @@ from transformers import DynamicCache
 from ..config import GenerationSettings
 from ..data.squad import encode_prompt_counting_cut
 from ..model.attention import SharedPrefixBatch, shared_prefix_attention, supports_shared_prefix
+from .beams import decode_beams
+from .constraints import SpanTrie, restrict, visible_context
 from .sampling import choose_rows, logits_processors, question_generator
 
 _STOP_IDS: dict[tuple, torch.Tensor] = {}
@@ -115,14 +117,24 @@ def _batches(prompts: list[tuple[list[int], list[int]]], batch_size: int) -> Ite
 @dataclass
 class _Rows:
     """Rows being decoded: each one's answer so far (lists owned by the caller), setting (an index into the
-    plans: logits processors and whether to sample) and, when sampling, its generator."""
+    plans: logits processors and whether to sample), when sampling its generator, and when constrained to its
+    context the `SpanTrie` of that context."""
     answers: list[list[int]]
     kinds: list[int]
     generators: list[torch.Generator | None]
+    spans: list[SpanTrie | None] | None = None  # None: no row is constrained
 
     def pick(self, rows: list[int]) -> _Rows:
         return _Rows([self.answers[r] for r in rows], [self.kinds[r] for r in rows],
-                     [self.generators[r] for r in rows])
+                     [self.generators[r] for r in rows], None if self.spans is None else [self.spans[r] for r in rows])
+
+
+def _within_spans(logits: torch.Tensor, rows: _Rows, active) -> torch.Tensor:
+    """`logits` (A, V) of the rows `active`, -inf outside its context's spans for each constrained row."""
+    if rows.spans is None or all(rows.spans[row] is None for row in active):
+        return logits
+    return restrict(logits, [None if rows.spans[row] is None else
+                             rows.spans[row].allowed_ids(rows.answers[row], logits.device) for row in active])
 
 
 def _decode(batch, tokens: torch.Tensor, rows: _Rows, plans: list, max_new_tokens: int, stop: set[int],
@@ -157,7 +169,8 @@ def _decode(batch, tokens: torch.Tensor, rows: _Rows, plans: list, max_new_token
             batch.keep(index)
             tokens, active = tokens[index], [active[i] for i in keep]
         live = torch.tensor([row not in finished for row in active], device=tokens.device)
-        tokens = choose_rows(plans, batch.step(tokens, live), rows.kinds, rows.generators, active)
+        tokens = choose_rows(plans, _within_spans(batch.step(tokens, live), rows, active), rows.kinds,
+                             rows.generators, active)
         work["decode_steps"] += 1
         work["steps_by_rows"][len(active)] = work["steps_by_rows"].get(len(active), 0) + 1
 
@@ -169,7 +182,8 @@ def _finish_leftovers(leftovers: list, plans: list, max_new_tokens: int, stop: s
         tokens = torch.cat([tokens for _, tokens, _ in leftovers])
         parts = [rows for _, _, rows in leftovers]
         rows = _Rows([a for p in parts for a in p.answers], [k for p in parts for k in p.kinds],
-                     [g for p in parts for g in p.generators])
+                     [g for p in parts for g in p.generators],
+                     [t for p in parts for t in (p.spans or [None] * len(p.answers))])
         _decode(batch, tokens, rows, plans, max_new_tokens, stop, work)
         leftovers.clear()
 
@@ -206,6 +220,9 @@ def generate_answer_sets(model, tokenizer, examples: list[dict], settings: list[
     if any((s.max_new_tokens, s.batch_size, s.prefix_cache) != (first.max_new_tokens, first.batch_size,
                                                                   first.prefix_cache) for s in settings):
         raise ValueError("generate_answer_sets: settings must share max_new_tokens, batch_size and prefix_cache")
+    if any(s.num_beams > 1 for s in settings):
+        return _answer_sets_with_beams(model, tokenizer, examples, settings, progress=progress, stats=stats,
+                                       max_length=max_length)
     model.eval()
     limit = max_prompt_tokens(model, first, max_length)
     encoded = [encode_prompt_counting_cut(tokenizer, e["context"], e["question"], limit) for e in examples]
@@ -213,6 +230,8 @@ def generate_answer_sets(model, tokenizer, examples: list[dict], settings: list[
     stop = set(stop_token_ids(tokenizer).tolist())
     shared = first.prefix_cache and supports_shared_prefix(model)
     plans = [(logits_processors(run), run.do_sample) for run in settings]
+    spans = _span_tries(tokenizer, examples, encoded, first.max_new_tokens) if any(
+        run.constrain_to_context for run in settings) else {}
     runs = len(settings)
     # A batch's last steps decode a few long answers, yet each step reads all the weights: the rows left once
     # seven eighths of a batch are done wait, and finish together with other batches' leftovers (at most
@@ -241,12 +260,15 @@ def generate_answer_sets(model, tokenizer, examples: list[dict], settings: list[
             rows = _Rows([generated[k].setdefault(qid, []) for qid in ids for k in range(runs)],
                          [k for _ in ids for k in range(runs)],
                          [question_generator(qid, run.seed, model.device) if run.do_sample else None
-                          for qid in ids for run in settings])
+                          for qid in ids for run in settings],
+                         [spans[i] if run.constrain_to_context else None for i in indices for run in settings]
+                         if spans else None)
             if runs > 1:
                 index = torch.arange(len(ids), device=logits.device).repeat_interleave(runs)
                 batch.keep(index)
                 logits = logits[index]
-            tokens = choose_rows(plans, logits, rows.kinds, rows.generators, range(len(rows.answers)))
+            tokens = choose_rows(plans, _within_spans(logits, rows, range(len(rows.answers))), rows.kinds,
+                                 rows.generators, range(len(rows.answers)))
             last_alone = b == len(batches) - 1 and not leftovers  # nothing to wait for
             left = _decode(batch, tokens, rows, plans, first.max_new_tokens, stop, work,
                            0 if last_alone else leave_at)
@@ -260,3 +282,72 @@ def generate_answer_sets(model, tokenizer, examples: list[dict], settings: list[
     for target, answers in zip(stats or [], generated):
         target.update(work, generated_tokens=sum(len(tokens) for tokens in answers.values()))
     return [{qid: answer_text(tokenizer, tokens) for qid, tokens in answers.items()} for answers in generated]
+
+
+def _span_tries(tokenizer, examples: list[dict], encoded: list, max_new_tokens: int) -> dict[int, SpanTrie]:
+    """{example index: the `SpanTrie` of the context its prompt keeps}, one per distinct context."""
+    tries: dict[tuple, SpanTrie] = {}
+    for example, (_, _, cut) in zip(examples, encoded):
+        key = (example["context"], cut)
+        if key not in tries:
+            tries[key] = SpanTrie.from_context(tokenizer, visible_context(tokenizer, *key), max_new_tokens)
+    return {i: tries[(example["context"], cut)] for i, (example, (_, _, cut)) in enumerate(zip(examples, encoded))}
+
+
+def _answer_sets_with_beams(model, tokenizer, examples: list[dict], settings: list[GenerationSettings], *,
+                            progress: bool, stats: list[dict] | None, max_length: int | None
+                            ) -> list[dict[str, str]]:
+    """`generate_answer_sets` with beam settings: the others decode together as usual; each beam setting
+    decodes on its own (its own prefill per batch, so its questions/s is its own), batch_size // num_beams
+    questions a batch, each question's beams adjacent rows of the same layouts."""
+    stats = stats or [{} for _ in settings]
+    results: list[dict[str, str] | None] = [None] * len(settings)
+    plain = [k for k, run in enumerate(settings) if run.num_beams == 1]
+    if plain:
+        answers = generate_answer_sets(model, tokenizer, examples, [settings[k] for k in plain],
+                                       progress=progress, stats=[stats[k] for k in plain], max_length=max_length)
+        for k, found in zip(plain, answers):
+            results[k] = found
+    for k, run in enumerate(settings):
+        if run.num_beams > 1:
+            results[k] = _beam_answers(model, tokenizer, examples, run, progress=progress, stats=stats[k],
+                                       max_length=max_length)
+    return results
+
+
+def _beam_answers(model, tokenizer, examples: list[dict], settings: GenerationSettings, *, progress: bool,
+                  stats: dict, max_length: int | None) -> dict[str, str]:
+    """{id: answer} by beam search (`beams.decode_beams`), batches of whole paragraphs as for the other settings."""
+    model.eval()
+    limit = max_prompt_tokens(model, settings, max_length)
+    encoded = [encode_prompt_counting_cut(tokenizer, e["context"], e["question"], limit) for e in examples]
+    prompts = [(context_ids, question_ids) for context_ids, question_ids, _ in encoded]
+    stop = stop_token_ids(tokenizer)
+    shared = settings.prefix_cache and supports_shared_prefix(model)
+    spans = (_span_tries(tokenizer, examples, encoded, settings.max_new_tokens) if settings.constrain_to_context
+             else None)
+    work = {"prompts_cut": sum(cut > 0 for _, _, cut in encoded), "prompt_tokens": 0, "batches": 0,
+            "decode_steps": 0, "steps_by_rows": {}, "prefill_s": 0.0, "decode_s": 0.0}
+    generated: dict[str, list[int]] = {}
+    bar = tqdm(total=len(examples), desc=f"answering ({settings.name})", disable=not progress, unit="q")
+    with shared_prefix_attention(model) if shared else contextlib.nullcontext():
+        for indices in _batches(prompts, max(1, settings.batch_size // settings.num_beams)):
+            batch_prompts = [prompts[i] for i in indices]
+            batch = (SharedPrefixBatch(model, batch_prompts, settings.max_new_tokens) if shared
+                     else PaddedRowsBatch(model, batch_prompts, tokenizer.pad_token_id))
+            contexts = {tuple(c) for c, _ in batch_prompts} if shared else [c for c, _ in batch_prompts]
+            work["prompt_tokens"] += sum(len(c) for c in contexts) + sum(len(q) for _, q in batch_prompts)
+            started = time.perf_counter()
+            logits = batch.prefill()
+            work["prefill_s"] += time.perf_counter() - started
+            work["batches"] += 1
+            started = time.perf_counter()
+            best = decode_beams(batch, logits, num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens,
+                                stop_ids=stop, spans=None if spans is None else [spans[i] for i in indices],
+                                work=work)
+            work["decode_s"] += time.perf_counter() - started
+            generated.update({examples[i]["id"]: tokens for i, tokens in zip(indices, best)})
+            bar.update(len(indices))
+    bar.close()
+    stats.update(work, generated_tokens=sum(len(tokens) for tokens in generated.values()))
+    return {qid: answer_text(tokenizer, tokens) for qid, tokens in generated.items()}
