@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -135,7 +136,12 @@ def snapshot(work: Path) -> dict:
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit(__doc__)
-    with tempfile.TemporaryDirectory() as tmp:
-        result = snapshot(Path(tmp))
+    work = Path(tempfile.gettempdir()) / "loraqa-behaviour-snapshot"  # fixed: run ids hash the paths in a spec
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        result = snapshot(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     Path(sys.argv[1]).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     print(f"{sys.argv[1]}: {len(result)} sections")
