@@ -44,7 +44,8 @@ class EvaluateArguments:
     strategy_grid: bool = field(default=False, metadata={"help": "Run the decoding-strategy grid instead of one setting."})
     max_length: int | None = field(default=None, metadata={
         "help": "Prompt + answer token budget; contexts are cut at the end to fit. Default: the adapter's training "
-                "max_length (its run_config.json), else 512 (loraqa's training default), never past the model's window."})
+                "max_length (its run_config.json), else 512 (loraqa's training default), never past the model's window; "
+                "plus what few_shot and chat_template add to the prompt."})
     grid_seeds: int = field(default=3, metadata={"help": "Seeds per sampled strategy in the grid."})
     heldout_articles: int = field(default=0, metadata={
         "help": "Score the training file's held-out articles instead (train's heldout_articles rule, same "

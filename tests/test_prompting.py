@@ -5,11 +5,12 @@ import datasets
 import pytest
 import torch
 
-from conftest import SQUAD, tiny_llama
-from loraqa.config import ConfigError, GenerationSettings, ModelArguments
+from conftest import tiny_gpt2, tiny_llama
+from loraqa.config import ConfigError, GenerationSettings, LoraArguments, ModelArguments, parse_config
 from loraqa.data import encode_prompt, encode_prompt_counting_cut, heldout_split, load_squad, take_subset
 from loraqa.evaluation import EvaluateArguments, evaluate
 from loraqa.generate import answer_text, generate_answers, max_prompt_tokens, stop_token_ids
+from loraqa.modeling import attach_lora
 from loraqa.prompting import (EXAMPLE_MAX_CHARS, INSTRUCTION, _chat_messages, check_disjoint, choose_examples,
                               prompt_format)
 
@@ -167,7 +168,8 @@ def test_evaluate_records_the_prompt_and_widens_max_length(tmp_path, tiny_gpt2_d
     source = tmp_path / "train.json"  # another file's held-out article gives the example
     source.write_text(json.dumps({"version": "1.1", "data": [
         {"title": t, "paragraphs": [{"context": f"{t} was built in 1990.", "qas": [
-            {"id": f"{t}-q", "question": f"When was {t} built?", "answers": [{"text": "1990", "answer_start": len(t) + 14}]}]}]}
+            {"id": f"{t}-q", "question": f"When was {t} built?",
+             "answers": [{"text": "1990", "answer_start": len(t) + 14}]}]}]}
         for t in ("Alpha", "Beta", "Gamma")]}))
     plain = _evaluate(tiny_gpt2_dir, squad_file, tmp_path / "plain.json")
     shot = _evaluate(tiny_gpt2_dir, squad_file, tmp_path / "shot.json", few_shot=1, few_shot_file=str(source),
@@ -185,3 +187,21 @@ def test_evaluate_records_the_prompt_and_widens_max_length(tmp_path, tiny_gpt2_d
                   few_shot_file=str(source), few_shot_articles=2)
     with pytest.raises(ConfigError, match=f"the tokenizer of model '{tiny_gpt2_dir}' has no chat template"):
         _evaluate(tiny_gpt2_dir, squad_file, tmp_path / "chat.json", chat_template=True)
+    adapter = tmp_path / "adapter"  # the same flags with an adapter (B = 0: it answers as the base model)
+    attach_lora(tiny_gpt2(), LoraArguments(lora_r=4)).save_pretrained(adapter)
+    (adapter / "run_config.json").write_text(json.dumps({"data": {"max_length": 256}}))
+    tuned = _evaluate(tiny_gpt2_dir, squad_file, tmp_path / "tuned.json", adapter=str(adapter), few_shot=1,
+                      few_shot_file=str(source), few_shot_articles=2)
+    assert tuned["max_length"] == 256 + fmt.extra_tokens(gpt2_tokenizer)  # the adapter's own max_length, widened
+    base = _evaluate(tiny_gpt2_dir, squad_file, tmp_path / "base.json", few_shot=1, few_shot_file=str(source),
+                     few_shot_articles=2, max_length=tuned["max_length"])
+    assert tuned["predictions"] == base["predictions"]
+    assert tuned["prompt"]["examples"] == written["prompt"]["examples"]
+
+
+def test_flags_parse():
+    _, eval_args, _ = parse_config((ModelArguments, EvaluateArguments, GenerationSettings),
+                                   ["--few_shot", "3", "--chat_template", "true"])
+    assert (eval_args.few_shot, eval_args.chat_template, eval_args.few_shot_articles) == (3, True, 20)
+    with pytest.raises(ConfigError, match="^few_shot=-1: must be >= 0$"):
+        parse_config((ModelArguments, EvaluateArguments, GenerationSettings), ["--few_shot", "-1"])
