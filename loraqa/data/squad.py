@@ -185,12 +185,17 @@ def encode_prompt(tokenizer, context: str, question: str, max_prompt_tokens: int
     return context_ids, question_ids
 
 
-def encode_prompt_counting_cut(tokenizer, context: str, question: str, max_prompt_tokens: int | None = None
-                               ) -> tuple[list[int], list[int], int]:
-    """`encode_prompt` and how many context tokens it cut off (0 when the prompt fits)."""
-    header = _prefix_ids(tokenizer) + tokenizer(CONTEXT_HEADER, add_special_tokens=False).input_ids
+def encode_prompt_counting_cut(tokenizer, context: str, question: str, max_prompt_tokens: int | None = None, *,
+                               head: str = CONTEXT_HEADER, question_template: str = QUESTION_TEMPLATE,
+                               bos: bool = True) -> tuple[list[int], list[int], int]:
+    """`encode_prompt` and how many context tokens it cut off (0 when the prompt fits). `head` (the text before
+    " " + context), `question_template` (after it, with a `{question}` field) and `bos` (the tokenizer's own
+    BOS first) are the plain prompt's unless a `prompting.PromptFormat` passes others (examples, a chat
+    template)."""
+    header = (_prefix_ids(tokenizer) if bos else []) + tokenizer(head, add_special_tokens=False).input_ids
     body = tokenizer(" " + context, add_special_tokens=False).input_ids
-    question_ids = tokenizer(QUESTION_TEMPLATE.format(question=question.strip()), add_special_tokens=False).input_ids
+    question_text = question_template.replace("{question}", question.strip())  # not format: a template may hold braces
+    question_ids = tokenizer(question_text, add_special_tokens=False).input_ids
     room = len(body) if max_prompt_tokens is None else max(0, max_prompt_tokens - len(header) - len(question_ids))
     return header + body[:room], question_ids, max(0, len(body) - room)
 

@@ -19,8 +19,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ..config import DataArguments, GenerationSettings, ModelArguments, to_dict
+from ..config import ConfigError, DataArguments, GenerationSettings, ModelArguments, to_dict
 from ..data.assets import squad_file
+from ..data.prompting import check_disjoint, choose_examples, prompt_format
 from ..data.squad import (SquadFormatError, data_fingerprint, encode_prompt, heldout_split, load_squad,
                           squad_references, take_subset)
 from ..files import run_metadata, write_json_atomic
@@ -43,17 +44,36 @@ class EvaluateArguments:
     strategy_grid: bool = field(default=False, metadata={"help": "Run the decoding-strategy grid instead of one setting."})
     max_length: int | None = field(default=None, metadata={
         "help": "Prompt + answer token budget; contexts are cut at the end to fit. Default: the adapter's training "
-                "max_length (its run_config.json), else 512 (loraqa's training default), never past the model's window."})
+                "max_length (its run_config.json), else 512 (loraqa's training default), never past the model's window; "
+                "plus what few_shot and chat_template add to the prompt."})
     grid_seeds: int = field(default=3, metadata={"help": "Seeds per sampled strategy in the grid."})
     heldout_articles: int = field(default=0, metadata={
         "help": "Score the training file's held-out articles instead (train's heldout_articles rule, same "
                 "subset_seed): the selection set of a sweep; 0: the dev split of `data`."})
+    few_shot: int = field(default=0, metadata={
+        "help": "Worked examples before each question: one fixed set from few_shot_file's held-out articles "
+                "(prompting.choose_examples, seeded by subset_seed), never from the evaluated file. The default "
+                "max_length grows by their tokens, so each question's own context is cut as without them."})
+    chat_template: bool = field(default=False, metadata={
+        "help": "Wrap the prompt in the model's chat template, with an instruction to answer with a short span "
+                "of the context (an error when the tokenizer has none)."})
+    few_shot_file: str = field(default="squad", metadata={
+        "help": "SQuAD-format JSON whose held-out articles give the examples, or 'squad' (fetched v1.1 train)."})
+    few_shot_articles: int = field(default=20, metadata={
+        "help": "Held-out articles the examples come from (train's heldout_articles rule, same subset_seed; the "
+                "study holds out 20, so adapters never trained on them)."})
     torch_threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads; default: all cores."})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when available, else cpu), cpu, cuda, cuda:1, ..."})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
         "help": "Weights for inference: auto = bfloat16 on a CUDA device that supports it, float32 elsewhere. "
-                "On a CPU with AMX/AVX512-BF16, bfloat16 answered twice as fast here and changed 5% of the answers "
+                "On a CPU with AMX/AVX512-BF16, bfloat16 answered twice as fast here and changed 5%% of the answers "
                 "(no significant EM/F1 change); without them it is far slower. The output records it."})
+
+    def __post_init__(self):
+        if self.few_shot < 0:
+            raise ConfigError(f"few_shot={self.few_shot!r}: must be >= 0")
+        if self.few_shot_articles < 1:
+            raise ConfigError(f"few_shot_articles={self.few_shot_articles!r}: must be >= 1")
 
 
 def _grid(base: GenerationSettings) -> list[GenerationSettings]:
@@ -145,6 +165,18 @@ def _scored(predictions: dict[str, str], records, settings: GenerationSettings, 
             "predictions": predictions}
 
 
+def _prompt_format(eval_args: EvaluateArguments, model_args: ModelArguments, tokenizer, records: list[dict]):
+    """The evaluation's prompt: its worked examples (disjoint from `records`) and template, if any."""
+    examples = []
+    if eval_args.few_shot:
+        source = load_squad(squad_file(eval_args.few_shot_file, "train", model_args.cache_dir), "train")
+        examples = choose_examples(source, eval_args.few_shot, articles=eval_args.few_shot_articles,
+                                   seed=eval_args.subset_seed)
+        check_disjoint(examples, records)
+    return prompt_format(tokenizer, examples=examples, chat_template=eval_args.chat_template,
+                         model_name=model_args.model)
+
+
 def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, settings: GenerationSettings) -> dict:
     """Evaluate one decoding setting (or the grid) and write `eval_args.output` atomically."""
     inference_placement(eval_args.device, eval_args.dtype)  # a device or dtype that cannot work fails first
@@ -159,16 +191,19 @@ def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, settings:
     model, tokenizer, resolved = load_model_for_eval(model_args, eval_args.adapter, eval_args.merge_adapter,
                                                      device=eval_args.device, dtype=eval_args.dtype)
     records = list(dataset)
-    max_length = eval_args.max_length or training_max_length(eval_args.adapter)
+    prompt = _prompt_format(eval_args, model_args, tokenizer, records)
+    max_length = eval_args.max_length or training_max_length(eval_args.adapter) + prompt.extra_tokens(tokenizer)
     weights = next(model.parameters())
     paragraphs = {r["id"]: paragraph_key(r["context"]) for r in records}
     header = {"model": model_args.model, "model_resolved": resolved, "adapter": eval_args.adapter,
               "device": str(weights.device), "dtype": str(weights.dtype).removeprefix("torch."),
               "data": data_path, "data_hash": data_fingerprint(dataset), "subset_seed": eval_args.subset_seed,
-              "max_length": max_length, "evaluate_args": to_dict(eval_args), **run_metadata()}
+              "max_length": max_length, "evaluate_args": to_dict(eval_args), "prompt": prompt.describe(),
+              **run_metadata()}
     if not eval_args.strategy_grid:
         started, work = time.perf_counter(), {}
-        predictions = generate_answers(model, tokenizer, records, settings=settings, stats=work, max_length=max_length)
+        predictions = generate_answers(model, tokenizer, records, settings=settings, stats=work, max_length=max_length,
+                                       prompt_format=prompt)
         scored = _scored(predictions, records, settings, time.perf_counter() - started, work)
         result = {**header, "prompts_cut": work["prompts_cut"], **scored,
                   **_cis(scored["per_question"], paragraphs, settings.seed),
@@ -183,7 +218,8 @@ def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, settings:
     settings_list = [replace(strategy, seed=seed) for strategy, seeds in plan for seed in seeds]
     works = [{} for _ in settings_list]
     started = time.perf_counter()
-    answer_sets = generate_answer_sets(model, tokenizer, records, settings_list, stats=works, max_length=max_length)
+    answer_sets = generate_answer_sets(model, tokenizer, records, settings_list, stats=works, max_length=max_length,
+                                       prompt_format=prompt)
     header["grid_seconds"] = time.perf_counter() - started
     scored = iter([_scored(answers, records, run, work["prefill_s"] + work["decode_s"], work)
                    for run, answers, work in zip(settings_list, answer_sets, works)])

@@ -189,27 +189,29 @@ def _finish_leftovers(leftovers: list, plans: list, max_new_tokens: int, stop: s
 
 
 def generate_answers(model, tokenizer, examples: list[dict], *, settings: GenerationSettings,
-                     progress: bool = True, stats: dict | None = None, max_length: int | None = None
-                     ) -> dict[str, str]:
+                     progress: bool = True, stats: dict | None = None, max_length: int | None = None,
+                     prompt_format=None) -> dict[str, str]:
     """{id: answer} for records with `id`, `context`, `question`, decoded per `settings`.
 
     `stats`, if given, receives the work done: prompt tokens encoded (each batch's distinct contexts once
     with prefix caching), tokens generated, batches, decoding steps (and `steps_by_rows`, {rows: steps}: how many
     steps ran with how many rows), seconds spent encoding prompts (prefill) and decoding, and `prompts_cut`:
     prompts whose context was cut at the end so that prompt + `max_new_tokens` fits `max_length`.
+    `prompt_format` (a `prompting.PromptFormat`: worked examples, a chat template) replaces the plain prompt.
 
     >>> generate_answers(model, tokenizer, [{"id": "q1", "context": "Paris is in France.",
     ...                                      "question": "Where is Paris?"}], settings=GenerationSettings())
     {'q1': 'France'}
     """
     return generate_answer_sets(model, tokenizer, examples, [settings], progress=progress,
-                                stats=None if stats is None else [stats], max_length=max_length)[0]
+                                stats=None if stats is None else [stats], max_length=max_length,
+                                prompt_format=prompt_format)[0]
 
 
 @torch.no_grad()
 def generate_answer_sets(model, tokenizer, examples: list[dict], settings: list[GenerationSettings], *,
-                         progress: bool = True, stats: list[dict] | None = None, max_length: int | None = None
-                         ) -> list[dict[str, str]]:
+                         progress: bool = True, stats: list[dict] | None = None, max_length: int | None = None,
+                         prompt_format=None) -> list[dict[str, str]]:
     """One {id: answer} per entry of `settings` (e.g. a decoding-strategy grid), equal to separate
     `generate_answers` calls. Each batch's prompts are encoded once, and its rows are its questions times the
     settings, decoded together (so a grid batches batch_size // len(settings) questions). The settings may
@@ -225,7 +227,9 @@ def generate_answer_sets(model, tokenizer, examples: list[dict], settings: list[
                                        max_length=max_length)
     model.eval()
     limit = max_prompt_tokens(model, first, max_length)
-    encoded = [encode_prompt_counting_cut(tokenizer, e["context"], e["question"], limit) for e in examples]
+    # a format's examples and template head sit inside each context's prefix, so it stays shared per paragraph
+    encode = encode_prompt_counting_cut if prompt_format is None else prompt_format.encode
+    encoded = [encode(tokenizer, e["context"], e["question"], limit) for e in examples]
     prompts = [(context_ids, question_ids) for context_ids, question_ids, _ in encoded]
     stop = set(stop_token_ids(tokenizer).tolist())
     shared = first.prefix_cache and supports_shared_prefix(model)
