@@ -267,3 +267,14 @@ def test_run_summary_says_what_the_budget_trained(tmp_path):
               "comparison": {"f1": {"delta": 0.0, "delta_ci": [-1.0, 1.0], "permutation_p_value": 1.0}}}
     assert "trained 179 of 375 steps: 1,432 of 3,000 training questions, the rest cut by the 12-minute budget" in \
         summary_lines(result)[0]
+
+
+@pytest.mark.parametrize("command", ["fetch", "data-stats", "score", "train", "evaluate", "compare", "failures", "ask",
+                                     "bench", "run", "sweep", "plots", "padding-study", "cost-study", "param-counts",
+                                     "report", "demo"])
+def test_every_subcommand_answers_help(command, capsys):
+    try:
+        code = main([command, "--help"])
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 0 and "usage" in capsys.readouterr().out.lower()
