@@ -22,7 +22,19 @@ def one_step(model_dir, squad_file, output_dir, **training) -> None:
     fit(run)
 
 
+def validation(model_dir, squad_file, output_dir, **training) -> None:
+    """The validation loss of the untrained adapter over the five questions, written to OUT/validation.json."""
+    run = setup(ModelArguments(model=str(model_dir)), LoraArguments(lora_r=4, lora_dropout=0.0),
+                DataArguments(train_file=str(squad_file), validation_file=str(squad_file), max_length=128),
+                LoraQATrainingArguments(output_dir=str(output_dir), **{**ONE_SGD_STEP, "eval_strategy": "steps",
+                                                                      **training}))
+    metrics = run.trainer.evaluate()
+    if run.trainer.is_world_process_zero():
+        Path(output_dir, "validation.json").write_text(json.dumps(metrics))
+
+
 if __name__ == "__main__":
     model_dir, squad_file, out, runs = sys.argv[1:5]
     for name, training in json.loads(Path(runs).read_text()).items():
-        one_step(model_dir, squad_file, Path(out) / name, **training)
+        (validation if training.pop("validation_only", False) else one_step)(model_dir, squad_file, Path(out) / name,
+                                                                             **training)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_gpt2
-from ddp_worker import one_step
+from ddp_worker import one_step, validation
 
 # sequential keeps file order (3 questions on the first paragraph, 2 on the second); random shuffles paragraphs
 # (ContextGroupedSampler, shared-context packing only), and seed 3 puts the second first: questions 4, 5, 1, 2
@@ -81,3 +81,21 @@ def test_accumulation_and_two_processes_take_the_step_of_one_big_batch(tmp_path,
     (sequential_log, sequential), (random_log, _) = references["sequential"], references["random"]
     assert all(sequential[key].abs().max() > 1e-3 for key in sequential if "lora_B" in key)
     assert abs(sequential_log["loss"] - random_log["loss"]) > 1e-3
+
+
+def test_validation_on_two_processes_is_the_whole_sets_token_mean(tmp_path, dropout_free_gpt2_dir, squad_file):
+    """5 validation questions on 2 processes at batch size 2: every question counted once (the Trainer's loader
+    would repeat some to even out the processes' batches), so loss and token count equal one process's."""
+    runs = {"two_processes": {"validation_only": True, "per_device_eval_batch_size": 2}}
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(_free_port()), str(Path(__file__).with_name("ddp_worker.py")),
+                             str(dropout_free_gpt2_dir), str(squad_file), str(tmp_path), str(tmp_path / "runs.json")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    parallel = json.loads((tmp_path / "two_processes" / "validation.json").read_text())
+    for batch in (2, 5):
+        validation(dropout_free_gpt2_dir, squad_file, tmp_path / f"one_{batch}", per_device_eval_batch_size=batch)
+        single = json.loads((tmp_path / f"one_{batch}" / "validation.json").read_text())
+        assert parallel["eval_tokens"] == single["eval_tokens"] > 0
+        assert parallel["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-6)

@@ -44,13 +44,12 @@ class QATrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Validation loss as the token mean over the whole validation set, the training objective's own
         definition (the Trainer's loop averages batch means, which depends on batch size and packing)."""
-        dataloader = self.get_eval_dataloader(eval_dataset)
         model = self.model
         was_training = model.training
         model.eval()
         started, sums = time.perf_counter(), torch.zeros(2, dtype=torch.float64, device=self.args.device)
         with torch.no_grad():
-            for batch in dataloader:
+            for batch in self._validation_batches(eval_dataset if eval_dataset is not None else self.eval_dataset):
                 total, count = answer_loss_sum(model, self._prepare_inputs(batch), answer_only=self.answer_only_logits)
                 sums += torch.stack([total.double(), count.double()])
         sums = self.accelerator.reduce(sums, reduction="sum")
@@ -61,6 +60,15 @@ class QATrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def _validation_batches(self, dataset):
+        """This process's contiguous share of the validation rows, in order, in batches of
+        `per_device_eval_batch_size`: every row counted once over all processes. (The Trainer's prepared loader
+        evens out the processes' last batches by repeating rows, which a summed loss would count twice.)"""
+        rank, world, size = self.args.process_index, self.args.world_size, self.args.per_device_eval_batch_size
+        start, end = len(dataset) * rank // world, len(dataset) * (rank + 1) // world
+        for first in range(start, end, size):
+            yield self.data_collator([dataset[i] for i in range(first, min(first + size, end))])
 
     def _get_train_sampler(self, train_dataset=None):
         if self.packing == "shared_context" and self.args.train_sampling_strategy == "random":
