@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 LORAQA := $(VENV)/bin/loraqa
 export LORAQA_CACHE ?= $(CURDIR)/data
 
-.PHONY: install fetch test screenshots run bench results study collect report browser-test
+.PHONY: install fetch test screenshots run bench results study collect report browser-test slurm-test
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,12 @@ browser-test: fetch
 		echo "chromium/chromium-driver not installed: the browser test will be skipped"
 	$(PY) -c "import gradio, selenium" 2>/dev/null || $(PY) -m pip install --quiet -e ".[demo]"
 	$(PY) -m pytest -q -rs tests/test_demo.py
+
+# The sweep's Slurm executor on a real scheduler (issue 26): Debian's slurm-wlm + munge as a one-node cluster on
+# 127.0.0.1, a 2-run tiny sweep submitted through submitit, one job requeued mid-run (it resumes from its
+# checkpoint), --collect compared with the local executor's; the daemons are stopped at the end. Needs root.
+slurm-test: fetch
+	PY=$(PY) scripts/slurm_test.sh
 
 # The main job: fine-tune within a 12-minute training budget, then baseline vs fine-tuned EM/F1.
 run: fetch

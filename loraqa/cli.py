@@ -7,6 +7,7 @@ file. Errors are one line and exit with status 2 (argparse-based subcommands: `c
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import logging
 import sys
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .app.args import ArgumentParser
+from .args import ArgumentParser
 from .config import ConfigError, default_cache_dir
 from .data.assets import ASSET_NAMES, FetchError
 
@@ -92,7 +93,7 @@ def _train(argv, defaults: dict | None = None):
     """`loraqa train`; `defaults` are a calling command's own settings (`run`'s), below the user's file and flags."""
     from .config import DataArguments, LoraArguments, ModelArguments
     from .training.arguments import LoraQATrainingArguments
-    from .app.args import parse_config_with_sources
+    from .args import parse_config_with_sources
     from .training.run import train
 
     (model_args, lora_args, data_args, training_args), sources = parse_config_with_sources(
@@ -110,7 +111,7 @@ def _train(argv, defaults: dict | None = None):
 
 def _evaluate(argv):
     from .config import GenerationSettings, ModelArguments
-    from .app.args import parse_config
+    from .args import parse_config
     from .evaluation.evaluate import EvaluateArguments, evaluate, strategy_table
 
     model_args, eval_args, settings = parse_config((ModelArguments, EvaluateArguments, GenerationSettings), argv)
@@ -187,7 +188,7 @@ class AskArguments:
 
 def _ask(argv):
     from .config import GenerationSettings, ModelArguments
-    from .app.args import parse_config
+    from .args import parse_config
     from .evaluation.evaluate import answer_question, load_model_for_eval, training_max_length
 
     model_args, args, settings = parse_config((ModelArguments, AskArguments, GenerationSettings), argv)
@@ -210,7 +211,7 @@ def _ask(argv):
 def _bench(argv):
     from .measure.bench import BenchArguments, BenchMeasurementError, run_bench, summary_lines
     from .config import ModelArguments
-    from .app.args import parse_config
+    from .args import parse_config
 
     model_args, bench_args = parse_config((ModelArguments, BenchArguments), argv)
     try:
@@ -250,15 +251,48 @@ def _sweep(argv):
                         "DIR/grid_best and DIR/final (e.g. results/model_checkpoints)")
     parser.add_argument("--readme", default=None, help="with --collect: rewrite the main table between the "
                         "README's study-table markers")
+    parser.add_argument("--executor", choices=["local", "slurm"], default="local",
+                        help="local: one run after another in this process (default); slurm: one Slurm job per "
+                             "pending run through submitit (see loraqa.study.slurm)")
+    parser.add_argument("--wait", action="store_true", help="with --executor slurm: follow the jobs until every run "
+                        "is done (submitting the runs that wait for the grid once it is); without it, submit and return")
+    slurm = parser.add_argument_group("Slurm (--executor slurm; also the spec's `slurm:` mapping, which flags override)")
+    slurm.add_argument("--slurm_partition", default=None, help="partition to submit to (default: the cluster's)")
+    slurm.add_argument("--slurm_gpus_per_run", type=int, default=None,
+                       help="GPUs per run (default 0); more than 1 trains under torchrun, one process per GPU")
+    slurm.add_argument("--slurm_cpus_per_run", type=int, default=None, help="CPUs per run (default: the cluster's)")
+    slurm.add_argument("--slurm_time_min", type=int, default=None, help="time limit per job in minutes (default "
+                       "1440); a run that reaches it is requeued and resumes from its last checkpoint")
+    slurm.add_argument("--slurm_mem_gb", type=float, default=None, help="memory per run in GB")
+    slurm.add_argument("--slurm_setup", action="append", default=None, metavar="LINE",
+                       help="a shell line run before each job, e.g. 'module load cuda' (repeatable)")
     args = parser.parse_args(argv)
     if args.collect:
         from .study.collect import collect, main_table, update_readme
+        from .study.sweep import other_revisions
 
         result = collect(args.spec, args.output_dir, args.collect, checkpoints=args.checkpoints)
         print(f"{len(result['runs'])} runs collected, {len(result['pending'])} pending; written: {args.collect}")
+        for revision, run_ids in other_revisions(args.output_dir, [r["run_id"] for r in result["runs"]]).items():
+            print(f"{len(run_ids)} run(s) made at another revision ({revision}): {', '.join(sorted(run_ids))}")
         if args.readme and update_readme(args.readme, main_table(result)):
             print(f"main table updated in {args.readme}")
         return
+    if args.executor == "slurm":
+        if args.print_commands or args.max_runs is not None:
+            raise ConfigError("--print_commands and --max_runs go with --executor local")
+        if importlib.util.find_spec("submitit") is None:
+            raise ConfigError("--executor slurm needs submitit: pip install -e '.[slurm]'")
+        from .study.slurm import slurm_settings, submit_sweep
+        from .study.sweep import load_spec
+
+        settings = slurm_settings(load_spec(args.spec), partition=args.slurm_partition,
+                                  gpus_per_run=args.slurm_gpus_per_run, cpus_per_run=args.slurm_cpus_per_run,
+                                  time_min=args.slurm_time_min, mem_gb=args.slurm_mem_gb, setup=args.slurm_setup)
+        submit_sweep(args.spec, args.output_dir, settings, wait=args.wait, torch_threads=args.torch_threads)
+        return
+    if args.wait:
+        raise ConfigError("--wait goes with --executor slurm")
     from .study.sweep import run_sweep
 
     run_sweep(args.spec, args.output_dir, print_commands=args.print_commands, limit=args.max_runs,
@@ -284,7 +318,7 @@ def _plots(argv):
 
 def _padding_study(argv):
     from .config import ModelArguments
-    from .app.args import parse_config
+    from .args import parse_config
     from .measure.padding import PaddingStudyArguments, run_padding_study, summary_lines
 
     model_args, study_args = parse_config((ModelArguments, PaddingStudyArguments),
@@ -296,7 +330,7 @@ def _padding_study(argv):
 
 def _cost_study(argv):
     from .config import ModelArguments
-    from .app.args import parse_config
+    from .args import parse_config
     from .measure.cost import CostStudyArguments, run_cost_study, summary_lines
 
     model_args, study_args = parse_config((ModelArguments, CostStudyArguments), ["--model", "smollm2-135m"] + argv)

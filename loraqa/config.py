@@ -1,6 +1,6 @@
 """Typed settings of the model, LoRA, data and decoding: light dataclasses (no torch, no transformers).
 
-Configuration flows one way: flags / YAML (`app.args`) -> these dataclasses -> code. Field names reuse the
+Configuration flows one way: flags / YAML (`args`) -> these dataclasses -> code. Field names reuse the
 names of the libraries underneath (`lora_alpha`, `target_modules`, `max_new_tokens`) so that the hand-off to
 PEFT and `generate` is field for field. The Trainer's settings, which subclass transformers'
 `TrainingArguments`, are `training.arguments.LoraQATrainingArguments`.

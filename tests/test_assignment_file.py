@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import tiny_gpt2
 
 ROOT = Path(__file__).resolve().parent.parent

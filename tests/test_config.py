@@ -4,7 +4,7 @@ import pytest
 
 from loraqa.config import ConfigError, DataArguments, LoraArguments, ModelArguments
 from loraqa.training.arguments import LoraQATrainingArguments
-from loraqa.app.args import parse_config, parse_config_with_sources
+from loraqa.args import parse_config, parse_config_with_sources
 
 TRAIN = (ModelArguments, LoraArguments, DataArguments, LoraQATrainingArguments)
 

@@ -1,2 +1,2 @@
-"""The applications on top: argument parsing (flags and YAML -> settings dataclasses) and the Gradio demo;
-the command line itself is `loraqa.cli`."""
+"""The application on top of every stage: the Gradio demo (`demo`: models and page, `demo_view`: the pure
+view). The command line itself is `loraqa.cli`."""

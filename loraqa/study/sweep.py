@@ -19,29 +19,41 @@ directory of `loraqa train`, `train.log`, one `eval_<evaluation>.json` per evalu
 (so a sweep can be killed at any moment and restarted with the same command); a failed one is recorded in
 `error.json` and retried by the next invocation. Runs `from: best` wait until every grid run is done.
 `print_commands` gives each pending run as a stand-alone shell line for a scheduler.
+
+A run being trained is claimed: `claim.json` in its directory names the holder (pid and host for the local
+executor, the job id for Slurm, see loraqa.slurm). Every sweep respects a claim whose holder is alive (it skips
+the run with one line naming the holder) and takes over one whose holder is gone, so two sweeps on one
+directory never train the same run. `done.json` records the git revision the run was made at and whether the
+package's code differed from it. A spec's optional `slurm:` mapping (partition, gpus_per_run, ...) is read by
+`--executor slurm` only and is no part of any run's identity.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
+import fcntl
 import hashlib
 import itertools
 import json
 import os
 import shlex
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
+from argparse import ArgumentTypeError
 from pathlib import Path
 
 from ..config import ConfigError, DataArguments, GenerationSettings, LoraArguments, ModelArguments
 from ..files import read_yaml, write_json_atomic
 from ..training.arguments import LoraQATrainingArguments
 
-SPEC_KEYS = {"base", "grid", "centre", "runs", "first", "evaluations", "select_on"}
+SPEC_KEYS = {"base", "grid", "centre", "runs", "first", "evaluations", "select_on", "slurm"}
 RUN_KEYS = {"train", "from", "evaluate"}  # run-level keys that are not `loraqa train` settings
 
 
@@ -119,7 +131,60 @@ def load_spec(path: str | Path) -> dict:
         check_settings(f"evaluations.{name}", settings, evaluate_settings)
     if spec.get("select_on", "validation") not in spec["evaluations"]:
         raise ConfigError(f"{path}: select_on: {spec.get('select_on', 'validation')!r} is not an evaluation")
+    check_values(path, spec)
+    if "slurm" in spec:
+        from .slurm import check_slurm_spec
+
+        check_slurm_spec(path, spec["slurm"])
     return spec
+
+
+def _flag_types(*types) -> dict:
+    """{setting: its argparse action} as `loraqa train` / `loraqa evaluate` parse the flags a sweep gives them."""
+    from ..args import settings_parser
+
+    parser = settings_parser(types)
+    return {action.dest: action for action in parser._actions if action.option_strings}
+
+
+def check_values(path, spec: dict) -> None:
+    """Every setting's value, converted as its command will convert the flag the sweep gives it: a value of the
+    wrong type, outside a setting's choices, a list or mapping where one value goes, or `null` (a flag cannot
+    say 'none', so the command would run with its default while the run's identity said null) is one line
+    naming the file and the key, before anything runs."""
+    from ..evaluation.evaluate import EvaluateArguments
+
+    train = _flag_types(ModelArguments, LoraArguments, DataArguments, LoraQATrainingArguments)
+    evaluate = _flag_types(ModelArguments, EvaluateArguments, GenerationSettings)
+
+    def check(where: str, settings: dict, actions: dict):
+        for key, value in (settings or {}).items():
+            if key in RUN_KEYS or key not in actions:
+                continue
+            if value is None:
+                raise ConfigError(f"{path}: {where}.{key}: null is not a value (leave the key out for the default)")
+            if isinstance(value, (list, dict)):
+                raise ConfigError(f"{path}: {where}.{key}: expected a single value, got {value!r}")
+            action = actions[key]
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            try:
+                converted = action.type(text) if action.type else text
+            except (TypeError, ValueError, ArgumentTypeError):
+                raise ConfigError(f"{path}: {where}.{key}: {value!r} is not a valid value") from None
+            if action.choices and converted not in action.choices:
+                raise ConfigError(f"{path}: {where}.{key}: {value!r} is not one of "
+                                  f"{', '.join(map(str, action.choices))}")
+
+    check("base", spec.get("base"), train)
+    for axis, values in (spec.get("grid") or {}).items():
+        for value in values:
+            check(f"grid.{axis}", value, train) if isinstance(value, dict) else check("grid", {axis: value}, train)
+    for name, run in (spec.get("runs") or {}).items():
+        check(f"runs.{name}", run, train)
+        for evaluation, overrides in (run.get("evaluate") or {}).items():
+            check(f"runs.{name}.evaluate.{evaluation}", overrides, evaluate)
+    for name, settings in spec["evaluations"].items():
+        check(f"evaluations.{name}", settings, evaluate)
 
 
 def _flatten(point: dict) -> dict:
@@ -210,7 +275,7 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
     return max(checkpoints, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
-def _finished(output_dir: Path) -> dict[str, dict]:
+def finished_runs(output_dir: Path) -> dict[str, dict]:
     records = {}
     for done in output_dir.glob("*/done.json"):
         try:
@@ -220,7 +285,7 @@ def _finished(output_dir: Path) -> dict[str, dict]:
     return records
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
@@ -274,11 +339,13 @@ def estimated_seconds(run: Run, rates: dict[str, float], run_dir: Path | None = 
     return seconds + rates["evaluate"] * questions if "evaluate" in rates else None
 
 
-def _run_one(run: Run, run_dir: Path, log, torch_threads: int | None = None) -> dict:
-    """Train (resuming from the last checkpoint) and evaluate; returns the done record."""
+def run_one(run: Run, run_dir: Path, log, torch_threads: int | None = None, processes: int = 1) -> dict:
+    """Train (resuming from the last checkpoint; under torchrun with `processes` > 1) and evaluate; returns the
+    done record."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "error.json").unlink(missing_ok=True)
     started = time.time()
+    revision = code_revision()  # what this run is made with
     lines = commands(run, run_dir)
     if run.train:
         train_line = lines.pop(0)
@@ -287,7 +354,7 @@ def _run_one(run: Run, run_dir: Path, log, torch_threads: int | None = None) -> 
             # the sweep owns its run directories: an attempt that left no checkpoint starts over
             train_line += (["--resume_from_checkpoint", str(checkpoint)] if checkpoint
                            else ["--overwrite_output_dir", "true"])
-            _call(train_line, log, torch_threads)
+            _call(train_line, log, torch_threads, processes)
     for line in lines:
         if not Path(line[line.index("--output") + 1]).exists():
             _call(line, log, torch_threads)
@@ -296,7 +363,7 @@ def _run_one(run: Run, run_dir: Path, log, torch_threads: int | None = None) -> 
               "settings": run.settings, "grid_point": run.grid_point, "evaluations": {}, "seconds": time.time() - started,
               # weights are not kept in git: their size is recorded here, where the study table reads it
               "weights_file": weights[0] if weights else None,
-              "weights_bytes": (run_dir / weights[0]).stat().st_size if weights else None}
+              "weights_bytes": (run_dir / weights[0]).stat().st_size if weights else None, **revision}
     for name in run.evaluations:
         result = json.loads((run_dir / f"eval_{name}.json").read_text())
         record["evaluations"][name] = {k: result[k] for k in ("exact_match", "f1", "n")}
@@ -305,18 +372,25 @@ def _run_one(run: Run, run_dir: Path, log, torch_threads: int | None = None) -> 
 
 
 class RunFailed(RuntimeError):
-    pass
+    def __init__(self, message: str, returncode: int | None = None):
+        super().__init__(message)
+        self.returncode = returncode  # negative: the command was killed by that signal
 
 
-def _call(line: list[str], log, torch_threads: int | None = None) -> None:
-    log.write(f"\n$ {shlex.join(line)}  # {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+def _call(line: list[str], log, torch_threads: int | None = None, processes: int = 1) -> None:
+    parallel = processes > 1 and line[1] == "train"  # data parallel: one process per GPU, under torchrun
+    log.write(f"\n$ {shlex.join(line)}  # {time.strftime('%Y-%m-%d %H:%M:%S')}"
+              + (f", torchrun with {processes} processes" if parallel else "") + "\n")
     log.flush()
     command = [sys.executable, "-m", "loraqa.cli"] + line[1:]  # `loraqa` of this very installation
+    if parallel:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                   str(processes), "-m", "loraqa.cli"] + line[1:]
     env = {**os.environ, "OMP_NUM_THREADS": str(torch_threads)} if torch_threads else None
     code = subprocess.call(command + (["--torch_threads", str(torch_threads)] if torch_threads else []),
                            stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, env=env)
     if code != 0:
-        raise RunFailed(f"loraqa {line[1]} exited with {code}")
+        raise RunFailed(f"loraqa {line[1]} exited with {code}", code)
 
 
 def run_sweep(spec_path: str, output_dir: str, *, print_commands: bool = False, limit: int | None = None,
@@ -329,9 +403,9 @@ def run_sweep(spec_path: str, output_dir: str, *, print_commands: bool = False, 
     out.mkdir(parents=True, exist_ok=True)
     statuses, executed = {}, 0
     while True:  # re-plan after every run: `from: best` runs appear once the grid is done
-        finished = _finished(out)
+        finished = finished_runs(out)
         runs = plan(spec, finished)
-        pending = [r for r in runs if r.run_id not in finished and statuses.get(r.run_id) != "failed"]
+        pending = [r for r in runs if r.run_id not in finished and statuses.get(r.run_id) not in ("failed", "held")]
         statuses.update({r.run_id: "done" for r in runs if r.run_id in finished})
         if print_commands:
             for run in pending:
@@ -339,13 +413,22 @@ def run_sweep(spec_path: str, output_dir: str, *, print_commands: bool = False, 
             return {r.run_id: "pending" for r in pending}
         if not pending or (limit is not None and executed >= limit):
             waiting = len((spec.get("runs") or {})) - sum(r.kind == "named" for r in runs)
+            held = sum(s == "held" and r not in finished for r, s in statuses.items())
             print(f"sweep: {len(finished)} runs done, {len(pending)} pending"
+                  + (f", {held} held by another sweep" if held else "")
                   + (f", {waiting} waiting for the grid" if waiting else ""), flush=True)
             return statuses
         run = pending[0]
+        holder = this_holder()
+        other = acquire_claim(out / run.run_id, holder)
+        if other is not None:  # another sweep trains it: never twice, never its checkpoints overwritten
+            statuses[run.run_id] = "held"
+            print(f"[{len(finished) + 1}/{len(runs)}] {run.run_id}: skipped, held by {describe_holder(other)}",
+                  flush=True)
+            continue
         rates = measured_rates(out, finished)
         estimates = [estimated_seconds(r, rates, out / r.run_id) for r in pending]
-        eta = (f", ~{_duration(estimates[0])}" if estimates[0] else "") + \
+        eta = (f", ~{duration(estimates[0])}" if estimates[0] else "") + \
             (f", sweep ETA {time.strftime('%H:%M', time.localtime(time.time() + sum(estimates)))}"
              if None not in estimates else "")
         print(f"[{len(finished) + 1}/{len(runs)}] {run.run_id}: started {time.strftime('%H:%M')}{eta}", flush=True)
@@ -353,12 +436,155 @@ def run_sweep(spec_path: str, output_dir: str, *, print_commands: bool = False, 
         (out / run.run_id).mkdir(parents=True, exist_ok=True)
         with open(out / run.run_id / "train.log", "a") as log:
             try:
-                _run_one(run, out / run.run_id, log, torch_threads)
+                run_one(run, out / run.run_id, log, torch_threads)
                 statuses[run.run_id] = "done"
                 print(f"    done in {(time.time() - started) / 60:.1f} min", flush=True)
             except (RunFailed, OSError, KeyError, json.JSONDecodeError) as err:
                 statuses[run.run_id] = "failed"
                 write_json_atomic(out / run.run_id / "error.json", {"error": str(err), "log": str(log.name)})
                 print(f"    FAILED: {err} (log: {log.name})", flush=True)
+            finally:
+                release_claim(out / run.run_id, holder)
         executed += 1
 
+
+
+# ---- claims: which process or job is training a run ----------------------------------------------------------
+
+CLAIM = "claim.json"
+ALIVE_SLURM_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_FED",
+                      "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"}
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot): with the pid, it names one process (pids are reused)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def this_holder(token: str | None = None, slurm_job_id: str | None = None) -> dict:
+    """A claim naming this process on this host (or the Slurm job `slurm_job_id`). Claims with the same token
+    belong to the same holder: a submitted job takes over its submitter's claim by sharing its token."""
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
+              "token": token or uuid.uuid4().hex, "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {**holder, "slurm_job_id": slurm_job_id} if slurm_job_id else holder
+
+
+def slurm_job_state(job_id: str) -> str | None:
+    """The job's state from `squeue` (PENDING, RUNNING, COMPLETED, ...), None once Slurm no longer knows it;
+    'UNKNOWN' when squeue cannot be asked."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-j", str(job_id), "-o", "%T"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return "UNKNOWN"
+    if out.returncode != 0:
+        return None if "Invalid job id" in out.stderr else "UNKNOWN"
+    states = out.stdout.split()
+    return states[0] if states else None
+
+
+def holder_alive(claim: dict) -> bool:
+    """Whether a claim's holder may still be working: its Slurm job is queued or running, or its process is
+    alive on this host. A process on another host cannot be checked from here and counts as alive."""
+    if claim.get("slurm_job_id"):
+        state = slurm_job_state(claim["slurm_job_id"])
+        return state == "UNKNOWN" or state in ALIVE_SLURM_STATES
+    if claim.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(claim["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, TypeError, ValueError):
+        return True
+    return claim.get("pid_start") in (None, _process_start(int(claim["pid"])))
+
+
+def describe_holder(claim: dict) -> str:
+    who = f"Slurm job {claim['slurm_job_id']}" if claim.get("slurm_job_id") else \
+        f"pid {claim.get('pid')} on {claim.get('host')}"
+    return f"{who} since {claim.get('since')}"
+
+
+@contextlib.contextmanager
+def _claim_lock(run_dir: Path):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".claim.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def read_claim(run_dir: Path) -> dict | None:
+    try:
+        claim = json.loads((run_dir / CLAIM).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return claim if isinstance(claim, dict) else None
+
+
+def acquire_claim(run_dir: Path, holder: dict) -> dict | None:
+    """Claim the run for `holder`: None when it now holds it (it was free, its own, or its holder is gone),
+    else the live claim of another holder, left as it is."""
+    with _claim_lock(run_dir):
+        claim = read_claim(run_dir)
+        if claim and claim.get("token") != holder["token"] and holder_alive(claim):
+            return claim
+        write_json_atomic(run_dir / CLAIM, holder)
+        return None
+
+
+def release_claim(run_dir: Path, holder: dict) -> None:
+    """Drop the claim if `holder` (its token) still has it."""
+    with _claim_lock(run_dir):
+        claim = read_claim(run_dir)
+        if claim and claim.get("token") == holder["token"]:
+            (run_dir / CLAIM).unlink(missing_ok=True)
+
+
+# ---- the code a run was made with ----------------------------------------------------------------------------
+
+def code_revision() -> dict:
+    """{"git_revision": the checkout's HEAD, "git_dirty": whether the package's tracked files or pyproject.toml
+    differ from it}; both None outside a git checkout."""
+    package = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30, cwd=package)
+        if head.returncode != 0:
+            return {"git_revision": None, "git_dirty": None}
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, timeout=30,
+                             cwd=package).stdout.strip()
+        diff = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", str(package),
+                               "pyproject.toml"], capture_output=True, text=True, timeout=30, cwd=top)
+    except (OSError, subprocess.SubprocessError):
+        return {"git_revision": None, "git_dirty": None}
+    return {"git_revision": head.stdout.strip(), "git_dirty": bool(diff.stdout.strip())}
+
+
+def other_revisions(output_dir: str | Path, run_ids, current: dict | None = None) -> dict[str, list[str]]:
+    """{revision: [run ids]} of the finished runs made at a revision other than `current` (default: this
+    checkout's), a dirty tree counting as its own revision ('<sha>+dirty'); runs from before revisions were
+    recorded fall back to their run_config.json, else 'unknown'."""
+    current = current or code_revision()
+    here = f"{current['git_revision']}{'+dirty' if current['git_dirty'] else ''}"
+    others: dict[str, list[str]] = {}
+    for run_id in run_ids:
+        try:
+            record = json.loads((Path(output_dir) / run_id / "done.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        revision, dirty = record.get("git_revision"), record.get("git_dirty")
+        if revision is None:
+            try:
+                revision = json.loads((Path(output_dir) / run_id / "run_config.json").read_text()).get("git_revision")
+            except (OSError, json.JSONDecodeError, AttributeError):
+                revision = None
+        label = f"{revision}{'+dirty' if dirty else ''}" if revision else "unknown"
+        if label != here:
+            others.setdefault(label, []).append(run_id)
+    return others

@@ -12,8 +12,8 @@ import difflib
 import sys
 from typing import Any
 
-from ..config import ConfigError
-from ..files import read_yaml
+from .config import ConfigError
+from .files import read_yaml
 
 
 class _OneLineErrors:
@@ -37,7 +37,7 @@ class ArgumentParser(_OneLineErrors, argparse.ArgumentParser):
     """The CLI's plain argparse parser."""
 
 
-def _settings_parser(dataclass_types: tuple):
+def settings_parser(dataclass_types: tuple):
     from transformers import HfArgumentParser  # heavy: only when settings are parsed
 
     class _SettingsParser(_OneLineErrors, HfArgumentParser):
@@ -85,7 +85,7 @@ def parse_config_with_sources(dataclass_types: tuple, args: list[str] | None = N
     Precedence, lowest first: the dataclass default, `defaults` (e.g. `loraqa run`'s budget), the YAML file,
     the flags: a user's file and flags always win over a command's own choices.
     """
-    parser = _settings_parser(dataclass_types)
+    parser = settings_parser(dataclass_types)
     parser.add_argument("--config", default=None, help="YAML file of settings; flags override it.")
     args = list(sys.argv[1:] if args is None else args)
     unset = object()  # a namespace pre-filled with it keeps argparse from filling in defaults: what stays is a flag
