@@ -235,3 +235,36 @@ def test_small_helpers():
 def test_bad_selection_keys_are_one_clear_line(tmp_path, extra, message):
     with pytest.raises(ConfigError, match=f"spec.yaml: {message}"):
         _spec(tmp_path, **extra)
+
+
+# ---------------------------------------------------------------------------------------------- plots
+
+def test_heatmap_and_params_plot_show_the_extended_rates_and_diverged_runs():
+    from loraqa import plots
+
+    results = json.loads((ROOT / "tests/fixtures/evaluation_results.json").read_text())
+    grid = [r for r in results["runs"] if r["group"] == "grid" and (r["scores"].get("test") and r.get("trainable_params"))]
+    spec_rates = results["protocol"]["grid"]["learning_rate"]
+    extended = json.loads(json.dumps(grid[0]))  # a row extension past the spec's rates, diverged
+    extended.update(run_id="extension", diverged=True, divergence="non-finite loss")
+    extended["settings"]["learning_rate"] = 2 * max(spec_rates)
+    extended["grid_point"]["learning_rate"] = extended["settings"]["learning_rate"]
+    extended["scores"]["test"].update(f1=3.0, f1_ci=[1.0, 5.0])
+    results["runs"].append(extended)
+    target, rank = extended["settings"]["target_modules"], extended["settings"]["lora_r"]
+
+    fig = plots.plot_f1_heatmaps(results)
+    ax = next(a for a in fig.axes if a.get_title() == target)
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert ticks[-1] == f"{extended['settings']['learning_rate']:g}+" and not any(t.endswith("+") for t in ticks[:-1])
+    ranks, rates, matrix = plots.f1_matrix(results, target)
+    cell = (ranks.index(rank), rates.index(extended["settings"]["learning_rate"]))
+    assert matrix[cell] == 3.0 and plots.diverged_cells(results, target) == {cell}
+    assert [t.get_text() for t in ax.texts if "div." in t.get_text()] == ["3.0\ndiv."]
+    hatched = [p for p in ax.patches if p.get_hatch() == "///"]
+    assert len(hatched) == 1 and hatched[0].get_xy() == (cell[1] - 0.5, cell[0] - 0.5)
+
+    fig = plots.plot_params_vs_f1(results)
+    containers = {c.get_label(): c for c in fig.axes[0].containers}
+    line = containers[f"{target}, lr {extended['settings']['learning_rate']:g} (diverged)"].lines[0]
+    assert list(line.get_ydata()) == [3.0] and line.get_markerfacecolor() == "none"
