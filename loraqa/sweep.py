@@ -69,7 +69,7 @@ class Run:
     settings: dict
     evaluations: dict[str, dict]
     train: bool = True
-    kind: str = "grid"  # grid | named
+    kind: str = "grid"  # grid | named | series (a named series' extension) | seed (the selection's)
     grid_point: dict = field(default_factory=dict)
 
     @property
@@ -227,8 +227,9 @@ def plan_study(spec: dict, finished: dict[str, dict] | None = None) -> tuple[lis
             members = [named(n, runs[n]) for n in rule["runs"]]
             template = runs[max(rule["runs"], key=lambda n: runs[n][axis])]  # the listed run of the largest value
             series += extend_series(axis, values, members, finished, select_on, lambda value, key=key, axis=axis,
-                                    template=template: named(f"{key}_{SHORT_NAMES.get(axis, axis)}{value_text(value)}",
-                                                             {**template, axis: value}))
+                                    template=template: dataclasses.replace(named(
+                                        f"{key}_{SHORT_NAMES.get(axis, axis)}{value_text(value)}", {**template, axis: value}),
+                                        kind="series"))
     grid_all = grid_runs + extended
     centre_run = next((r for r in grid_runs if r.grid_point == centre), None) if centre else None
     fixed = [named(n, r) for n, r in runs.items() if r.get("from") != "best"] + series

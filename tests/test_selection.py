@@ -162,6 +162,7 @@ def test_a_series_of_named_runs_is_extended_through_its_listed_values(tmp_path):
     runs = plan(spec, finished)
     (new,) = [r for r in runs if r.name.startswith("full_ft") and r.run_id not in finished]
     assert new.name == "full_ft_lr1e-3" and new.settings["learning_rate"] == 1.0e-3 and new.settings["full_finetune"]
+    assert new.kind == "series"
     _finish(finished, runs, lambda r: 40.0 if r.name == "full_ft_lr1e-3" else 50.0)  # worse: the series ends
     assert not [r for r in plan(spec, finished) if r.run_id not in finished and r.name.startswith("full_ft")]
 
