@@ -13,6 +13,12 @@ Three rules the sweep's planner (`sweep.plan`) applies to the finished runs' don
   their seeds' pooled sd s gives the tie margin sqrt(2) x s (a difference of two runs has sqrt(2) times one run's
   sd); the configurations within it of the best, at most `max_configs`, get `seeds` seeds each, and the one with
   the best seed mean is selected. Until then the selection is unresolved and `from: best` runs are held.
+
+The final model and the best configuration's seeds (`from: best` runs) follow the resolved selection. If it
+picks the configuration they were trained on, they are the same runs (same settings, same run ids: nothing is
+retrained). If it moves, the new final is a new run, `final-<selected grid run>`, and the committed `final`
+stays what collect reports as the headline (`final.selection_moved` and `final.current_selection_final` say so);
+the best seeds of a moved selection are its tie seeds, already run.
 """
 from __future__ import annotations
 

@@ -254,9 +254,9 @@ def plan_study(spec: dict, finished: dict[str, dict] | None = None) -> tuple[lis
     ordered = [resolved(n, runs[n]) for n in first] + grid_all + series + seed_runs + \
         [resolved(n, r) for n, r in runs.items() if n not in first]
     unique = {}
-    for run in ordered:
-        if run is not None:
-            unique.setdefault(run.run_id, run)  # a seed run that is a named run, planned once
+    for run in ordered:  # a seed run that is a named run is planned once, as the named run, at the seed's place
+        if run is not None and (run.run_id not in unique or unique[run.run_id].kind == "seed"):
+            unique[run.run_id] = run
     return list(unique.values()), selection
 
 

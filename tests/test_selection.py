@@ -269,3 +269,16 @@ def test_heatmap_and_params_plot_show_the_extended_rates_and_diverged_runs():
     containers = {c.get_label(): c for c in fig.axes[0].containers}
     line = containers[f"{target}, lr {extended['settings']['learning_rate']:g} (diverged)"].lines[0]
     assert list(line.get_ydata()) == [3.0] and line.get_markerfacecolor() == "none"
+
+
+def test_a_seed_the_spec_names_is_planned_once_as_that_named_run(study):
+    spec, committed = study
+    finished = dict(committed)
+    _finish(finished, plan(spec, finished), lambda r: 40.0)
+    runs, selection = plan_study(spec, finished)
+    by_id = {r.run_id: r for r in runs}
+    top = selection.top.run_id
+    # the best configuration's seeds 1 and 2 are the committed best_seed runs (from: best in the spec)
+    assert [by_id[i].name for i in selection.seed_runs[top][1:]] == ["best_seed1", "best_seed2"]
+    centre = [r for r in runs if r.name.startswith("centre_seed")]
+    assert [r.kind for r in centre] == ["named", "named"]
