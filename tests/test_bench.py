@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny_gpt2, tiny_llama
-from loraqa import bench
+from loraqa.measure import bench
 from loraqa.measure.bench import _decode_linear_seconds, _linear_layers, _matmul_params, summary_lines
 
 

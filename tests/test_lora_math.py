@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from loraqa import lora_math
+from loraqa.measure import lora_math
 from loraqa.config import LoraArguments, default_cache_dir
 from loraqa.measure.lora_math import (LoraLinear, base_parameters, full_layer_costs, lora_layer_costs,
                                       lora_trainable_parameters, step_costs)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import tiny_llama
-from loraqa import padding
+from loraqa.measure import padding
 from loraqa.cli import main
 from loraqa.data.collate import QADataCollator
 from loraqa.data.squad import IGNORE_INDEX, build_train_dataset, load_squad

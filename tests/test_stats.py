@@ -93,3 +93,61 @@ def test_paired_comparison_resamples_paragraphs_when_given():
     assert r["f1"]["permutation_p_value"] == pytest.approx(0.5, abs=0.02)
     plain = paired_comparison(a, b)  # 8 independent +1s: p = 2 / 2**8
     assert plain["resampled"] == "questions" and plain["f1"]["permutation_p_value"] == pytest.approx(2 / 256, abs=0.003)
+
+
+def test_format_p_never_writes_the_permutation_floor_as_equal():
+    from loraqa.evaluation.stats import PERMUTATION_RESAMPLES, format_p
+
+    floor = 1 / (PERMUTATION_RESAMPLES + 1)
+    assert format_p(floor) == "< 1e-4" and format_p(floor, relation=False) == "< 1e-4"
+    assert format_p(2 * floor) == "= 2e-4" and format_p(0.0421) == "= 0.042" and format_p(0.5, relation=False) == "0.5"
+    assert format_p(1 / 101, resamples=100) == "< 0.01" and format_p(1 / 100, resamples=99) == "<= 0.01"
+    # an exact test (McNemar) has no floor: tiny values are printed, an underflowed 0 as a bound
+    assert format_p(3.14e-12, resamples=None) == "= 3.1e-12" and format_p(0.0, resamples=None) == "< 1e-300"
+    assert format_p(floor, number=lambda x: f"{x:.1e}") == "< 1.0e-04"
+
+
+def _evaluation(scores: dict[str, float], paragraphs: dict[str, str]) -> dict:
+    return {"per_question": {q: {"f1": f, "exact_match": float(f == 1.0)} for q, f in scores.items()},
+            "questions": {q: {"paragraph": p} for q, p in paragraphs.items()}}
+
+
+def test_main_effect_contrasts_pair_questions_over_the_other_factors():
+    from loraqa.study.collect import main_effect_contrasts
+    from loraqa.evaluation.stats import PERMUTATION_RESAMPLES
+
+    rng = np.random.default_rng(1)
+    ids = [f"q{i}" for i in range(40)]
+    paragraphs = {q: f"p{i // 4}" for i, q in enumerate(ids)}
+    spec = {"grid": {"target_modules": ["attention", "attention+mlp"], "learning_rate": [1e-4, 2e-4, 5e-4],
+                     "rank": [{"lora_r": 4, "lora_alpha": 8}, {"lora_r": 16, "lora_alpha": 32}]}}
+    grid, f1 = [], {}
+    for target in spec["grid"]["target_modules"]:
+        for lr, validation in zip(spec["grid"]["learning_rate"], (50.0, 70.0, 60.0)):  # 1e-4 worst, 2e-4 best
+            for rank in spec["grid"]["rank"]:
+                scores = {q: float(rng.uniform()) for q in ids}
+                f1[(target, lr, rank["lora_r"])] = scores
+                grid.append({"run_id": f"{target}-{lr}-{rank['lora_r']}",
+                             "grid_point": {"target_modules": target, "learning_rate": lr, "rank": rank},
+                             "scores": {"validation": {"f1": validation + rank["lora_r"]}},
+                             "_evaluations": {"test": _evaluation(scores, paragraphs)}})
+    tests = {t["name"]: t for t in main_effect_contrasts(spec, grid, "test", "validation")}
+    assert set(tests) == {"main effect target_modules=attention vs target_modules=attention+mlp",
+                          "main effect learning_rate=0.0001 vs learning_rate=0.0002",
+                          "main effect rank=lora_r=4,lora_alpha=8 vs rank=lora_r=16,lora_alpha=32"}
+    rate = tests["main effect learning_rate=0.0001 vs learning_rate=0.0002"]
+    # the reference: per question, the mean over the 4 (targets x ranks) pairs of B - A
+    delta = np.array([100 * np.mean([f1[(t, 2e-4, r)][q] - f1[(t, 1e-4, r)][q] for t in spec["grid"]["target_modules"]
+                                     for r in (4, 16)]) for q in ids])
+    clusters = [paragraphs[q] for q in ids]
+    assert rate["n"] == 40 and len(rate["pairs"]) == 4
+    assert rate["delta_f1"] == pytest.approx(delta.mean())
+    assert rate["delta_f1_ci"] == pytest.approx(bootstrap_ci(delta, clusters=clusters, seed=0))
+    assert rate["p_value"] == pytest.approx(paired_permutation_pvalue(delta, np.zeros(40), clusters=clusters, seed=0))
+    assert rate["permutation_resamples"] == PERMUTATION_RESAMPLES
+    # a rate only some rows have (a row extension) is left out of the rate contrast, and unmatched runs of pairs
+    grid.append({**grid[0], "run_id": "extension", "grid_point": {**grid[0]["grid_point"], "learning_rate": 1e-3},
+                 "scores": {"validation": {"f1": 99.0}}})
+    again = {t["name"]: t for t in main_effect_contrasts(spec, grid, "test", "validation")}
+    assert again["main effect learning_rate=0.0001 vs learning_rate=0.0002"]["delta_f1"] == pytest.approx(delta.mean())
+    assert len(again["main effect rank=lora_r=4,lora_alpha=8 vs rank=lora_r=16,lora_alpha=32"]["pairs"]) == 6

@@ -10,8 +10,9 @@ permutation test, the EM difference a bootstrap CI and McNemar's exact test on t
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
-from scipy.stats import binomtest
 
 
 def _cluster_sums(values: np.ndarray, clusters) -> tuple[np.ndarray, np.ndarray]:
@@ -68,8 +69,35 @@ def paired_permutation_pvalue(a, b, *, clusters=None, resamples: int = PERMUTATI
     return (hits + 1) / (resamples + 1)
 
 
+def _plain(x: float) -> str:
+    """0.0421 -> '0.042', 1e-4 -> '1e-4', 3.14e-12 -> '3.1e-12'."""
+    if x >= 1e-3:
+        return f"{x:.2g}"
+    mantissa, exponent = f"{x:.1e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
+
+def format_p(p: float, *, resamples: int | None = PERMUTATION_RESAMPLES, number=_plain,
+             relation: bool = True) -> str:
+    """A p-value for print: '= 0.042' (`relation`) or '0.042'; at the permutation test's floor, 1 / (resamples
+    + 1) (no resample reached the observed difference), a bound instead, never '=': '< 1e-4'. `number` formats
+    the value (the report passes its Typst one); `resamples=None` for a p-value with no floor (McNemar's).
+
+    0.0421 -> '= 0.042'; 1 / 10_001 -> '< 1e-4'; 1 / 101 with resamples=100 -> '< 0.01'
+    """
+    if not resamples and p <= 0:  # an exact p that underflowed
+        return f"< {number(1e-300)}"
+    floor = 1 / (resamples + 1) if resamples else 0.0
+    if p > floor * (1 + 1e-9):
+        return f"= {number(p)}" if relation else number(p)
+    bound = 10.0 ** math.ceil(math.log10(floor))  # the power of ten at or just above the floor
+    return f"{'<' if floor < bound else '<='} {number(bound)}"
+
+
 def mcnemar_pvalue(a_correct, b_correct) -> dict:
     """McNemar's exact test for paired binary outcomes: counts of discordant pairs and the p-value."""
+    from scipy.stats import binomtest  # heavy: only when a test is run (the report imports format_p)
+
     a = np.asarray(a_correct, dtype=bool)
     b = np.asarray(b_correct, dtype=bool)
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())

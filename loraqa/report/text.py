@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..evaluation.stats import format_p
+
 MINUS = "\u2212"
 
 
@@ -33,6 +35,9 @@ FORMATS = {
     "1": lambda x: f"{x:.1f}", "2": lambda x: f"{x:.2f}", "3": lambda x: f"{x:.3f}",
     "millions": lambda x: f"{x / 1e6:.2f}M", "lr": lambda x: _power(x, 0) if x < 0.01 else f"{x:g}",
     "p": lambda x: f"{x:.3f}" if x >= 1e-3 else _power(x),
+    # a permutation p-value in a sentence ('= 0.042', '< 1×10^−4' at its floor) or a table cell; McNemar's exact p
+    "p_is": lambda x: format_p(x, number=FORMATS["p"]), "p_cell": lambda x: format_p(x, number=FORMATS["p"], relation=False),
+    "p_exact": lambda x: format_p(x, resamples=None, number=FORMATS["p"], relation=False),
 }
 OPS = {  # how a printed number is computed from the values at its sources
     "value": lambda x: x, "ratio": lambda a, b: a / b, "diff": lambda a, b: a - b, "sum": lambda a, b: a + b,

@@ -136,7 +136,7 @@ def _headline(v: Values) -> None:
             v.put(key, "signed" if "delta" in key else "score", R + src)
         v.ci(R + "/final/test/f1_ci", "final_f1_ci")
         v.ci(R + "/final/comparison/delta_f1_ci", "final_delta_f1_ci")
-        v.put("final_p", "p", R + "/final/comparison/p_value")
+        v.put("final_p", "p_is", R + "/final/comparison/p_value")
         v.put("final_n", "int", R + "/final/test/n")
         v.put("final_trainable", "int", f"{R}/runs/{i}/trainable_params")
         v.put("final_total_params", "int", f"{R}/runs/{i}/total_params")
@@ -156,7 +156,7 @@ def _headline(v: Values) -> None:
         v.ci(f"{PRE_COMPARE}#/f1/delta_ci", "pre_delta_f1_ci")
         v.put("pre_delta_em", "signed", f"{PRE_COMPARE}#/exact_match/delta")
         v.put("pre_mcnemar_p", "p", f"{PRE_COMPARE}#/exact_match/mcnemar/p_value")
-        v.put("pre_perm_p", "p", f"{PRE_COMPARE}#/f1/permutation_p_value")
+        v.put("pre_perm_p", "p_is", f"{PRE_COMPARE}#/f1/permutation_p_value")
         v.put("pre_trainable", "int", f"{PRE_SUMMARY}#/trainable_params")
         v.put("pre_total_params", "int", f"{PRE_SUMMARY}#/total_params")
         v.put("pre_reduction", "x", f"{PRE_SUMMARY}#/total_params", f"{PRE_SUMMARY}#/trainable_params",
@@ -575,14 +575,17 @@ def _tests(v: Values, study: dict) -> None:
     for j, t in enumerate(tests):
         base = f"{R}/tests/{j}"
         delta, ci = v.number("signed", f"{base}/delta_f1"), v.ci(f"{base}/delta_f1_ci")
-        p, p_holm = v.number("p", f"{base}/p_value"), v.number("p", f"{base}/p_holm")
+        p, p_holm = v.number("p_cell", f"{base}/p_value"), v.number("p", f"{base}/p_holm")
         em = v.number("signed", f"{base}/delta_exact_match")
+        # McNemar's exact p (sign flips for a main-effect contrast, whose EM is averaged over runs)
+        em_p = v.number("p_exact" if t.get("exact_match_test", "McNemar") == "McNemar" else "p_cell",
+                        f"{base}/exact_match_p_value")
         n = v.number("int", f"{base}/n")
         if not (delta and ci and p and p_holm):
             continue
         survives = {True: "yes", False: "no", None: "–"}[t.get("survives_seed_sd")]
         rows.append([_test_label(t["name"]), n.text if n else "–", f"{delta.text} {ci}", em.text if em else "–",
-                     p.text, p_holm.text, "yes" if p_holm.value < 0.05 else "no", survives])
+                     em_p.text if em_p else "–", p.text, p_holm.text, "yes" if p_holm.value < 0.05 else "no", survives])
         lo, hi = (v.number("1", f"{base}/delta_f1_ci/{end}", scale=-1) for end in (1, 0))
         flipped = f"[{lo.text}, {hi.text}]" if lo and hi else None  # the CI of A - B
         for pattern, (name, a, b) in CLAIMS.items():
@@ -607,8 +610,8 @@ def _tests(v: Values, study: dict) -> None:
     v.flag("has_test_table", len(rows) >= 2)  # a single comparison is stated in the text, without a table
     v.text("only_test", _test_label(tests[0]["name"]) if tests else None, R + "/tests/0/name")
     if rows:
-        v.text("table_tests", table(["Comparison (A vs B)", "Q.", "ΔF1 (B − A) [95% CI]", "ΔEM", "_p_", "_p_ Holm",
-                                     "Sig.", "> 2 seed sd"], rows, "lrrrrrcc"))
+        v.text("table_tests", table(["Comparison (A vs B)", "Q.", "ΔF1 (B − A) [95% CI]", "ΔEM", "_p_ EM", "_p_",
+                                     "_p_ Holm", "Sig.", "> √2 seed sd"], rows, "lrrrrrrcc"))
 
 
 def _seeds(v: Values, study: dict) -> None:
@@ -621,8 +624,8 @@ def _seeds(v: Values, study: dict) -> None:
             v.put(f"seeds_{label}_mean", "score", f"{R}/seeds/{label}/test_f1_mean")
     both = v.number("int", f"{R}/tests", op="n_survive_both")
     v.text("claim_survive_both", (f"{plural(both, 'difference is', 'differences are')} both significant and larger "
-                                  "than twice the seed deviation") if both.value else
-           "no difference is both significant and larger than twice the seed deviation")
+                                  "than $sqrt(2)$ times the seed deviation") if both.value else
+           "no difference is both significant and larger than $sqrt(2)$ times the seed deviation")
 
 
 def _cost_index(v: Values, settings: dict | None) -> int | None:

@@ -8,17 +8,21 @@ paragraphs (questions on one paragraph are not independent); paired tests flip s
 
 Schema (all scores in percentage points):
     runs[]:       run_id, name, group (baseline | grid | seed | alpha | full_ft | ablation | final), settings,
-                  grid_point, trainable_params, total_params, trainable_ratio, weights_bytes, train_runtime_s,
+                  grid_point, diverged, divergence (why, or null), trainable_params, total_params, trainable_ratio, weights_bytes, train_runtime_s,
                   train_examples_per_s, train_tokens_per_s, seconds_per_step, peak_memory_mb, final_train_loss,
                   final_validation_loss, curves {train: [[step, loss]], validation: [[step, loss]]},
                   scores {validation|test: {exact_match, f1, n, exact_match_ci, f1_ci}}
-    selection:    select_on, metric, best_run, centre_run, best_full_ft_run, candidates, full_ft_candidates,
+    selection:    select_on, metric, grid_complete, resolved, ties (loraqa.study.selection's record: how many tied,
+                  which was picked and why), best_run (the picked configuration's seed-0 run), centre_run, best_full_ft_run, candidates, full_ft_candidates,
                   checkpoint (the selected grid run's export), agreement {runs, spearman, selected_run,
                   selected_test_f1, test_best_run, test_best_f1} (selection set against test set over the grid)
     main_effects: {factor: [{level, runs, f1, f1_ci, validation_f1}]}   (grid runs, test split)
     seeds:        {centre|best: {runs, test_f1: [..], test_f1_mean, test_f1_sd, validation_f1_sd}}
-    tests[]:      name, a, b, split, delta_f1, delta_f1_ci, p_value (permutation, its resamples), p_holm, significant, survives_seed_sd
-    final:        run, test (full dev), baseline_full_dev, comparison, checkpoint
+    tests[]:      name, a, b, split, delta_f1, delta_f1_ci, p_value (permutation, its resamples), delta_exact_match,
+                  exact_match_p_value (McNemar; sign flips for the main-effect contrasts), p_holm, significant,
+                  seed_screen (sqrt(2) x the centre's seed sd), survives_seed_sd; the main-effect contrasts first
+    final:        run (the committed final: the headline), test (full dev), baseline_full_dev, comparison, checkpoint,
+                  selection_moved, current_selection_final (the final of the resolved selection, another run if moved)
     pending:      runs of the spec not finished yet
 """
 from __future__ import annotations
@@ -31,9 +35,11 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
-from ..evaluation.stats import bootstrap_ci, holm, paired_comparison
+from ..evaluation.stats import (PERMUTATION_RESAMPLES, bootstrap_ci, holm, paired_comparison,
+                                paired_permutation_pvalue)
 from ..files import run_metadata, write_json_atomic
-from .sweep import best_run, load_spec, plan
+from .selection import SD_MULTIPLE, divergence, without_seed
+from .sweep import load_spec, plan_study
 
 STAND_IN = ("GPT-2's pretrained weights cannot be fetched on this machine (no hub access); every run uses "
             "SmolLM2-135M-Instruct, a Llama-architecture model of the same size class (134.5M parameters), "
@@ -58,6 +64,8 @@ def _group(name: str, kind: str, train: bool) -> str:
         return "baseline"
     if kind == "grid":
         return "grid"
+    if kind == "seed":  # a seed the selection's ties asked for
+        return "seed"
     for prefix, group in (("centre_seed", "seed"), ("best_seed", "seed"), ("fixed_alpha", "alpha"),
                           ("full_ft", "full_ft"), ("final", "final")):
         if name.startswith(prefix):
@@ -93,11 +101,14 @@ def _run_entry(run_dir: Path, done: dict) -> dict:
         "group": _group(done["name"], done["kind"], done["train"]),
         "settings": done["settings"], "grid_point": done.get("grid_point") or {},
         "weights_bytes": done.get("weights_bytes"),
+        # a result, not an error: a non-finite loss or a final validation loss above the first (loraqa.study.selection)
+        "divergence": divergence(run_dir) if done["train"] else None,
         "curves": {"train": [[m["step"], m["loss"]] for m in metrics if "loss" in m],
                    "validation": [[m["step"], m["eval_loss"]] for m in metrics if "eval_loss" in m]},
         "scores": {}, "_evaluations": {},
     }
     config = _read_json(run_dir / "run_config.json") or {}
+    entry["diverged"] = entry["divergence"] is not None
     entry["torch_threads"] = (config.get("machine") or {}).get("torch_threads")
     for key in ("trainable_params", "total_params", "train_runtime_s", "train_examples_per_s", "train_tokens_per_s",
                 "peak_memory_mb", "final_train_loss", "final_validation_loss", "method", "model_resolved"):
@@ -197,6 +208,72 @@ def selection_agreement(grid: list[dict], select_on: str, split: str) -> dict | 
             "test_best_f1": test_best["scores"][split]["f1"]}
 
 
+def _axis_values(spec: dict, axis: str, grid: list[dict]) -> list:
+    """The spec's values of a grid axis, then those its row extensions added (ascending)."""
+    values = list(spec["grid"][axis])
+    extra = [e["grid_point"][axis] for e in grid if axis in e["grid_point"] and e["grid_point"][axis] not in values]
+    return values + sorted({json.dumps(v, sort_keys=True): v for v in extra}.values(), key=lambda v: json.dumps(v))
+
+
+def _contrast_levels(spec: dict, axis: str, grid: list[dict], select_on: str) -> tuple | None:
+    """(A, B) of a main-effect contrast: rank and other mapping axes their smallest and largest (by value), the
+    learning rate its worst and best by mean validation F1 over the rates every row has (chosen on validation,
+    tested on test), another axis its first and last value in the spec."""
+    values = spec["grid"][axis]
+    if len(values) < 2:
+        return None
+    if all(isinstance(v, dict) for v in values):
+        ordered = sorted(values, key=lambda v: tuple(v.values()))
+        return ordered[0], ordered[-1]
+    if all(isinstance(v, (int, float)) for v in values):
+        rows = {json.dumps({k: v for k, v in e["grid_point"].items() if k != axis}, sort_keys=True) for e in grid}
+        common = [v for v in _axis_values(spec, axis, grid) if sum(e["grid_point"].get(axis) == v for e in grid) == len(rows)]
+        mean = {v: np.mean([e["scores"][select_on]["f1"] for e in grid if e["grid_point"].get(axis) == v
+                            and select_on in e["scores"]] or [math.nan]) for v in common}
+        ranked = sorted((v for v in common if np.isfinite(mean[v])), key=lambda v: mean[v])
+        return (ranked[0], ranked[-1]) if len(ranked) >= 2 else None
+    return values[0], values[-1]
+
+
+def main_effect_contrasts(spec: dict, grid: list[dict], split: str, select_on: str, seed: int = 0) -> list[dict]:
+    """Paired contrasts of the grid's main effects on the same test questions: for each axis, level B - level A
+    per question, averaged over the combinations of the other axes run at both levels; a paragraph-bootstrap CI
+    and a paragraph sign-flip p-value (F1 and EM; EM averaged over runs is not binary, so no McNemar)."""
+    tests = []
+    for axis in spec.get("grid") or {}:
+        levels = _contrast_levels(spec, axis, grid, select_on)
+        if levels is None:
+            continue
+        a_level, b_level = levels
+        rest = lambda e: json.dumps({k: v for k, v in e["grid_point"].items() if k != axis}, sort_keys=True)  # noqa: E731
+        at_a, at_b = ({rest(e): e for e in grid if e["grid_point"].get(axis) == level and split in e["_evaluations"]}
+                      for level in (a_level, b_level))
+        pairs = [(at_a[k], at_b[k]) for k in at_a if k in at_b]
+        if not pairs:
+            continue
+        evaluations = [e["_evaluations"][split] for pair in pairs for e in pair]
+        ids = sorted(set.intersection(*(set(ev["per_question"]) for ev in evaluations)))
+        paragraphs = _paragraphs(evaluations[0])
+        clusters = [paragraphs[q] for q in ids] if all(q in paragraphs for q in ids) else None
+        delta = {}
+        for metric in ("f1", "exact_match"):
+            delta[metric] = np.array([100 * np.mean([b["_evaluations"][split]["per_question"][q][metric]
+                                                     - a["_evaluations"][split]["per_question"][q][metric]
+                                                     for a, b in pairs]) for q in ids])
+        zeros = np.zeros(len(ids))
+        tests.append({
+            "name": f"main effect {axis}={_level(a_level)} vs {axis}={_level(b_level)}",
+            "a": f"{axis}={_level(a_level)}", "b": f"{axis}={_level(b_level)}", "split": split, "n": len(ids),
+            "pairs": [[a["run_id"], b["run_id"]] for a, b in pairs],
+            "delta_f1": float(delta["f1"].mean()), "delta_f1_ci": bootstrap_ci(delta["f1"], clusters=clusters, seed=seed),
+            "p_value": paired_permutation_pvalue(delta["f1"], zeros, clusters=clusters, seed=seed),
+            "permutation_resamples": PERMUTATION_RESAMPLES,
+            "delta_exact_match": float(delta["exact_match"].mean()),
+            "exact_match_p_value": paired_permutation_pvalue(delta["exact_match"], zeros, clusters=clusters, seed=seed),
+            "exact_match_test": "sign flips (EM averaged over runs)"})
+    return tests
+
+
 def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
             checkpoints: str | None = None) -> dict:
     """Build the study's results file from the sweep's run directories (see the module docstring); with
@@ -208,8 +285,8 @@ def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
     for done_path in sorted(out.glob("*/done.json")):
         done = _read_json(done_path)
         if done:
-            finished[done["run_id"]] = done
-    planned = plan(spec, finished)
+            finished[done["run_id"]] = {**done, "diverged": divergence(done_path.parent) is not None}
+    planned, chosen = plan_study(spec, finished)
     entries = {run_id: _run_entry(out / run_id, done) for run_id, done in finished.items()}
     by_name = {e["name"]: e for e in entries.values()}
     select_on = spec.get("select_on", "validation")
@@ -218,13 +295,13 @@ def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
     grid = [entries[r.run_id] for r in grid_runs if r.run_id in entries]
     centre_point = spec.get("centre") or {}
     centre = next((e for e in grid if e["grid_point"] == centre_point), None)
-    best = best_run(grid_runs, finished, select_on)
-    best_entry = entries[best.run_id] if best else (
-        max(grid, key=lambda e: e["scores"].get(select_on, {}).get("f1", -1)) if grid else None)
+    # the selection of loraqa.study.selection: provisional (the best single run so far) until `resolved`
+    best_entry = entries.get(chosen.picked.run_id) if chosen.picked is not None else None
     full_ft = [e for e in entries.values() if e["group"] == "full_ft" and select_on in e["scores"]]
     best_full_ft = max(full_ft, key=lambda e: e["scores"][select_on]["f1"]) if full_ft else None
 
-    selection = {"select_on": select_on, "metric": "f1", "grid_complete": best is not None,
+    selection = {"select_on": select_on, "metric": "f1", "grid_complete": all(r.run_id in finished for r in grid_runs),
+                 "resolved": chosen.resolved, "ties": chosen.record(),
                  "best_run": best_entry["run_id"] if best_entry else None,
                  "best_settings": best_entry["grid_point"] if best_entry else None,
                  "centre_run": centre["run_id"] if centre else None,
@@ -239,7 +316,7 @@ def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
     main_effects = {}
     for axis in (spec.get("grid") or {}):
         levels = []
-        for value in spec["grid"][axis]:
+        for value in _axis_values(spec, axis, grid):
             members = [e for e in grid if e["grid_point"].get(axis) == value and split in e["_evaluations"]]
             if not members:
                 continue
@@ -252,8 +329,9 @@ def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
     seeds = {}
     for label, anchor, prefix in (("centre", centre, "centre_seed"), ("best", best_entry, "best_seed")):
         members = [anchor] if anchor else []
-        members += [e for e in entries.values() if e["name"].startswith(prefix)
-                    and (label == "centre" or e["settings"].get("lora_r") == (anchor or {}).get("settings", {}).get("lora_r"))]
+        # every finished run of the anchor's settings but its seed, whatever its name (a tie seed is one)
+        members += [e for e in entries.values() if anchor and e is not anchor and e["group"] != "grid"
+                    and without_seed(e["settings"]) == without_seed(anchor["settings"])]
         members = [m for m in members if split in m["scores"]]
         if len(members) > 1:
             test_f1 = [m["scores"][split]["f1"] for m in members]
@@ -297,6 +375,7 @@ def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
             comparisons.append((f"LoRA (best) on {sizes[0]:,} vs {sizes[1]:,} questions", best_entry, by_name["final"]))
 
     tests = []
+    tests += main_effect_contrasts(spec, grid, split, select_on)
     for name, a, b in comparisons:
         result = _paired(a, b, split)
         if result is None:
@@ -306,12 +385,15 @@ def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
                       "p_value": result["f1"]["permutation_p_value"],
                       "permutation_resamples": result["f1"]["permutation_resamples"],
                       "delta_exact_match": result["exact_match"]["delta"],
-                      "exact_match_p_value": result["exact_match"]["mcnemar"]["p_value"]})
+                      "exact_match_p_value": result["exact_match"]["mcnemar"]["p_value"],
+                      "exact_match_test": "McNemar"})
     for test, adjusted in zip(tests, holm([t["p_value"] for t in tests])):
         test["p_holm"] = adjusted
         test["significant"] = adjusted < 0.05
         sd = (seeds.get("centre") or {}).get("test_f1_sd")
-        test["survives_seed_sd"] = None if sd is None else bool(abs(test["delta_f1"]) > 2 * sd)  # JSON: not numpy
+        # a difference of two runs has sqrt(2) x one run's sd: the screen asks |delta| > sqrt(2) x seed sd
+        test["seed_screen"] = None if sd is None else SD_MULTIPLE * sd
+        test["survives_seed_sd"] = None if sd is None else bool(abs(test["delta_f1"]) > SD_MULTIPLE * sd)  # JSON: not numpy
 
     final = None
     if "final" in by_name:
@@ -329,7 +411,14 @@ def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
                                        "p_value": comparison["f1"]["permutation_p_value"],
                                        "permutation_resamples": comparison["f1"]["permutation_resamples"],
                                        "delta_exact_match": comparison["exact_match"]["delta"],
+                                       "exact_match_p_value": comparison["exact_match"]["mcnemar"]["p_value"],
                                        "delta_exact_match_ci": comparison["exact_match"]["delta_ci"]}
+
+    if final is not None and chosen.resolved:
+        # the committed final stays the headline; a moved selection's final is another run (`final-<grid run>`)
+        current = next((r.run_id for r in planned if r.name == "final" or r.name.startswith("final-")), None)
+        final["selection_moved"] = current != final["run"]
+        final["current_selection_final"] = current
 
     runs = [{k: v for k, v in e.items() if not k.startswith("_")} for e in entries.values()]
     order = {r.run_id: i for i, r in enumerate(planned)}
@@ -343,6 +432,9 @@ def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
                      "evaluations": spec.get("evaluations"), "select_on": select_on, "test_split": split,
                      "confidence": 0.95, "ci_method": "percentile bootstrap over paragraphs",
                      "paired_test": "sign flips per paragraph (F1), McNemar (EM); Holm across the family",
+                     "seed_screen": "|delta F1| > sqrt(2) x the centre's seed sd of test F1",
+                     "main_effect_contrasts": "B - A per test question, averaged over the other factors' "
+                                              "combinations present at both levels; rates ranked on validation F1",
                      "heldout_titles": (validation_eval or {}).get("heldout_titles")},
         "runs": runs, "selection": selection, "main_effects": main_effects, "seeds": seeds, "tests": tests,
         "final": final, "pending": [r.run_id for r in planned if r.run_id not in finished],

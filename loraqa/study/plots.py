@@ -23,6 +23,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import EngFormatter, FuncFormatter
 
 logger = logging.getLogger(__name__)
@@ -178,12 +179,17 @@ def plot_params_vs_f1(results: dict) -> Figure | None:
                               and r["settings"].get("learning_rate") == rate), key=lambda r: r["trainable_params"])
             if not members:
                 continue
-            x = [r["trainable_params"] for r in members]
-            y = [_test(r)["f1"] for r in members]
-            low = [_test(r)["f1"] - _test(r)["f1_ci"][0] for r in members]
-            high = [_test(r)["f1_ci"][1] - _test(r)["f1"] for r in members]
-            ax.errorbar(x, y, yerr=[low, high], color=PALETTE[i], marker=MARKERS[k % len(MARKERS)], linestyle="none",
-                        label=f"{target}, lr {_fmt(rate)}")
+            for diverged in (False, True):  # a diverged run (loraqa.study.selection) is drawn hollow
+                shown = [r for r in members if bool(r.get("diverged")) == diverged]
+                if not shown:
+                    continue
+                x = [r["trainable_params"] for r in shown]
+                y = [_test(r)["f1"] for r in shown]
+                low = [_test(r)["f1"] - _test(r)["f1_ci"][0] for r in shown]
+                high = [_test(r)["f1_ci"][1] - _test(r)["f1"] for r in shown]
+                ax.errorbar(x, y, yerr=[low, high], color=PALETTE[i], marker=MARKERS[k % len(MARKERS)], linestyle="none",
+                            markerfacecolor="none" if diverged else PALETTE[i],
+                            label=f"{target}, lr {_fmt(rate)}" + (" (diverged)" if diverged else ""))
     for name, run, colour in (("full fine-tuning", _full_ft(results, n), "black"),
                               ("baseline (untuned)", _baseline(results, n), "grey")):
         if run is None:
@@ -201,8 +207,17 @@ def plot_params_vs_f1(results: dict) -> Figure | None:
     return fig
 
 
+def diverged_cells(results: dict, target: str) -> set[tuple[int, int]]:
+    """(rank index, rate index) of `f1_matrix`'s cells whose run diverged."""
+    ranks, rates = _sorted_levels(results, "lora_r"), _sorted_levels(results, "learning_rate")
+    return {(ranks.index(r["settings"]["lora_r"]), rates.index(r["settings"]["learning_rate"]))
+            for r in _runs(results, "grid") if r.get("diverged") and r["settings"].get("target_modules") == target
+            and r["settings"].get("lora_r") in ranks and r["settings"].get("learning_rate") in rates}
+
+
 def f1_matrix(results: dict, target: str) -> tuple[list, list, np.ndarray]:
-    """(ranks, learning rates, test F1 matrix ranks x rates) of one target set; NaN where no run is scored."""
+    """(ranks, learning rates, test F1 matrix ranks x rates) of one target set; NaN where no run is scored.
+    The rates are the spec's and those the row extensions added (a row not extended is blank there)."""
     ranks, rates = _sorted_levels(results, "lora_r"), _sorted_levels(results, "learning_rate")
     matrix = np.full((len(ranks), len(rates)), np.nan)
     for run in _runs(results, "grid"):
@@ -216,7 +231,8 @@ def f1_matrix(results: dict, target: str) -> tuple[list, list, np.ndarray]:
 @_styled
 def plot_f1_heatmaps(results: dict) -> Figure | None:
     """Test F1 over rank x learning rate, one panel per target set, one colour scale, values written in the
-    cells and missing runs left blank: where the good region is and whether it moves with the targets."""
+    cells and missing runs left blank: where the good region is and whether it moves with the targets. Rates
+    past the spec's grid (row extensions) are marked '+', diverged runs hatched and labelled 'div.'."""
     targets = _grid_levels(results, "target_modules")
     matrices = {t: f1_matrix(results, t) for t in targets}
     if not any(np.isfinite(m).any() for _, _, m in matrices.values()):
@@ -231,11 +247,16 @@ def plot_f1_heatmaps(results: dict) -> Figure | None:
         ranks, rates, matrix = matrices[target]
         image = ax.imshow(np.ma.masked_invalid(matrix), vmin=low, vmax=high, aspect="auto", origin="lower")
         ax.grid(False)
+        diverged = diverged_cells(results, target)
         for (i, j), value in np.ndenumerate(matrix):
             if np.isfinite(value):
-                ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=8,
+                ax.text(j, i, f"{value:.1f}" + ("\ndiv." if (i, j) in diverged else ""), ha="center", va="center",
+                        fontsize=8 if (i, j) not in diverged else 6.5,
                         color="white" if value < (low + high) / 2 else "black")
-        ax.set_xticks(range(len(rates)), [_fmt(r) for r in rates])
+        for i, j in diverged:
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", edgecolor="red", linewidth=0))
+        spec_rates = ((results.get("protocol") or {}).get("grid") or {}).get("learning_rate") or rates
+        ax.set_xticks(range(len(rates)), [_fmt(r) + ("" if r in spec_rates else "+") for r in rates])
         ax.set_yticks(range(len(ranks)), [str(r) for r in ranks])
         ax.set_xlabel("learning rate")
         ax.set_ylabel("rank r")

@@ -1,9 +1,9 @@
 """`loraqa sweep --executor slurm`: every pending run of a sweep as one Slurm job, through submitit.
 
-The runs are those of the local sweep (loraqa.sweep): the same identities, directories, resume from the last
+The runs are those of the local sweep (loraqa.study.sweep): the same identities, directories, resume from the last
 checkpoint, `error.json` on failure and `done.json` last; `--collect` reads them unchanged. One job per pending
 run, submitted together as a job array; each job claims its run (`claim.json` names the job id, see
-loraqa.sweep's claims), so a second call never resubmits a run that is queued or running, and a claim whose job
+loraqa.study.sweep's claims), so a second call never resubmits a run that is queued or running, and a claim whose job
 Slurm no longer lists is taken over.
 
 Preemption and time limits: Slurm signals the job (USR2, `signal_delay_s` before the limit); submitit calls

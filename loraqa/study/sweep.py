@@ -12,12 +12,16 @@ A spec (YAML) names a base configuration, axes to cross and extra runs:
     first:       [baseline]                             # named runs that go before the grid
     evaluations: {validation: {heldout_articles: 20, max_samples: 500}, test: {max_samples: 500}}
     select_on:   validation                             # the evaluation whose F1 picks `best` (grid runs only)
+    extend:      {learning_rate: {factor: 2, max: 4.0e-3},          # per grid row, while its best is its largest
+                  full_ft: {runs: [full_ft], learning_rate: [1.0e-4]}}  # a series of named runs, likewise
+    ties:        {max_configs: 3, seeds: 3}             # the selection that survives the seeds (loraqa.study.selection)
 
 Every run is identified by a hash of its resolved settings and lives in `DIR/<name>-<hash>/`: the run
 directory of `loraqa train`, `train.log`, one `eval_<evaluation>.json` per evaluation and `done.json`
 (written last, atomically). A finished run is skipped; an interrupted one resumes from its last checkpoint
 (so a sweep can be killed at any moment and restarted with the same command); a failed one is recorded in
-`error.json` and retried by the next invocation. Runs `from: best` wait until every grid run is done.
+`error.json` and retried by the next invocation. Runs `from: best` are held until the selection has resolved:
+every grid run and row extension done, and with `ties` the seeds it needs.
 `print_commands` gives each pending run as a stand-alone shell line for a scheduler.
 
 A run being trained is claimed: `claim.json` in its directory names the holder (pid and host for the local
@@ -52,8 +56,9 @@ from pathlib import Path
 from ..config import ConfigError, DataArguments, GenerationSettings, LoraArguments, ModelArguments
 from ..files import read_yaml, write_json_atomic
 from ..training.arguments import LoraQATrainingArguments
+from .selection import Selection, divergence, extend_rows, extend_series, resolve, value_text
 
-SPEC_KEYS = {"base", "grid", "centre", "runs", "first", "evaluations", "select_on", "slurm"}
+SPEC_KEYS = {"base", "grid", "centre", "runs", "first", "evaluations", "select_on", "extend", "ties", "slurm"}
 RUN_KEYS = {"train", "from", "evaluate"}  # run-level keys that are not `loraqa train` settings
 
 
@@ -77,7 +82,7 @@ class Run:
     settings: dict
     evaluations: dict[str, dict]
     train: bool = True
-    kind: str = "grid"  # grid | named
+    kind: str = "grid"  # grid | named | series (a named series' extension) | seed (the selection's)
     grid_point: dict = field(default_factory=dict)
 
     @property
@@ -132,6 +137,7 @@ def load_spec(path: str | Path) -> dict:
     if spec.get("select_on", "validation") not in spec["evaluations"]:
         raise ConfigError(f"{path}: select_on: {spec.get('select_on', 'validation')!r} is not an evaluation")
     check_values(path, spec)
+    _check_selection_keys(path, spec)
     if "slurm" in spec:
         from .slurm import check_slurm_spec
 
@@ -187,6 +193,44 @@ def check_values(path, spec: dict) -> None:
         check(f"evaluations.{name}", settings, evaluate)
 
 
+def _check_selection_keys(path, spec: dict) -> None:
+    """`extend` (a grid axis: {factor, max}; a series: {runs: [named runs], <setting>: [next values]}) and
+    `ties` ({max_configs, seeds}); see `loraqa.study.selection`."""
+    def number(where: str, value, low: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= low:
+            raise ConfigError(f"{path}: {where}: expected a number above {low:g}, got {value!r}")
+
+    grid, runs = spec.get("grid") or {}, spec.get("runs") or {}
+    for key, rule in (spec.get("extend") or {}).items():
+        if not isinstance(rule, dict):
+            raise ConfigError(f"{path}: extend.{key}: expected a mapping")
+        if key in grid:
+            if set(rule) != {"factor", "max"}:
+                raise ConfigError(f"{path}: extend.{key}: a grid axis takes exactly factor and max")
+            if any(isinstance(v, dict) or not isinstance(v, (int, float)) for v in grid[key]):
+                raise ConfigError(f"{path}: extend.{key}: only a numeric grid axis can be extended")
+            number(f"extend.{key}.factor", rule["factor"], 1)
+            number(f"extend.{key}.max", rule["max"], 0)
+            continue
+        settings = [k for k in rule if k != "runs"]
+        if not isinstance(rule.get("runs"), list) or not rule["runs"] or len(settings) != 1:
+            raise ConfigError(f"{path}: extend.{key}: not a grid axis, so a series: expected runs (a list of "
+                              "named runs) and one setting with its next values")
+        axis = settings[0]
+        if axis not in TRAIN_SETTINGS or not isinstance(rule[axis], list) or not rule[axis]:
+            raise ConfigError(f"{path}: extend.{key}.{axis}: expected a `loraqa train` setting with a list of values")
+        for name in rule["runs"]:
+            if name not in runs or runs[name].get("from") == "best" or axis not in runs[name]:
+                raise ConfigError(f"{path}: extend.{key}.runs: {name!r} is not a named run that sets {axis}")
+    ties = spec.get("ties")
+    if ties is not None:
+        if not isinstance(ties, dict) or set(ties) != {"max_configs", "seeds"}:
+            raise ConfigError(f"{path}: ties: expected {{max_configs, seeds}}")
+        for key in ("max_configs", "seeds"):
+            if not isinstance(ties[key], int) or isinstance(ties[key], bool) or ties[key] < 1:
+                raise ConfigError(f"{path}: ties.{key}: expected a positive integer, got {ties[key]!r}")
+
+
 def _flatten(point: dict) -> dict:
     """Grid point -> settings: an axis whose value is a mapping contributes all of its settings."""
     settings = {}
@@ -195,42 +239,99 @@ def _flatten(point: dict) -> dict:
     return settings
 
 
+SHORT_NAMES = {"lora_r": "r", "learning_rate": "lr", "target_modules": "", "seed": "seed", "lora_alpha": "alpha"}
+
+
 def _label(point: dict) -> str:
-    short = {"lora_r": "r", "learning_rate": "lr", "target_modules": "", "seed": "seed", "lora_alpha": "alpha"}
     parts = []
     for key, value in _flatten(point).items():
         text = f"{value:g}" if isinstance(value, float) else str(value)
-        parts.append(f"{short.get(key, key)}{text}".replace("+", "_").replace("/", "_"))
+        parts.append(f"{SHORT_NAMES.get(key, key)}{text}".replace("+", "_").replace("/", "_"))
     return "-".join(parts)
 
 
 def plan(spec: dict, finished: dict[str, dict] | None = None) -> list[Run]:
-    """Every run in execution order: `first` named runs, grid runs nearest the centre first, the other named
-    runs. `from: best` runs are resolved from `finished` ({run_id: done record}) once the whole grid is done,
-    and left out until then."""
+    """Every run in execution order: `first` named runs, grid runs nearest the centre first, the grid's row
+    extensions and series extensions, the selection's seed runs, the other named runs. `from: best` runs are
+    resolved from `finished` ({run_id: done record}) once the selection has resolved (`plan_study`), and left
+    out (held) until then."""
+    return plan_study(spec, finished)[0]
+
+
+def plan_study(spec: dict, finished: dict[str, dict] | None = None) -> tuple[list[Run], Selection]:
+    """`plan`'s runs and the selection's state (`loraqa.study.selection`). A generated run (row extension, seed)
+    whose settings a finished run already has is that run (same identity, whatever its name); a `from: best`
+    run whose name a finished run of other settings holds (the selection moved) is named
+    `<name>-<selected grid run's name>`, so a new final never collides with a committed one."""
+    finished = finished or {}
+    select_on = spec.get("select_on", "validation")
     base = dict(spec.get("base") or {})
     evaluations = spec["evaluations"]
     grid = spec.get("grid") or {}
     centre = spec.get("centre") or {}
+    extend = spec.get("extend") or {}
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else []
     points.sort(key=lambda p: sum(p[k] != v for k, v in centre.items()))  # stable: spec order within a distance
     grid_runs = [Run(_label(p), {**base, **_flatten(p)}, evaluations, grid_point=p) for p in points]
 
-    def named(name: str, run: dict) -> Run | None:
+    def make_grid(point: dict) -> Run:
+        return Run(_label(point), {**base, **_flatten(point)}, evaluations, grid_point=point)
+
+    extended = [run for axis, rule in extend.items() if axis in grid
+                for run in extend_rows(axis, rule, grid_runs, finished, select_on, make_grid)]
+
+    def named(name: str, run: dict, start: dict | None = None) -> Run:
         settings = {k: v for k, v in run.items() if k not in RUN_KEYS}
-        start = base
-        if run.get("from") == "best":
-            best = best_run(grid_runs, finished or {}, spec.get("select_on", "validation"))
-            if best is None:
-                return None
-            start = best.settings
         own = {e: {**settings_, **(run.get("evaluate") or {}).get(e, {})} for e, settings_ in evaluations.items()}
-        return Run(name, {**start, **settings}, own, train=run.get("train", True), kind="named")
+        return Run(name, {**(start or base), **settings}, own, train=run.get("train", True), kind="named")
+
+    runs = spec.get("runs") or {}
+    series = []
+    for key, rule in extend.items():
+        if key not in grid:
+            (axis, values), = ((k, v) for k, v in rule.items() if k != "runs")
+            members = [named(n, runs[n]) for n in rule["runs"]]
+            template = runs[max(rule["runs"], key=lambda n: runs[n][axis])]  # the listed run of the largest value
+            series += extend_series(axis, values, members, finished, select_on, lambda value, key=key, axis=axis,
+                                    template=template: dataclasses.replace(named(
+                                        f"{key}_{SHORT_NAMES.get(axis, axis)}{value_text(value)}", {**template, axis: value}),
+                                        kind="series"))
+    grid_all = grid_runs + extended
+    centre_run = next((r for r in grid_runs if r.grid_point == centre), None) if centre else None
+    fixed = [named(n, r) for n, r in runs.items() if r.get("from") != "best"] + series
+
+    def make_seed(run: Run, seed: int) -> Run:
+        return _same_as_finished(Run(f"{run.name}-seed{seed}", {**run.settings, "seed": seed}, run.evaluations,
+                                     kind="seed", grid_point=run.grid_point), finished)
+
+    selection, seed_runs = resolve(spec.get("ties"), grid_all, centre_run, fixed, finished, select_on, make_seed)
+
+    def resolved(name: str, run: dict) -> Run | None:
+        if run.get("from") != "best":
+            return named(name, run)
+        if not selection.resolved:
+            return None
+        planned = _same_as_finished(named(name, run, start=selection.picked.settings), finished)
+        if planned.run_id not in finished and any(r.get("name") == name for r in finished.values()):
+            planned = dataclasses.replace(planned, name=f"{name}-{selection.picked.name}")
+        return planned
 
     first = spec.get("first") or []
-    runs = spec.get("runs") or {}
-    ordered = [named(n, runs[n]) for n in first] + grid_runs + [named(n, r) for n, r in runs.items() if n not in first]
-    return [r for r in ordered if r is not None]
+    ordered = [resolved(n, runs[n]) for n in first] + grid_all + series + seed_runs + \
+        [resolved(n, r) for n, r in runs.items() if n not in first]
+    unique = {}
+    for run in ordered:  # a seed run that is a named run is planned once, as the named run, at the seed's place
+        if run is not None and (run.run_id not in unique or unique[run.run_id].kind == "seed"):
+            unique[run.run_id] = run
+    return list(unique.values()), selection
+
+
+def _same_as_finished(run: Run, finished: dict[str, dict]) -> Run:
+    """`run` under the name of the finished run with its settings (run ids end with the same hash), if any."""
+    digest = run.run_id.rsplit("-", 1)[1]
+    twin = next((record for run_id, record in finished.items() if run_id.rsplit("-", 1)[-1] == digest
+                 and record.get("settings") == run.settings), None)
+    return dataclasses.replace(run, name=twin["name"]) if twin else run
 
 
 def best_run(grid_runs: list[Run], finished: dict[str, dict], select_on: str) -> Run | None:
@@ -279,7 +380,7 @@ def finished_runs(output_dir: Path) -> dict[str, dict]:
     records = {}
     for done in output_dir.glob("*/done.json"):
         try:
-            records[done.parent.name] = json.loads(done.read_text())
+            records[done.parent.name] = {**json.loads(done.read_text()), "diverged": divergence(done.parent) is not None}
         except (OSError, json.JSONDecodeError):
             continue
     return records
