@@ -34,7 +34,7 @@ def _stub_decoder(answers):
 
 
 def test_evaluation_json_holds_the_official_scores_of_known_answers(tmp_path, tiny_gpt2_dir, squad_file, monkeypatch):
-    monkeypatch.setattr("loraqa.evaluation.evaluate.evaluate.generate_answers", _stub_decoder(STUB_ANSWERS))
+    monkeypatch.setattr("loraqa.evaluation.evaluate.generate_answers", _stub_decoder(STUB_ANSWERS))
     result = _evaluate(tiny_gpt2_dir, squad_file, tmp_path / "e.json")
     written = json.loads((tmp_path / "e.json").read_text())
     assert written == json.loads(json.dumps(result))
@@ -60,7 +60,7 @@ def test_unanswerable_questions_are_scored_after_generation(tmp_path, tiny_gpt2_
         {"id": "u1", "question": "Who lost in 1999?", "is_impossible": True, "answers": []},
         {"id": "u2", "question": "Who won in 1999?", "is_impossible": True, "answers": []}]
     squad_file.write_text(json.dumps(squad))
-    monkeypatch.setattr("loraqa.evaluation.evaluate.evaluate.generate_answers",
+    monkeypatch.setattr("loraqa.evaluation.evaluate.generate_answers",
                         _stub_decoder({**STUB_ANSWERS, "u1": "", "u2": "Denver Broncos"}))
     result = _evaluate(tiny_gpt2_dir, squad_file, tmp_path / "v2.json")
     assert result["per_question"]["u1"] == {"exact_match": 1.0, "f1": 1.0}  # no answer, rightly
@@ -154,7 +154,7 @@ def test_grid_rows_give_the_ci_of_their_mean_over_seeds(tmp_path, tiny_gpt2_dir,
             work.update(prompts_cut=0, prefill_s=0.5, decode_s=0.5)
         return [{r["id"]: gold[r["id"]] if r["id"] in right[s.seed] else "" for r in records} for s in settings_list]
 
-    monkeypatch.setattr("loraqa.evaluation.evaluate.evaluate.generate_answer_sets", generate_answer_sets)
+    monkeypatch.setattr("loraqa.evaluation.evaluate.generate_answer_sets", generate_answer_sets)
     result = _evaluate(tiny_gpt2_dir, squad_file, tmp_path / "grid.json", strategy_grid=True, grid_seeds=2)
     greedy, sampled = result["strategies"][0], result["strategies"][1]
     assert (greedy["exact_match"], greedy["exact_match_sd"]) == (pytest.approx(60.0), 0.0)
@@ -176,7 +176,7 @@ def test_grid_diversity_is_per_seed_so_seeds_that_agree_with_greedy_match_it(tmp
             work.update(prompts_cut=0, prefill_s=0.5, decode_s=0.5)
         return [{r["id"]: answers[r["id"]] for r in records} for _ in settings_list]  # every seed answers alike
 
-    monkeypatch.setattr("loraqa.evaluation.evaluate.evaluate.generate_answer_sets", generate_answer_sets)
+    monkeypatch.setattr("loraqa.evaluation.evaluate.generate_answer_sets", generate_answer_sets)
     result = _evaluate(tiny_gpt2_dir, squad_file, tmp_path / "grid.json", strategy_grid=True, grid_seeds=3)
     greedy, sampled = result["strategies"][0], result["strategies"][1]
     assert greedy["distinct_1"] == pytest.approx(12 / 14) and greedy["distinct_2"] == 1.0  # "the" three times

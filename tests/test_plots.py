@@ -200,7 +200,7 @@ def test_make_plots_draws_what_exists_and_notes_the_rest(tmp_path, results, capl
     only_baseline["runs"] = [r for r in results["runs"] if r["group"] == "baseline"]
     path = tmp_path / "partial.json"
     path.write_text(json.dumps(only_baseline))
-    with caplog.at_level(logging.INFO, logger="loraqa.study.collect.plots"):
+    with caplog.at_level(logging.INFO, logger="loraqa.study.plots"):
         written = plots.make_plots(path, tmp_path / "plots", padding=tmp_path / "missing.json")
     assert written == []
     notes = caplog.text
@@ -216,7 +216,7 @@ def test_make_plots_with_grid_runs_but_no_controls_yet(tmp_path, results, caplog
         run["scores"] = {}  # trained, not yet evaluated
     path = tmp_path / "grid.json"
     path.write_text(json.dumps(grid_only))
-    with caplog.at_level(logging.INFO, logger="loraqa.study.collect.plots"):
+    with caplog.at_level(logging.INFO, logger="loraqa.study.plots"):
         written = plots.make_plots(path, tmp_path)
     assert {p.stem for p in written} == {"loss_curves", "params_vs_f1", "f1_heatmaps"}
     assert "no full fine-tuning run scored" in caplog.text and "no baseline (untuned) run scored" in caplog.text
