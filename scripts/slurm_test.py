@@ -109,7 +109,8 @@ def main(work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     model, squad = tiny_assets(work)
     spec = write_spec(work, model, squad)
-    from loraqa.study.sweep import load_spec, plan
+    from loraqa.study.spec import load_spec
+    from loraqa.study.sweep import plan
 
     runs = plan(load_spec(spec))
     loraqa = [sys.executable, "-m", "loraqa.cli", "sweep", str(spec)]

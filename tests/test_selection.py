@@ -9,7 +9,8 @@ import yaml
 
 from loraqa.config import ConfigError
 from loraqa.study.selection import divergence, next_value, pooled_sd, value_text
-from loraqa.study.sweep import finished_runs, load_spec, plan, plan_study
+from loraqa.study.spec import load_spec
+from loraqa.study.sweep import finished_runs, plan, plan_study
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED_FROM_BEST = {"final-24333e66", "best_seed1-ef7b9a28", "best_seed2-c63e575d"}

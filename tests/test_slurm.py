@@ -11,7 +11,9 @@ import yaml
 
 from loraqa.cli import main
 from loraqa.config import ConfigError
-from loraqa.study.sweep import acquire_claim, code_revision, holder_alive, load_spec, other_revisions, plan, read_claim, run_sweep, this_holder
+from loraqa.study.spec import load_spec
+from loraqa.study.claims import acquire_claim, holder_alive, read_claim, this_holder
+from loraqa.study.sweep import code_revision, other_revisions, plan, run_sweep
 
 pytest.importorskip("submitit")
 

@@ -8,8 +8,8 @@ import yaml
 
 from loraqa.config import ConfigError
 from loraqa.data.squad import heldout_split, load_squad
-from loraqa.study.sweep import (Run, commands, estimated_seconds, load_spec, measured_rates, plan, plan_study,
-                                run_sweep)
+from loraqa.study.spec import load_spec
+from loraqa.study.sweep import Run, commands, estimated_seconds, measured_rates, plan, plan_study, run_sweep
 from loraqa.evaluation.stats import PERMUTATION_RESAMPLES
 
 

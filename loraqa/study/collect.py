@@ -39,7 +39,8 @@ from ..evaluation.stats import (PERMUTATION_RESAMPLES, bootstrap_ci, holm, paire
                                 paired_permutation_pvalue)
 from ..files import run_metadata, write_json_atomic
 from .selection import SD_MULTIPLE, divergence, without_seed
-from .sweep import load_spec, plan_study
+from .spec import load_spec
+from .sweep import plan_study
 
 STAND_IN = ("GPT-2's pretrained weights cannot be fetched on this machine (no hub access); every run uses "
             "SmolLM2-135M-Instruct, a Llama-architecture model of the same size class (134.5M parameters), "

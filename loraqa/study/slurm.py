@@ -27,9 +27,10 @@ from pathlib import Path
 
 from ..config import ConfigError
 from ..files import write_json_atomic
-from .sweep import (ALIVE_SLURM_STATES, Run, RunFailed, acquire_claim, duration, finished_runs, run_one,
-                    describe_holder, estimated_seconds, load_spec, measured_rates, plan, read_claim, release_claim,
-                    slurm_job_state, this_holder)
+from .spec import load_spec
+from .claims import (ALIVE_SLURM_STATES, acquire_claim, describe_holder, read_claim, release_claim, slurm_job_state,
+                     this_holder)
+from .sweep import Run, RunFailed, duration, finished_runs, run_one, estimated_seconds, measured_rates, plan
 
 
 @dataclass
