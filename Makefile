@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	# torch first, pinned: the CPU wheel here (a bare `torch` would pull a multi-GB CUDA build)
 	$(PY) -m pip install --quiet torch==2.13.0
 	# the versions the results were made with (requirements.txt) as constraints: a fresh machine gets the same ones
-	$(PY) -m pip install --quiet -c requirements.txt -e ".[test,bench,report,demo]"
+	$(PY) -m pip install --quiet -c requirements.txt -e ".[test,bench,report,demo,slurm]"
 	touch $@
 
 install: $(VENV)/.installed
