@@ -108,11 +108,11 @@ def test_single_file_entry_point_delegates():
 
 
 def test_bf16_training_on_a_cpu_needs_no_extra_flag(monkeypatch, tmp_path):
-    import loraqa.config as config
+    import loraqa.training.arguments as arguments
 
-    monkeypatch.setattr(config, "_has_accelerator", lambda: False)
+    monkeypatch.setattr(arguments, "_has_accelerator", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    args = config.LoraQATrainingArguments(output_dir=str(tmp_path), bf16=True)
+    args = arguments.LoraQATrainingArguments(output_dir=str(tmp_path), bf16=True)
     assert args.bf16 and args.use_cpu  # transformers alone refuses bf16 without a GPU unless use_cpu is set
     assert not config.LoraQATrainingArguments(output_dir=str(tmp_path)).use_cpu
 
@@ -207,12 +207,12 @@ def test_output_dir_of_another_configuration_is_refused(tmp_path, tiny_gpt2_dir,
 
 
 def test_time_budget_sizes_the_schedule_to_end_at_zero(tmp_path, tiny_gpt2_dir, squad_file, monkeypatch):
-    import loraqa.training.run
+    import loraqa.training.budget
 
     # a probed 4 s a step against the real few milliseconds: the budget (2 min) is far from the deadline even on a
     # loaded machine, where a tighter one (30 s) was reached while setting up
     probe = {"step_s": 4.0, "evaluation_s": 2.0, "timed_batches": 4, "warmup_batch_s": 0.1}
-    monkeypatch.setattr(loraqa.training.run, "probe_seconds", lambda trainer: dict(probe))
+    monkeypatch.setattr(loraqa.training.budget, "probe_seconds", lambda trainer: dict(probe))
     run = tmp_path / "run"
     assert main(_train_argv(tiny_gpt2_dir, squad_file, run, "--max_train_minutes", "2", "--max_steps", "1000",
                             "--eval_steps", "10", "--warmup_ratio", "0")) == 0
