@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 LORAQA := $(VENV)/bin/loraqa
 export LORAQA_CACHE ?= $(CURDIR)/data
 
-.PHONY: install fetch test screenshots run bench results study collect report browser-test slurm-test
+.PHONY: install fetch test screenshots run bench results study collect report browser-test slurm-test gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -94,3 +94,12 @@ report: install
 	$(PY) -c "import typst" 2>/dev/null || $(PY) -m pip install --quiet -e ".[report]"
 	test -f results/parameter_counts.json || $(LORAQA) param-counts --output results/parameter_counts.json
 	$(LORAQA) report --results results --output report.pdf --png_dir report/build/pages
+
+# GPU readiness (issue 25): the CUDA-marked tests, 50 training steps in bf16 and fp16 (loss scaling), 500 questions
+# in bf16 against fp32, batched decoding against one-by-one generate -> results/gpu_check.json. No install, no fetch:
+# an accelerator machine has no registry (its python3 has torch, transformers, peft, accelerate; carry datasets, dill
+# and multiprocess as wheels). DEVICE=cpu is a dry run. See scripts/gpu_check.py.
+DEVICE ?= cuda
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PY) scripts/gpu_check.py --device $(DEVICE)

@@ -2,7 +2,8 @@
 
 The subcommands are `COMMANDS` (listed by `loraqa --help`). `train`, `evaluate`, `ask`, `bench` and `run` take
 transformers-style flags (`--learning_rate`, dash spellings too) and `--config run.yaml`; flags override the YAML
-file. Errors are one line and exit with status 2 (argparse-based subcommands: `config.ArgumentParser`).
+file. Errors are one line and exit with status 2 (argparse-based subcommands: `config.ArgumentParser`);
+`--debug` anywhere on the command line shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import importlib.util
 import json
 import logging
 import sys
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -423,6 +425,8 @@ COMMANDS = {"fetch": _fetch, "data-stats": _data_stats, "score": _score, "train"
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # a global flag, before or after the subcommand
+    argv = [arg for arg in argv if arg != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         print("\nusage: loraqa {" + ",".join(COMMANDS) + "} [--help]")
@@ -438,8 +442,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         COMMANDS[argv[0]](argv[1:])
-    except (SquadFormatError, ConfigError, ModelSetupError, FetchError) as err:
-        print(f"loraqa {argv[0]}: error: {err}", file=sys.stderr)
+    except (SquadFormatError, ConfigError, ModelSetupError, FetchError, OSError) as err:
+        if isinstance(err, OSError) and err.filename is None:  # not about a file the user named: a bug or the network
+            raise
+        if debug:
+            traceback.print_exc()
+        else:
+            print(f"loraqa {argv[0]}: error: {err}", file=sys.stderr)
         return 2
     return 0
 

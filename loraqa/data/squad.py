@@ -57,6 +57,10 @@ def read_squad_json(path: str | os.PathLike) -> list[dict]:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SquadFormatError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise SquadFormatError(f"{path}: is a directory, not a SQuAD JSON file") from None
+    except OSError as err:
+        raise SquadFormatError(f"{path}: not readable ({err.strerror or err})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SquadFormatError(f"{path}: not valid JSON ({err})") from None
     _require(isinstance(raw, dict) and isinstance(raw.get("data"), list), path, "-", "data",

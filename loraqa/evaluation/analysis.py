@@ -94,10 +94,28 @@ def failure_category(prediction: str, golds: list[str], context: str, em: float,
     return "wrong span of the context"
 
 
+def evaluated_records(result: dict, eval_path: str, data_path: str | None = None) -> dict[str, dict]:
+    """id -> SQuAD record for every question of an evaluation (`read_evaluation`'s `result`), from `data_path`
+    or else the file the evaluation names in its field 'data'; one clear error when an id is not in it."""
+    if data_path is None and not isinstance(result.get("data"), str):
+        raise SquadFormatError(f"{eval_path}: field 'data' is missing or not a path: pass the SQuAD file with --data")
+    if not isinstance(result.get("predictions"), dict):
+        raise SquadFormatError(f"{eval_path}: field 'predictions' is missing or not an object (write it with "
+                               "`loraqa evaluate`)")
+    source = data_path or result["data"]
+    records = {r["id"]: r for r in load_squad(source, "validation")}
+    missing = [qid for qid in result["per_question"] if qid not in records]
+    if missing:
+        raise SquadFormatError(f"{eval_path}: {len(missing)} of {len(result['per_question'])} question ids in field "
+                               f"'per_question' are not in {source} (first: {missing[0]!r}); pass the data it was "
+                               "evaluated on with --data")
+    return records
+
+
 def failure_report(eval_path: str, data_path: str | None = None, examples_per_category: int = 3) -> str:
     """Markdown: counts and examples per failure category, EM/F1 per question type."""
     result = read_evaluation(eval_path)
-    records = {r["id"]: r for r in load_squad(data_path or result["data"], "validation")}
+    records = evaluated_records(result, eval_path, data_path)
     categories: dict[str, list[str]] = defaultdict(list)
     for qid, score in result["per_question"].items():
         record = records[qid]

@@ -79,12 +79,11 @@ def failure_examples(eval_path: str, data_path: str | None = None, *, per_catego
     spans marked), for the report: {evaluation, n, counts: {category: count}, by_question_type: {type: {n,
     exact_match, f1}} (0-100), examples: [...]}. The examples come from different articles where the data
     allows (dev order would take them all from its first one)."""
-    from ..evaluation.analysis import failure_category, read_evaluation, scores_by_question_type
-    from ..data.squad import load_squad
+    from ..evaluation.analysis import evaluated_records, failure_category, read_evaluation, scores_by_question_type
     from ..evaluation.metrics import normalize_answer
 
     result = read_evaluation(eval_path)
-    records = {r["id"]: r for r in load_squad(data_path or result["data"], "validation")}
+    records = evaluated_records(result, eval_path, data_path)
     counts: dict[str, int] = {}
     candidates: dict[str, list[tuple[str, dict]]] = {}
     for qid, score in result["per_question"].items():
