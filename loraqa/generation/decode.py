@@ -188,6 +188,20 @@ def _finish_leftovers(leftovers: list, plans: list, max_new_tokens: int, stop: s
         leftovers.clear()
 
 
+def _prefill(model, tokenizer, batch_prompts: list, shared: bool, max_new_tokens: int, work: dict):
+    """A batch in its layout (shared prefixes or padded rows) and its first logits; `work` counts the prompt
+    tokens encoded (each distinct context once when shared), the batch and the seconds."""
+    batch = (SharedPrefixBatch(model, batch_prompts, max_new_tokens) if shared
+             else PaddedRowsBatch(model, batch_prompts, tokenizer.pad_token_id))
+    contexts = {tuple(c) for c, _ in batch_prompts} if shared else [c for c, _ in batch_prompts]
+    work["prompt_tokens"] += sum(len(c) for c in contexts) + sum(len(q) for _, q in batch_prompts)
+    started = time.perf_counter()
+    logits = batch.prefill()
+    work["prefill_s"] += time.perf_counter() - started
+    work["batches"] += 1
+    return batch, logits
+
+
 def generate_answers(model, tokenizer, examples: list[dict], *, settings: GenerationSettings,
                      progress: bool = True, stats: dict | None = None, max_length: int | None = None,
                      prompt_format=None) -> dict[str, str]:
@@ -251,15 +265,7 @@ def generate_answer_sets(model, tokenizer, examples: list[dict], settings: list[
         batches = list(_batches(prompts, max(1, first.batch_size // runs)))
         for b, indices in enumerate(batches):
             ids = [examples[i]["id"] for i in indices]
-            batch_prompts = [prompts[i] for i in indices]
-            batch = (SharedPrefixBatch(model, batch_prompts, first.max_new_tokens) if shared
-                     else PaddedRowsBatch(model, batch_prompts, tokenizer.pad_token_id))
-            contexts = {tuple(c) for c, _ in batch_prompts} if shared else [c for c, _ in batch_prompts]
-            work["prompt_tokens"] += sum(len(c) for c in contexts) + sum(len(q) for _, q in batch_prompts)
-            started = time.perf_counter()
-            logits = batch.prefill()
-            work["prefill_s"] += time.perf_counter() - started
-            work["batches"] += 1
+            batch, logits = _prefill(model, tokenizer, [prompts[i] for i in indices], shared, first.max_new_tokens, work)
             # a row per (question, setting), a question's rows next to each other (as its context's rows must be)
             rows = _Rows([generated[k].setdefault(qid, []) for qid in ids for k in range(runs)],
                          [k for _ in ids for k in range(runs)],
@@ -336,15 +342,8 @@ def _beam_answers(model, tokenizer, examples: list[dict], settings: GenerationSe
     bar = tqdm(total=len(examples), desc=f"answering ({settings.name})", disable=not progress, unit="q")
     with shared_prefix_attention(model) if shared else contextlib.nullcontext():
         for indices in _batches(prompts, max(1, settings.batch_size // settings.num_beams)):
-            batch_prompts = [prompts[i] for i in indices]
-            batch = (SharedPrefixBatch(model, batch_prompts, settings.max_new_tokens) if shared
-                     else PaddedRowsBatch(model, batch_prompts, tokenizer.pad_token_id))
-            contexts = {tuple(c) for c, _ in batch_prompts} if shared else [c for c, _ in batch_prompts]
-            work["prompt_tokens"] += sum(len(c) for c in contexts) + sum(len(q) for _, q in batch_prompts)
-            started = time.perf_counter()
-            logits = batch.prefill()
-            work["prefill_s"] += time.perf_counter() - started
-            work["batches"] += 1
+            batch, logits = _prefill(model, tokenizer, [prompts[i] for i in indices], shared, settings.max_new_tokens,
+                                     work)
             started = time.perf_counter()
             best = decode_beams(batch, logits, num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens,
                                 stop_ids=stop, spans=None if spans is None else [spans[i] for i in indices],
