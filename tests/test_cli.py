@@ -114,7 +114,7 @@ def test_bf16_training_on_a_cpu_needs_no_extra_flag(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     args = arguments.LoraQATrainingArguments(output_dir=str(tmp_path), bf16=True)
     assert args.bf16 and args.use_cpu  # transformers alone refuses bf16 without a GPU unless use_cpu is set
-    assert not config.LoraQATrainingArguments(output_dir=str(tmp_path)).use_cpu
+    assert not arguments.LoraQATrainingArguments(output_dir=str(tmp_path)).use_cpu
 
 
 def _one_line_error(capsys) -> str:
