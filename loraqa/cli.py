@@ -382,11 +382,21 @@ def _param_counts(argv):
 
 def _demo(argv):
     parser = ArgumentParser(prog="loraqa demo", description="A local web demo: base vs adapter answers side "
-                                     "by side (Ask) and an evaluation browser (Errors). Needs the extra `demo`.")
+                                     "by side (Ask) and an evaluation browser (Errors). Needs the extra `demo`. "
+                                     "The Errors tab opens only the --errors files and files under results/; "
+                                     "uploads are off.")
     parser.add_argument("--model", default="gpt2", help="base model (alias, hub id or folder)")
     parser.add_argument("--adapter", default=None, help="run directory of a trained adapter")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (anything but localhost: a warning)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback needs --auth "
+                        "or --no_auth_i_understand true")
+    parser.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                        help="Gradio's login page with this user and password (visible to other users of this "
+                        "machine in the process list)")
+    parser.add_argument("--no_auth_i_understand", "--no-auth-i-understand", type=str.lower, nargs="?",
+                        const="true", default="false", choices=("true", "false"),
+                        help="serve a --host other than loopback without a password: anyone who reaches it can "
+                        "use the models and read the evaluations under results/")
     parser.add_argument("--examples", default="squad", help="SQuAD JSON whose dev questions prefill the Ask tab, "
                         "'squad' (fetched v1.1 dev) or 'none'")
     parser.add_argument("--errors", nargs="*", metavar="EVAL_JSON", default=None,
@@ -402,6 +412,10 @@ def _demo(argv):
     args = parser.parse_args(argv)
     if len(args.errors or []) > 2:
         parser.error("--errors takes one or two evaluation JSONs")
+    from .app.demo_files import launch_auth
+
+    args.no_auth_i_understand = args.no_auth_i_understand == "true"
+    launch_auth(args.host, args.auth, args.no_auth_i_understand)  # a mistake here is a line before torch loads
     import importlib.util
 
     if importlib.util.find_spec("gradio") is None:  # the optional extra
@@ -414,7 +428,7 @@ def _demo(argv):
     errors = args.errors if args.errors is not None else final_evaluations()
     serve(ModelArguments(args.model, args.cache_dir), args.adapter, host=args.host, port=args.port,
           examples=args.examples, errors=tuple(errors), device=args.device, dtype=args.dtype,
-          torch_threads=args.torch_threads)
+          torch_threads=args.torch_threads, auth=args.auth, no_auth_i_understand=args.no_auth_i_understand)
 
 
 COMMANDS = {"fetch": _fetch, "data-stats": _data_stats, "score": _score, "train": _train, "evaluate": _evaluate,

@@ -1,5 +1,7 @@
-"""loraqa.app.demo: the pure helpers without a browser, the Ask logic on a tiny model, and `loraqa demo` itself
-driven as a person would, in headless Chromium through Selenium (skipped, saying why, without them)."""
+"""loraqa.app.demo: the pure helpers without a browser, the Ask logic on a tiny model against `loraqa evaluate`'s
+file, `loraqa demo` itself through its API routes (the Errors tab's allow-list, uploads off, the login), and
+driven as a person would, in headless Chromium through Selenium (skipped, saying why, without them). The
+allow-list's own rules: test_demo_security.py."""
 from __future__ import annotations
 
 import json
@@ -10,26 +12,30 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
+from http.cookiejar import CookieJar
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import SQUAD, SUPER_BOWL, TREASURE, tiny_gpt2
 
+from loraqa.cli import main
 from loraqa.config import ConfigError, GenerationSettings, LoraArguments, ModelArguments
 from loraqa.data.squad import read_squad_json, squad_references
 from loraqa.app.demo import (answer, ask, demo_settings, evaluation_labels, load_demo_models, load_error_rows,
                              token_probabilities)
+from loraqa.app.demo_files import REFUSAL, AllowList
 from loraqa.app.demo_view import (error_rows, filter_rows, find_span, highlight_spans, parse_golds, render_error,
                                   shade_tokens, table_rows)
 from loraqa.evaluation.evaluate import answer_question, load_model_for_eval
-from loraqa.generation.decode import generate_answers
 from loraqa.evaluation.metrics import score_questions
 from loraqa.model.lora import attach_lora
 
-ROOT = Path(__file__).resolve().parents[1]
 ADAPTER_MAX_LENGTH = 128
+USER, PASSWORD = "reviewer", "not-a-real-secret"  # the test server's --auth
 QUESTION = "Which team won Super Bowl 50?"
 # Evaluation A and B of the five questions of conftest's SQuAD file: A right and B wrong on q1 and q4, the
 # other way round on q2 and q5; one prediction per failure category.
@@ -85,9 +91,10 @@ def _evaluation(path: Path, squad_path: Path, predictions: dict[str, str]) -> Pa
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, gpt2_tokenizer) -> dict[str, Path]:
-    """A tiny random GPT-2, an adapter with random non-zero B trained 'at' max_length 128, the five-question
-    SQuAD file and two evaluations of it."""
+def files(tmp_path_factory, gpt2_tokenizer) -> dict:
+    """A tiny random GPT-2, an adapter with random non-zero B trained 'at' max_length 128, and under root/results
+    the five-question SQuAD file and two evaluations of it; `allow` is the demo's allow-list when started in
+    root; `outside` is an evaluation outside results/ and `link` a symlink under results/ leading to it."""
     root = tmp_path_factory.mktemp("demo")
     model_dir, adapter_dir = root / "tiny-gpt2", root / "adapter"
     tiny_gpt2().save_pretrained(model_dir)
@@ -100,15 +107,21 @@ def files(tmp_path_factory, gpt2_tokenizer) -> dict[str, Path]:
                 weight.copy_(0.5 * torch.randn(weight.shape, generator=generator))
     peft_model.save_pretrained(adapter_dir)
     (adapter_dir / "run_config.json").write_text(json.dumps({"data": {"max_length": ADAPTER_MAX_LENGTH}}))
-    squad_path = root / "squad.json"
+    results = root / "results"
+    results.mkdir()
+    squad_path = results / "squad.json"
     squad_path.write_text(json.dumps(SQUAD))
-    return {"model": model_dir, "adapter": adapter_dir, "squad": squad_path,
-            "a": _evaluation(root / "eval_a.json", squad_path, PREDICTIONS_A),
-            "b": _evaluation(root / "eval_b.json", squad_path, PREDICTIONS_B)}
+    outside = _evaluation(root / "eval_outside.json", squad_path, PREDICTIONS_A)
+    (results / "link.json").symlink_to(outside)
+    return {"root": root, "model": model_dir, "adapter": adapter_dir, "squad": squad_path, "outside": outside,
+            "link": results / "link.json",
+            "a": _evaluation(results / "eval_a.json", squad_path, PREDICTIONS_A),
+            "b": _evaluation(results / "eval_b.json", squad_path, PREDICTIONS_B),
+            "allow": AllowList.create(results_dir=results, cache_dir=root / "cache")}
 
 
 def test_error_rows_categories_and_filters(files):
-    rows, summary = load_error_rows(str(files["a"]), str(files["b"]))
+    rows, summary = load_error_rows(str(files["a"]), str(files["b"]), files=files["allow"])
     assert summary.startswith("5 questions.") and [r["id"] for r in rows] == ["q1", "q2", "q3", "q4", "q5"]
     assert {r["id"]: r["a"]["category"] for r in rows} == {
         "q1": "correct", "q2": "wrong span of the context", "q3": "right answer with extra words", "q4": "correct",
@@ -141,24 +154,43 @@ def models(files):
     return load_demo_models(ModelArguments(str(files["model"])), str(files["adapter"]), device="cpu")
 
 
-def test_ask_gives_loraqa_ask_answers_and_cuts_as_evaluate(files, models):
-    """Both columns equal `loraqa ask` (the adapter merged) for greedy and for a sampling seed; a context longer
-    than the adapter's max_length is cut as `evaluate` cuts it and the page says so."""
+@pytest.fixture(scope="module")
+def evaluations(files) -> dict[str, dict]:
+    """`loraqa evaluate` (greedy) of the five questions, by the base model and by the adapter."""
+    out = {}
+    for name, adapter in (("base", []), ("adapter", ["--adapter", str(files["adapter"])])):
+        path = files["root"] / f"evaluate_{name}.json"
+        assert main(["evaluate", "--model", str(files["model"]), "--data", str(files["squad"]), "--device", "cpu",
+                     "--output", str(path), *adapter]) == 0
+        out[name] = json.loads(path.read_text())
+    return out
+
+
+def test_ask_answers_as_the_evaluation_file_and_cuts_as_evaluate(files, models, evaluations):
+    """Each column's greedy answer to each of the five questions is the one `loraqa evaluate` wrote for it (the
+    base model's file and the adapter's, at its training max_length); the long paragraph is cut for both
+    models and the page says so. A sampled answer is `loraqa ask`'s for the same seed."""
+    records = read_squad_json(files["squad"])
+    assert evaluations["adapter"]["max_length"] == ADAPTER_MAX_LENGTH and evaluations["adapter"]["prompts_cut"] == 2
+    for record in records:
+        golds = " | ".join(record["answers"]["text"])
+        out = ask(models, record["context"], record["question"], golds, GenerationSettings())
+        assert {side: out[side]["text"] for side in ("base", "adapter")} == \
+            {side: evaluations[side]["predictions"][record["id"]] for side in ("base", "adapter")}, record["id"]
+        assert out["status"].startswith("Answered (greedy,") and 'class="tok"' in out["base"]["html"]
+        em = evaluations["adapter"]["per_question"][record["id"]]["exact_match"]
+        assert f"EM {100 * em:.0f} · F1" in out["adapter"]["html"]
+        long = record["context"] == TREASURE
+        assert ("too long for the adapter model" in out["status"]) == long
+        assert (f"max_length {ADAPTER_MAX_LENGTH}" in out["status"]) == long
+        assert ('<mark class="cut">' in out["context"]) == long
+    assert any(evaluations["base"]["predictions"][q] != evaluations["adapter"]["predictions"][q]
+               for q in evaluations["base"]["predictions"])  # the adapter changes the model
     merged, tokenizer, _ = load_model_for_eval(ModelArguments(str(files["model"])), str(files["adapter"]), device="cpu")
-    for settings in (GenerationSettings(), GenerationSettings(do_sample=True, top_k=20, temperature=0.8, seed=5)):
-        out = ask(models, SUPER_BOWL, QUESTION, "Denver Broncos | The Denver Broncos", settings)
-        assert out["base"]["text"] == answer_question(models.base, tokenizer, SUPER_BOWL, QUESTION, settings)
-        assert out["adapter"]["text"] == answer_question(merged, tokenizer, SUPER_BOWL, QUESTION, settings)
-        assert out["base"]["text"] != out["adapter"]["text"]  # the adapter changes the model
-        assert "EM 0 · F1" in out["base"]["html"] and 'class="tok"' in out["base"]["html"]
-        assert out["status"].startswith(f"Answered ({settings.name}") and "too long" not in out["status"]
-    question = "Where is the treasure buried?"
-    out = ask(models, TREASURE, question, "", GenerationSettings())
-    record = {"id": "t", "context": TREASURE, "question": question}
-    assert out["adapter"]["text"] == generate_answers(merged, tokenizer, [record], settings=GenerationSettings(),
-                                                      progress=False, max_length=ADAPTER_MAX_LENGTH)["t"]
-    assert "too long for the adapter model" in out["status"] and "too long for the base model" in out["status"]
-    assert f"max_length {ADAPTER_MAX_LENGTH}" in out["status"] and '<mark class="cut">' in out["context"]
+    sampled = GenerationSettings(do_sample=True, top_k=20, temperature=0.8, seed=5)
+    out = ask(models, SUPER_BOWL, QUESTION, "", sampled)
+    assert out["adapter"]["text"] == answer_question(merged, tokenizer, SUPER_BOWL, QUESTION, sampled,
+                                                     ADAPTER_MAX_LENGTH)
 
 
 def test_ask_messages_instead_of_tracebacks(files, models):
@@ -217,17 +249,20 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(files):
-    """`loraqa demo` on the tiny model and adapter, on a free port; its log is shown when it fails."""
-    _browser_paths()
+    """`loraqa demo` on the tiny model and adapter, on a free port, started in the folder holding results/ and
+    behind a login (--auth); its log is shown when it fails."""
+    pytest.importorskip("gradio", reason="the demo's tests against the running app need gradio "
+                                         "(pip install -e '.[demo]')")
     port = _free_port()
     log = tempfile.TemporaryFile(mode="w+")
     process = subprocess.Popen(
         [sys.executable, "-m", "loraqa.cli", "demo", "--model", str(files["model"]), "--adapter", str(files["adapter"]),
-         "--port", str(port), "--device", "cpu", "--examples", str(files["squad"]),
-         "--errors", str(files["a"]), str(files["b"])],
-        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+         "--port", str(port), "--device", "cpu", "--examples", str(files["squad"]), "--auth", f"{USER}:{PASSWORD}",
+         "--errors", "results/eval_a.json", "results/eval_b.json"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=files["root"],
+        env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(files["root"] / "gradio-tmp")})
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 150  # imports take ~15 s alone; much longer on a CPU shared with others
+    deadline = time.monotonic() + 300  # imports take ~15 s alone; much longer on a CPU shared with others
     try:
         while True:
             if process.poll() is not None or time.monotonic() > deadline:
@@ -247,6 +282,72 @@ def server(files):
             process.kill()
 
 
+def _logged_in(url: str):
+    """An opener holding the session cookie of the demo's login (the form the login page posts)."""
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
+    form = urllib.parse.urlencode({"username": USER, "password": PASSWORD}).encode()
+    with opener.open(url + "login", data=form, timeout=30) as response:
+        assert json.load(response) == {"success": True}
+    return opener
+
+
+def _load_errors(opener, url: str, a: str, b: str = "") -> str:
+    """The Errors tab's Load through its API route (`load_errors`, Gradio's two-step call): the status line."""
+    request = urllib.request.Request(url + "gradio_api/call/load_errors", data=json.dumps({"data": [a, b]}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with opener.open(request, timeout=30) as response:
+        event_id = json.load(response)["event_id"]
+    with opener.open(f"{url}gradio_api/call/load_errors/{event_id}", timeout=120) as response:
+        stream = response.read().decode()
+    assert "event: complete" in stream, stream[-500:]
+    outputs = [json.loads(line[len("data: "):]) for line in stream.splitlines() if line.startswith("data: ")][-1]
+    statuses = [o for o in outputs if isinstance(o, str)]
+    assert len(statuses) == 1, outputs
+    return statuses[0]
+
+
+def _post(opener, url: str, body: bytes, content_type: str) -> tuple[int, str]:
+    try:
+        with opener.open(urllib.request.Request(url, data=body, headers={"Content-Type": content_type}),
+                         timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_running_app_opens_only_its_files_and_takes_no_uploads(files, server):
+    """Requests to `loraqa demo` as a visitor would send them: nothing without the login; then the Errors tab's
+    API route opens the evaluations under results/, and answers every other path (a readable evaluation
+    outside, a symlink under results/ leading to it, `..`, a directory, /etc/passwd, a missing file) with the
+    same line; an evaluation naming a hub dataset as its data is refused; the upload routes answer 403 and
+    leave nothing behind."""
+    url = server[0]
+    assert _post(urllib.request.build_opener(), url + "gradio_api/call/load_errors",
+                 json.dumps({"data": ["results/eval_a.json", ""]}).encode(), "application/json")[0] == 401
+    opener = _logged_in(url)
+    assert _load_errors(opener, url, "results/eval_a.json", "results/eval_b.json").startswith("5 questions. A = ")
+    assert _load_errors(opener, url, str(files["a"])).startswith("5 questions.")  # absolute, under results/
+    refused = [str(files["outside"]), str(files["link"]), "results/link.json", "results/../eval_outside.json",
+               "results/../results/eval_a.json", "results", "/etc", "/etc/passwd", "results/no-such.json",
+               "/no/such/file.json"]
+    for path in refused:
+        assert _load_errors(opener, url, path) == REFUSAL, path
+    assert _load_errors(opener, url, "results/eval_a.json", "/etc/passwd") == REFUSAL
+    hub = json.loads(files["a"].read_text()) | {"data": "rajpurkar/squad"}
+    (files["root"] / "results" / "eval_hub.json").write_text(json.dumps(hub))
+    assert _load_errors(opener, url, "results/eval_hub.json") == (
+        "results/eval_hub.json: field 'data' ('rajpurkar/squad') is neither the fetched SQuAD ('squad') nor a "
+        "file under results/: the demo reads no other data")
+    boundary = "loraqa-test-boundary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="eval.json"\r\n'
+            f'Content-Type: application/json\r\n\r\n{files["a"].read_text()}\r\n--{boundary}--\r\n').encode()
+    for route in ("gradio_api/upload", "gradio_api/upload?upload_id=x", "gradio_api/process_recording",
+                  "gradio_api/component_server"):
+        assert _post(opener, url + route, body, f"multipart/form-data; boundary={boundary}") == \
+            (403, "uploads are off in the loraqa demo"), route
+    assert not any((files["root"] / "gradio-tmp").rglob("*.json"))  # the server's GRADIO_TEMP_DIR
+
+
 @pytest.fixture(scope="module")
 def browser(server):
     from selenium import webdriver
@@ -263,6 +364,10 @@ def browser(server):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(driver_path))
     driver.get(server[0])
+    _wait(driver, lambda d: _css(d, "input[type=password]").is_displayed(), "the login page", server)
+    _css(driver, "input[type=text]").send_keys(USER)
+    _css(driver, "input[type=password]").send_keys(PASSWORD)
+    driver.find_element("xpath", "//button[contains(., 'Login')]").click()
     yield driver
     driver.quit()
     shutil.rmtree(profile, ignore_errors=True)
@@ -367,3 +472,13 @@ def test_browser_errors_tab_filters_and_highlights(server, browser):
     marks = {cls: [m.text for m in _csss(browser, f"#errors-detail .context mark.{cls}")]
              for cls in ("gold", "pred-a", "pred-b")}
     assert marks == {"gold": ["The ", "Denver Broncos"], "pred-a": ["Denver Broncos"], "pred-b": ["Carolina Panthers"]}
+    # paths outside the allow-list, typed as a visitor would: the one refusal line, and no table
+    for path in ("/etc/passwd", "results/link.json", "results/../eval_outside.json", "/no/such/file.json"):
+        _type(browser, "#eval-a textarea", "results/eval_b.json")
+        _css(browser, "#errors-load").click()
+        _wait(browser, lambda d: _css(d, "#errors-status").text.startswith("5 questions. A = results/eval_b.json"),
+              "evaluation B loaded as A", server)
+        _type(browser, "#eval-a textarea", path)
+        _css(browser, "#errors-load").click()
+        _wait(browser, lambda d: _css(d, "#errors-status").text == REFUSAL, f"the refusal of {path}", server)
+        _wait(browser, lambda d: _table_ids(d) == [], "an empty table", server)

@@ -4,7 +4,9 @@ Ask: a context and a question answered by the base model and by the adapter side
 prompt, prompt cut and decoder of `loraqa evaluate` (`generate.generate_answers`), each answer's tokens shaded
 by the model's probability, the answers' spans highlighted in the context, EM/F1 against gold answers when
 given. Errors: one or two evaluation JSONs as a table filterable by `loraqa failures`' categories, by "A
-right, B wrong" and by text; a selected question shows its context with the gold and predicted spans.
+right, B wrong" and by text; a selected question shows its context with the gold and predicted spans. It opens
+only the files `demo_files.AllowList` allows; uploads are off (`NoUploads`); another host than loopback needs
+`--auth` (`demo_files.launch_auth`).
 
 The pure view (spans, HTML, filters) is `demo_view`; here are the models, then the page. Gradio is imported
 only by `build_demo` and `serve` (it is the optional extra `demo`).
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, GenerationSettings, ModelArguments
-from ..data.squad import SquadFormatError, encode_prompt_counting_cut, load_squad, take_subset
+from ..data.squad import SquadFormatError, encode_prompt_counting_cut, load_squad, read_squad_json, take_subset
 from ..evaluation.analysis import read_evaluation
 from ..evaluation.evaluate import load_model_for_eval, training_max_length
 from ..generation.decode import generate_answers, max_prompt_tokens, stop_token_ids
@@ -31,10 +33,9 @@ from ..model.loading import ModelSetupError
 from .demo_view import (COMPARISONS, CSS, ERRORS_LEGEND, GOLD_SEPARATOR, LEGEND, TABLE_HEADERS, answer_scores,
                         error_rows, filter_rows, find_span, highlight_spans, parse_golds, render_error, shade_tokens,
                         table_rows)
+from .demo_files import AllowList, NoUploads, RefusedPath, is_loopback, launch_auth
 
 logger = logging.getLogger(__name__)
-
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 # ------------------------------------------------------------------------------------------------ models
 
@@ -220,8 +221,9 @@ def dev_examples(source: str, n: int = 4) -> list[list[str]]:
 
 
 @functools.lru_cache(maxsize=4)
-def _records(data: str, split: str) -> dict[str, dict]:
-    return {r["id"]: r for r in load_squad(data, split)}
+def _records(path: Path, mtime_ns: int) -> dict[str, dict]:
+    """id -> record of a SQuAD file, read as a file (never `load_squad`'s hub fallback); cached per version."""
+    return {r["id"]: r for r in read_squad_json(path)}
 
 
 def evaluation_labels(path_a: str, path_b: str | None) -> tuple[str, str]:
@@ -233,16 +235,20 @@ def evaluation_labels(path_a: str, path_b: str | None) -> tuple[str, str]:
     return a.name, b.name if b is not None else ""
 
 
-def load_error_rows(path_a: str, path_b: str | None = None) -> tuple[list[dict], str]:
-    """(rows, a one-line summary) for the Errors tab from one or two evaluation JSONs; the contexts come from
-    the SQuAD file evaluation A names. Raises SquadFormatError with a clear message."""
-    a = read_evaluation(path_a)
-    b = read_evaluation(path_b) if path_b else None
+def load_error_rows(path_a: str, path_b: str | None = None, *, files: AllowList) -> tuple[list[dict], str]:
+    """(rows, a one-line summary) for the Errors tab from one or two evaluation JSONs that `files` allows; the
+    contexts come from the SQuAD file evaluation A names, resolved by `files.squad_data`. Raises RefusedPath
+    (the same line for every path outside the allow-list) or SquadFormatError with a clear message."""
+    resolved_a = files.evaluation(path_a)
+    resolved_b = files.evaluation(path_b) if path_b else None
+    a = read_evaluation(str(resolved_a))
+    b = read_evaluation(str(resolved_b)) if resolved_b else None
     split = "train" if (a.get("evaluate_args") or {}).get("heldout_articles") else "validation"
+    data = files.squad_data(a.get("data"), split, evaluation=path_a)
     try:
-        records = _records(a.get("data") or "", split)
+        records = _records(data, data.stat().st_mtime_ns)
     except (OSError, ValueError) as err:
-        raise SquadFormatError(f"{path_a}: its SQuAD file {a.get('data')!r} is not readable ({err})") from None
+        raise SquadFormatError(f"{path_a}: its SQuAD file {data} is not readable ({err})") from None
     rows = error_rows(a, b, records)
     summary = f"A = {path_a}: EM {a.get('exact_match', float('nan')):.1f}, F1 {a.get('f1', float('nan')):.1f}"
     if b is not None:
@@ -252,8 +258,9 @@ def load_error_rows(path_a: str, path_b: str | None = None) -> tuple[list[dict],
 
 # -------------------------------------------------------------------------------------------------- page
 
-def build_demo(models: DemoModels, *, examples: list[list[str]] = (), errors: tuple[str, ...] = ()):
-    """The Gradio Blocks of the two tabs (not launched)."""
+def build_demo(models: DemoModels, *, files: AllowList, examples: list[list[str]] = (), errors: tuple[str, ...] = ()):
+    """The Gradio Blocks of the two tabs (not launched); the Errors tab opens only what `files` allows. Its load
+    is also the API route `load_errors` (two paths in, the table and a status line out)."""
     import gradio as gr
 
     adapter_label = models.adapter or "no adapter"
@@ -316,8 +323,8 @@ def build_demo(models: DemoModels, *, examples: list[list[str]] = (), errors: tu
 
         with gr.Tab("Errors") as errors_tab:
             with gr.Row():
-                path_a = gr.Textbox(label="evaluation A (e.g. the fine-tuned model's)",
-                                    value=errors[0] if errors else "", elem_id="eval-a")
+                path_a = gr.Textbox(label="evaluation A (e.g. the fine-tuned model's): a file given with --errors "
+                                    "or under results/", value=errors[0] if errors else "", elem_id="eval-a")
                 path_b = gr.Textbox(label="evaluation B (optional, e.g. the baseline's)",
                                     value=errors[1] if len(errors) > 1 else "", elem_id="eval-b")
                 load = gr.Button("Load", elem_id="errors-load")
@@ -342,7 +349,10 @@ def build_demo(models: DemoModels, *, examples: list[list[str]] = (), errors: tu
                 if not a:
                     return [], ("", ""), "Give evaluation A's path.", gr.Dropdown(["all"], value="all"), []
                 try:
-                    rows, summary = load_error_rows(a, b or None)
+                    rows, summary = load_error_rows(a, b or None, files=files)
+                except RefusedPath as err:  # one line, the same whether the path exists
+                    logger.warning("demo errors: refused %r %r", a, b)
+                    return [], ("", ""), str(err), gr.Dropdown(["all"], value="all"), []
                 except (SquadFormatError, OSError, KeyError, TypeError, ValueError) as err:
                     logger.warning("demo errors: %s", err)
                     return [], ("", ""), f"Cannot load: {err}", gr.Dropdown(["all"], value="all"), []
@@ -369,7 +379,7 @@ def build_demo(models: DemoModels, *, examples: list[list[str]] = (), errors: tu
 
             load_event = dict(fn=on_load, inputs=[path_a, path_b],
                               outputs=[rows_state, names_state, errors_status, category, table])
-            load.click(**load_event)
+            load.click(**load_event, api_name="load_errors")
 
             def on_first_visit(rows, a, b):  # the table is drawn when first needed, not with every page load
                 return on_load(a, b) if not rows else gr.skip()
@@ -387,14 +397,19 @@ def build_demo(models: DemoModels, *, examples: list[list[str]] = (), errors: tu
 
 def serve(model_args: ModelArguments, adapter: str | None, *, host: str = "127.0.0.1", port: int = 7860,
           examples: str | None = "squad", errors: tuple[str, ...] = (), device: str = "auto", dtype: str = "auto",
-          torch_threads: int | None = None) -> None:
-    """Load both models once, then serve the demo until interrupted (one request at a time, Gradio's queue)."""
+          torch_threads: int | None = None, auth: str | None = None, no_auth_i_understand: bool = False,
+          results_dir: str | Path = "results") -> None:
+    """Load both models once, then serve the demo until interrupted (one request at a time, Gradio's queue).
+    `auth` is 'USER:PASSWORD' (Gradio's login page); a host other than loopback needs it or
+    `no_auth_i_understand` (ConfigError otherwise, before anything loads). The Errors tab opens the `errors`
+    files and files under `results_dir` (`demo_files.AllowList`)."""
+    credentials = launch_auth(host, auth, no_auth_i_understand)
+    if credentials is None and not is_loopback(host):
+        logger.warning("demo: --host %s without --auth: anyone who reaches it can use it", host)
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no telemetry, no version check: works offline
     threads = torch_threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     torch.set_num_threads(max(1, threads or 1))  # once; requests run one at a time, so nothing oversubscribes
-    if host not in LOCAL_HOSTS:
-        logger.warning("demo: --host %s makes the demo reachable from other machines, without any authentication",
-                       host)
+    files = AllowList.create(errors, results_dir=results_dir, cache_dir=model_args.cache_dir)
     models = load_demo_models(model_args, adapter, device=device, dtype=dtype)
     stop_token_ids(models.tokenizer)  # decodes the whole vocabulary once: now, not during the first question
     example_rows = []
@@ -405,23 +420,27 @@ def serve(model_args: ModelArguments, adapter: str | None, *, host: str = "127.0
             example_rows = dev_examples(squad_file(examples, "validation", model_args.cache_dir))
         except (SquadFormatError, OSError, ValueError) as err:
             logger.warning("demo: no prefilled examples (%s)", err)
-    for path in errors:
-        if not os.path.exists(path):
-            logger.warning("demo: evaluation %s does not exist (the Errors tab will say so)", path)
-    if errors and os.path.exists(errors[0]):
+    readable = [path for path in errors if os.path.isfile(path)]
+    for path in sorted(set(errors) - set(readable)):
+        logger.warning("demo: evaluation %s is not a file (the Errors tab will refuse it)", path)
+    if readable:
         try:  # read the SQuAD file once now, not at the first page load
-            load_error_rows(errors[0], errors[1] if len(errors) > 1 and os.path.exists(errors[1]) else None)
+            load_error_rows(readable[0], readable[1] if len(readable) > 1 else None, files=files)
         except SquadFormatError as err:
             logger.warning("demo errors: %s", err)
+        except RefusedPath as err:
+            logger.warning("demo errors: %s: %s", readable[0], err)
+    from starlette.middleware import Middleware
     import gradio as gr
 
-    demo = build_demo(models, examples=example_rows, errors=errors)
+    demo = build_demo(models, files=files, examples=example_rows, errors=errors)
     demo.queue(default_concurrency_limit=1)
     logger.info("demo: starting on http://%s:%d (Ctrl+C to stop)", host, port)
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])
     try:
         demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=False,
-                    theme=theme, css=CSS, footer_links=[])
+                    theme=theme, css=CSS, footer_links=[], auth=credentials, max_file_size=0, mcp_server=False,
+                    app_kwargs={"middleware": [Middleware(NoUploads)]})
     except OSError as err:
         raise ConfigError(f"port {port} on {host}: {err}") from None
