@@ -62,12 +62,18 @@ def test_decoding_stops_at_newline_without_wasted_steps(gpt2_tokenizer, squad_fi
     assert len(calls) == 2  # prefill only: the contexts, then the questions
 
 
-def test_max_new_tokens_caps_the_steps(gpt2_tokenizer, squad_file):
+def test_max_new_tokens_caps_the_steps(gpt2_tokenizer, squad_file, monkeypatch):
+    """With no stop token no row ends early, so the cap alone ends decoding: the prefill gives each answer its
+    first token and exactly max_new_tokens - 1 steps the rest."""
+    import loraqa.generation.decode as decode
+
+    monkeypatch.setattr(decode, "stop_token_ids", lambda tokenizer: torch.tensor([], dtype=torch.long))
     model = tiny_gpt2(vocab_size=len(gpt2_tokenizer))
     calls, work = _forward_counter(model), {}
-    generate_answers(model, gpt2_tokenizer, _records(squad_file), settings=GenerationSettings(max_new_tokens=4),
-                     progress=False, stats=work)
-    assert work["decode_steps"] <= 3 and len(calls) == 2 + work["decode_steps"]
+    answers = generate_answers(model, gpt2_tokenizer, _records(squad_file), progress=False, stats=work,
+                               settings=GenerationSettings(max_new_tokens=4))
+    assert work["decode_steps"] == 3 and len(calls) == 2 + 3  # contexts, questions, then one forward a step
+    assert len(answers) == 5
 
 
 @pytest.mark.parametrize("make_model, tokenizer_name", [(tiny_gpt2, "gpt2_tokenizer"), (tiny_llama, "smollm2_tokenizer")])
