@@ -88,6 +88,21 @@ def test_adapter_for_another_model_is_rejected(tmp_path):
         load_adapter(tiny_llama(vocab_size=100), tmp_path)
 
 
+def test_adapter_whose_file_lacks_some_lora_weights_is_rejected(tmp_path):
+    """PEFT loads an incomplete adapter file without a word, leaving the missing layers at B = 0."""
+    from safetensors.torch import load_file, save_file
+
+    attach_lora(tiny_gpt2(vocab_size=100), LoraArguments(lora_r=4)).save_pretrained(tmp_path)
+    assert load_adapter(tiny_gpt2(vocab_size=100), tmp_path) is not None  # the complete file loads
+    weights = load_file(str(tmp_path / "adapter_model.safetensors"))
+    dropped = sorted(k for k in weights if ".h.1.attn.c_proj." in k)
+    assert len(dropped) == 2  # lora_A and lora_B of one layer
+    save_file({k: v for k, v in weights.items() if k not in dropped}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(ModelSetupError, match=r"lacks 2 of the LoRA weights its config targets \(first: "
+                                              + dropped[0].replace(".", r"\.")):
+        load_adapter(tiny_gpt2(vocab_size=100), tmp_path)
+
+
 def _no_hub(monkeypatch, answer=None):
     """The hub as `hub_status` sees it: None unreachable, False no such repo; records what was asked."""
     asked = []

@@ -126,10 +126,30 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | os.PathLike, *, merg
     if _missing_lora_keys(peft_model):
         raise ModelSetupError(f"{adapter_dir}: adapter (trained on {config.base_model_name_or_path}) does not "
                               f"match this {model.config.model_type} model's layers")
+    unloaded = _unloaded_lora_weights(peft_model, adapter_dir)
+    if unloaded:  # PEFT leaves them at their initialisation (B = 0): those layers would silently not adapt
+        raise ModelSetupError(f"{adapter_dir}: adapter_model.safetensors lacks {len(unloaded)} of the LoRA weights "
+                              f"its config targets (first: {unloaded[0]}); the file is incomplete or not this adapter's")
     peft_model.eval()
     return peft_model.merge_and_unload() if merge else peft_model
 
 
 def _missing_lora_keys(peft_model: PeftModel) -> bool:
     return not any("lora_" in name for name, _ in peft_model.named_parameters())
+
+
+def _unloaded_lora_weights(peft_model: PeftModel, adapter_dir: str | os.PathLike) -> list[str]:
+    """The LoRA weights the model expects that the adapter file does not hold (PEFT loads the rest without a word).
+    Saved keys are the parameters' names without the adapter's name: `...q_proj.lora_A.default.weight` is saved
+    as `...q_proj.lora_A.weight`."""
+    from safetensors import safe_open
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.exists():
+        return []
+    with safe_open(str(path), "pt") as f:
+        saved = set(f.keys())
+    name = peft_model.active_adapter
+    expected = {n.replace(f".{name}.", ".") for n, _ in peft_model.named_parameters() if "lora_" in n}
+    return sorted(expected - saved)
 
