@@ -182,3 +182,20 @@ def test_grid_diversity_is_per_seed_so_seeds_that_agree_with_greedy_match_it(tmp
     assert greedy["distinct_1"] == pytest.approx(12 / 14) and greedy["distinct_2"] == 1.0  # "the" three times
     assert (sampled["distinct_1"], sampled["distinct_2"]) == (greedy["distinct_1"], greedy["distinct_2"])
     assert sampled["seed_disagreement"] == 0.0
+
+
+@pytest.mark.parametrize("trained, asked, refused", [((20, 0), (20, 0), False), ((20, 0), (10, 0), False),
+                                                     ((20, 0), (25, 0), True), ((20, 0), (20, 1), True),
+                                                     ((0, 0), (20, 0), True)])
+def test_heldout_evaluation_of_an_adapter_needs_articles_it_never_trained_on(tmp_path, trained, asked, refused):
+    from loraqa.config import ConfigError
+    from loraqa.evaluation.evaluate import check_heldout_unseen
+
+    (tmp_path / "run_config.json").write_text(json.dumps({"data": {"heldout_articles": trained[0],
+                                                                   "subset_seed": trained[1]}}))
+    if refused:
+        with pytest.raises(ConfigError, match=r"run_config.json held out \d+ articles .* include articles it trained on"):
+            check_heldout_unseen(str(tmp_path), *asked)
+    else:
+        check_heldout_unseen(str(tmp_path), *asked)
+    check_heldout_unseen(None, *asked)  # the untuned model trained on nothing

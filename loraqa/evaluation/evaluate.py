@@ -127,6 +127,24 @@ def training_max_length(adapter: str | None) -> int:
     return DataArguments.max_length
 
 
+def check_heldout_unseen(adapter: str | None, heldout_articles: int, subset_seed: int) -> None:
+    """Scoring a trained model on the training file's held-out articles is honest only if it never trained on
+    them: the adapter must have held out at least as many articles by the same seed (`heldout_split` takes the
+    first N titles of one seeded order, so fewer or another seed's include articles it trained on)."""
+    config_path = Path(adapter) / "run_config.json" if adapter else None
+    if not config_path or not config_path.exists():
+        return
+    try:
+        data = json.loads(config_path.read_text())["data"]
+        trained_heldout, trained_seed = int(data.get("heldout_articles") or 0), int(data.get("subset_seed") or 0)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise SquadFormatError(f"{config_path}: field 'data' is not readable ({err})") from None
+    if trained_heldout < heldout_articles or trained_seed != subset_seed:
+        raise ConfigError(f"heldout_articles={heldout_articles} with subset_seed={subset_seed}: {config_path} held out "
+                          f"{trained_heldout} articles with subset_seed={trained_seed}, so these include articles it "
+                          "trained on")
+
+
 def answer_quality(predictions: dict[str, str], records: list[dict]) -> dict:
     """Mean answer length (words), share of answers found verbatim in the context, share empty."""
     contexts = {r["id"]: r["context"] for r in records}
@@ -182,6 +200,8 @@ def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, settings:
     inference_placement(eval_args.device, eval_args.dtype)  # a device or dtype that cannot work fails first
     if eval_args.torch_threads:
         torch.set_num_threads(eval_args.torch_threads)
+    if eval_args.heldout_articles:
+        check_heldout_unseen(eval_args.adapter, eval_args.heldout_articles, eval_args.subset_seed)
     split = "train" if eval_args.heldout_articles else "validation"
     data_path = squad_file(eval_args.data, split, model_args.cache_dir)
     dataset = load_squad(data_path, split)
