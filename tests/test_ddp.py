@@ -52,16 +52,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _on_two_processes(tmp_path: Path, model_dir: Path, squad_file: Path, runs: dict) -> None:
+    """ddp_worker.py's runs ({name: training options}) under torchrun on 2 gloo processes, into tmp_path/name."""
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(_free_port()), str(Path(__file__).with_name("ddp_worker.py")),
+                             str(model_dir), str(squad_file), str(tmp_path), str(tmp_path / "runs.json")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_accumulation_and_two_processes_take_the_step_of_one_big_batch(tmp_path, dropout_free_gpt2_dir, squad_file):
     runs = {f"{split}_{sampling}": (processes, {**options, **SAMPLING[sampling]})
             for split, (processes, options, samplings) in SPLITS.items() for sampling in samplings}
     parallel = {name: options for name, (processes, options) in runs.items() if processes == 2}
-    (tmp_path / "runs.json").write_text(json.dumps(parallel))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(_free_port()), str(Path(__file__).with_name("ddp_worker.py")),
-                             str(dropout_free_gpt2_dir), str(squad_file), str(tmp_path), str(tmp_path / "runs.json")],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _on_two_processes(tmp_path, dropout_free_gpt2_dir, squad_file, parallel)
     for name, (processes, options) in runs.items():
         if processes == 1:
             one_step(dropout_free_gpt2_dir, squad_file, tmp_path / name, **options)
@@ -87,12 +92,7 @@ def test_validation_on_two_processes_is_the_whole_sets_token_mean(tmp_path, drop
     """5 validation questions on 2 processes at batch size 2: every question counted once (the Trainer's loader
     would repeat some to even out the processes' batches), so loss and token count equal one process's."""
     runs = {"two_processes": {"validation_only": True, "per_device_eval_batch_size": 2}}
-    (tmp_path / "runs.json").write_text(json.dumps(runs))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(_free_port()), str(Path(__file__).with_name("ddp_worker.py")),
-                             str(dropout_free_gpt2_dir), str(squad_file), str(tmp_path), str(tmp_path / "runs.json")],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _on_two_processes(tmp_path, dropout_free_gpt2_dir, squad_file, runs)
     parallel = json.loads((tmp_path / "two_processes" / "validation.json").read_text())
     for batch in (2, 5):
         validation(dropout_free_gpt2_dir, squad_file, tmp_path / f"one_{batch}", per_device_eval_batch_size=batch)
