@@ -2,7 +2,7 @@
 
 The subcommands are `COMMANDS` (listed by `loraqa --help`). `train`, `evaluate`, `ask`, `bench` and `run` take
 transformers-style flags (`--learning_rate`, dash spellings too) and `--config run.yaml`; flags override the YAML
-file. Errors are one line and exit with status 2 (argparse-based subcommands: `config.ArgumentParser`);
+file. Errors are one line and exit with status 2 (argparse-based subcommands: `args.ArgumentParser`);
 `--debug` anywhere on the command line shows the traceback instead.
 """
 from __future__ import annotations

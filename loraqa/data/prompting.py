@@ -2,7 +2,7 @@
 
 Input: the training file (where examples come from), `few_shot` K and `chat_template`. Output: a
 `PromptFormat` whose `encode` gives the same (prefix ids, question ids, cut) triple as
-`data.encode_prompt_counting_cut`, the examples and the template's opening inside the prefix:
+`data.squad.encode_prompt_counting_cut`, the examples and the template's opening inside the prefix:
 
     plain, K = 1:  Context: {c1}\\nQuestion: {q1}\\nAnswer: {a1}\\n\\n | Context: {context} | \\nQuestion: {q}\\nAnswer:
     chat, K = 0:   <|im_start|>system ...<|im_end|>\\n<|im_start|>user\\n{INSTRUCTION}\\n\\nContext: | {context} |
@@ -44,7 +44,7 @@ class PromptFormat:
 
     def encode(self, tokenizer, context: str, question: str, max_prompt_tokens: int | None = None
                ) -> tuple[list[int], list[int], int]:
-        """(prefix ids, question ids, context tokens cut): `data.encode_prompt_counting_cut` in this format."""
+        """(prefix ids, question ids, context tokens cut): `data.squad.encode_prompt_counting_cut` in this format."""
         return encode_prompt_counting_cut(tokenizer, context, question, max_prompt_tokens, head=self.head,
                                           question_template=self.question_template, bos=self.bos)
 
@@ -69,11 +69,11 @@ def _key(seed: int, text: str) -> str:
 
 
 def choose_examples(dataset: datasets.Dataset, k: int, *, articles: int, seed: int = 0) -> list[dict]:
-    """K worked examples from the training file's `articles` held-out articles (`data.heldout_split`, same seed),
+    """K worked examples from the training file's `articles` held-out articles (`data.squad.heldout_split`, same seed),
     which training with that many held-out articles never sees, taken from the articles that a validation
     subset reaches last.
 
-    `data.take_subset` takes paragraphs in sha1(f"{seed}:{context}") order, so an article enters a validation
+    `data.squad.take_subset` takes paragraphs in sha1(f"{seed}:{context}") order, so an article enters a validation
     subset with its first paragraph in that order. Articles are visited latest-entering first, their paragraphs
     in reverse subset order; each paragraph of at most `EXAMPLE_MAX_CHARS` characters gives one question (its
     first in the subset rule's order) until K. Every validation subset that stops before those articles shares

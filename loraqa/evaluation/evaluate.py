@@ -94,7 +94,7 @@ def _grid(base: GenerationSettings) -> list[GenerationSettings]:
 def load_model_for_eval(model_args: ModelArguments, adapter: str | None, merge: bool = True, *,
                         device: str = "auto", dtype: str = "auto"):
     """Base model (+ adapter, merged by default) and tokenizer, on `device` in `dtype` (see
-    `modeling.inference_placement`); a full fine-tune run directory loads as is."""
+    `model.loading.inference_placement`); a full fine-tune run directory loads as is."""
     place, weights = inference_placement(device, dtype)
     if dtype == "auto" and weights == torch.float32 and native_bf16(place):
         logger.info("this %s multiplies bf16 natively: --dtype bfloat16 is faster, but changes some answers "

@@ -66,7 +66,7 @@ def may_end(before: str, after: str | None) -> bool:
 
 
 def visible_context(tokenizer, context: str, cut: int) -> str:
-    """The part of `context` a prompt keeps when `cut` tokens were cut off its end (`data.encode_prompt`)."""
+    """The part of `context` a prompt keeps when `cut` tokens were cut off its end (`data.squad.encode_prompt`)."""
     if not cut:
         return context
     body = tokenizer(" " + context, add_special_tokens=False).input_ids

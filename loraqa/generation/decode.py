@@ -1,6 +1,6 @@
 """Questions -> answer texts: batched decoding that encodes each paragraph once, with early stopping.
 
-Each question's prompt is (context ids, question ids) from `data.encode_prompt`, the very tokens used in
+Each question's prompt is (context ids, question ids) from `data.squad.encode_prompt`, the very tokens used in
 training. A batch holds whole paragraphs' questions. With `prefix_cache` (models where
 `attention.supports_shared_prefix`, GPT-2 and Llama among them) a batch is an `attention.SharedPrefixBatch`:
 each distinct context encoded once and its keys/values shared by its questions. Without `prefix_cache` (or
@@ -265,7 +265,8 @@ def generate_answer_sets(model, tokenizer, examples: list[dict], settings: list[
         batches = list(_batches(prompts, max(1, first.batch_size // runs)))
         for b, indices in enumerate(batches):
             ids = [examples[i]["id"] for i in indices]
-            batch, logits = _prefill(model, tokenizer, [prompts[i] for i in indices], shared, first.max_new_tokens, work)
+            batch, logits = _prefill(model, tokenizer, [prompts[i] for i in indices], shared, first.max_new_tokens,
+                                     work)
             # a row per (question, setting), a question's rows next to each other (as its context's rows must be)
             rows = _Rows([generated[k].setdefault(qid, []) for qid in ids for k in range(runs)],
                          [k for _ in ids for k in range(runs)],

@@ -1,6 +1,6 @@
 """The padding study (Task 2's analysis questions): how much of a training batch is padding, and what it costs.
 
-Input: SQuAD training rows (`data.build_train_dataset`), one pool of questions shared by every strategy.
+Input: SQuAD training rows (`data.squad.build_train_dataset`), one pool of questions shared by every strategy.
 Output (`results/padding_study.json`): for each batching strategy and batch size, the padded share of the
 tokens run through the model and the tokens computed per question over every batch of the pool, and, on a
 few representative batches, the time and peak memory of one forward+backward step of a LoRA model.
@@ -288,7 +288,7 @@ def _lora_arguments(args: PaddingStudyArguments):
 
 def lora_model(model, args: PaddingStudyArguments):
     """The timed model as training builds it: LoRA attached (seeded), training mode (dropout on), and attention
-    run per paragraph on shared-context rows, as `train.setup` does for shared-context packing."""
+    run per paragraph on shared-context rows, as `training.run.setup` does for shared-context packing."""
     from ..generation.decode import supports_shared_prefix
     from ..model.lora import attach_lora
     from ..model.attention import PARAGRAPH_ATTENTION, register_paragraph_attention

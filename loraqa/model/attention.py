@@ -67,7 +67,7 @@ class SharedPrefixBatch:
     Per layer it keeps the prefix (C, kv heads, longest context, D), each context once, and the suffix
     (A, kv heads, capacity, D), each active question row's own tokens. `attend` is what the model's
     attention layers call (inside `shared_prefix_attention(model)`) while this batch runs. The prompts of one
-    context must be adjacent (as `generate._batches` makes them).
+    context must be adjacent (as `generation.decode._batches` makes them).
     """
 
     def __init__(self, model, prompts: list[tuple[list[int], list[int]]], max_new_tokens: int):
