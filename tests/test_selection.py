@@ -38,6 +38,19 @@ def study():
     return load_spec(ROOT / "experiments/study.yaml"), finished_runs(ROOT / "results/sweep")
 
 
+def _bracket_worse(committed: dict) -> dict:
+    """The committed runs with the bracket's own (learning rate 1e-3 and up, LoRA or full fine-tuning at 3e-4 and
+    up) scored below everything, as they land one by one: the scenarios below do not depend on how they turn out."""
+    finished = dict(committed)
+    for run_id, record in committed.items():
+        settings = record.get("settings") or {}
+        rate = settings.get("learning_rate") or 0
+        if rate >= (3e-4 if settings.get("full_finetune") else 1e-3):
+            finished[run_id] = {**record, "evaluations": {name: {**scores, "f1": 40.0}
+                                                          for name, scores in record["evaluations"].items()}}
+    return finished
+
+
 def test_committed_runs_keep_their_ids_and_from_best_runs_are_held(study):
     spec, finished = study
     assert len(finished) >= 39 and COMMITTED_FROM_BEST <= set(finished)
@@ -57,7 +70,7 @@ def test_committed_runs_keep_their_ids_and_from_best_runs_are_held(study):
 
 def test_when_the_selection_stays_the_committed_final_and_seeds_are_kept(study):
     spec, committed = study
-    finished = dict(committed)
+    finished = _bracket_worse(committed)
     _finish(finished, plan(spec, finished), lambda r: 40.0)  # the bracket's runs all worse
     runs, selection = plan_study(spec, finished)
     assert not selection.resolved and not any(r.name.startswith("final") for r in runs)
@@ -88,7 +101,7 @@ def test_when_the_selection_stays_the_committed_final_and_seeds_are_kept(study):
 
 def test_a_moved_selection_trains_a_new_final_under_a_new_name(study):
     spec, committed = study
-    finished = dict(committed)
+    finished = _bracket_worse(committed)
     _finish(finished, plan(spec, finished), lambda r: 40.0)
     runs, selection = plan_study(spec, finished)
     runner_up = selection.tied[1]
@@ -275,7 +288,7 @@ def test_heatmap_and_params_plot_show_the_extended_rates_and_diverged_runs():
 
 def test_a_seed_the_spec_names_is_planned_once_as_that_named_run(study):
     spec, committed = study
-    finished = dict(committed)
+    finished = _bracket_worse(committed)
     _finish(finished, plan(spec, finished), lambda r: 40.0)
     runs, selection = plan_study(spec, finished)
     by_id = {r.run_id: r for r in runs}
