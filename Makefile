@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 LORAQA := $(VENV)/bin/loraqa
 export LORAQA_CACHE ?= $(CURDIR)/data
 
-.PHONY: install fetch test screenshots run bench results study collect report browser-test slurm-test gpu-check
+.PHONY: install fetch test screenshots run bench results study collect report browser-test slurm-test gpu-check decoding-full-dev
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -81,12 +81,23 @@ collect: fetch
 		test "$$eval" = results/eval_finetuned_500.json || \
 		$(LORAQA) failures $$eval --output results/failures_study.md --report_json results/failure_examples.json
 	$(LORAQA) plots --results results/evaluation_results.json --output_dir results/plots \
-		--strategies $$(ls results/strategies_final_500.json 2>/dev/null || echo results/strategies_finetuned_500.json)
+		--strategies $$(ls results/strategies_final_500.json 2>/dev/null || echo results/strategies_finetuned_500.json) \
+		--padding results/padding_study.json --cost results/cost_study.json
 	$(MAKE) report
 
 results/strategies_final_500.json: results/model_checkpoints/final/adapter_model.safetensors
 	$(LORAQA) evaluate --model smollm2-135m --adapter results/model_checkpoints/final --max_samples 500 \
 		--strategy_grid true --grid_seeds 3 --output $@
+
+# The best span-aware decoding of the final model's grid (within the context's spans, or beams) on all of dev,
+# paired against the same model's greedy answers there (issue 28 section 5)
+decoding-full-dev: results/strategies_final_500.json
+	flags=$$($(PY) -c "import json; from loraqa.evaluation.evaluate import best_span_strategy, strategy_flags; \
+		print(' '.join(strategy_flags(best_span_strategy(json.load(open('$<')))['generation'])))"); \
+	$(LORAQA) evaluate --model smollm2-135m --adapter results/model_checkpoints/final --max_samples 20000 $$flags \
+		--output results/eval_final_span_full_dev.json
+	greedy=$$($(PY) -c "from loraqa.study.collect import final_evaluations; print(final_evaluations()[0])"); \
+	$(LORAQA) compare $$greedy results/eval_final_span_full_dev.json --output results/compare_final_span_full_dev.json
 
 # The report (issue 14): report.pdf at the root, built from the files in results/ alone (Typst from PyPI, no TeX,
 # no network once installed); the filled Typst source goes to report/build/, PNG pages to report/build/pages/.

@@ -109,7 +109,8 @@ def decoding_strategy_experiment(model: str, output: str, *, adapter: str | None
     prefill per batch, each sampled strategy over `grid_seeds` seeds; writes and returns the evaluation with
     a row per strategy (EM/F1 with CIs, answer length, distinct-n, questions/s).
     Implementation: `loraqa.evaluation.evaluate.evaluate` with `strategy_grid`."""
-    from loraqa.evaluation.evaluate import EvaluateArguments, evaluate
+    from loraqa.config import EvaluateArguments
+    from loraqa.evaluation.evaluate import evaluate
 
     return evaluate(ModelArguments(model=model), EvaluateArguments(
         data=data, adapter=adapter, max_samples=max_samples, output=output, strategy_grid=True,

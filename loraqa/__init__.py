@@ -29,7 +29,7 @@ _API = {
     # generation
     "generate_answers": "generation.decode",
     # evaluation
-    "squad_scores": "evaluation.metrics", "EvaluateArguments": "evaluation.evaluate", "evaluate": "evaluation.evaluate",
+    "squad_scores": "evaluation.metrics", "EvaluateArguments": "config", "evaluate": "evaluation.evaluate",
     "paired_comparison": "evaluation.stats",
     # settings
     "ModelArguments": "config", "LoraArguments": "config", "DataArguments": "config", "GenerationSettings": "config",

@@ -10,6 +10,8 @@ import argparse
 import dataclasses
 import difflib
 import sys
+import types
+import typing
 from typing import Any
 
 from .config import ConfigError
@@ -38,12 +40,82 @@ class ArgumentParser(_OneLineErrors, argparse.ArgumentParser):
 
 
 def settings_parser(dataclass_types: tuple):
-    from transformers import HfArgumentParser  # heavy: only when settings are parsed
+    """A parser of the dataclasses' fields as flags. transformers' HfArgumentParser where a dataclass is a
+    `TrainingArguments` (its fields need it); otherwise `SettingsParser`, which makes the same flags without
+    importing transformers, so that `loraqa evaluate --help` or a mistyped flag answers at once."""
+    if not any(_is_training_arguments(t) for t in dataclass_types):
+        return SettingsParser(dataclass_types)
+    from transformers import HfArgumentParser  # heavy: only for the training settings
 
     class _SettingsParser(_OneLineErrors, HfArgumentParser):
         """HfArgumentParser, whose own unknown-flag error is a ValueError traceback."""
 
     return _SettingsParser(dataclass_types)
+
+
+def _is_training_arguments(dataclass_type) -> bool:
+    return any(c.__name__ == "TrainingArguments" and c.__module__.startswith("transformers")
+               for c in dataclass_type.__mro__)
+
+
+def string_to_bool(value):
+    """`--flag true/false/yes/no/1/0` (and a bare `--flag`), as HfArgumentParser reads a bool."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if value.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"Truthy value expected: got {value} but expected one of yes/no, true/false, "
+                                     "t/f, y/n, 1/0 (case insensitive).")
+
+
+class SettingsParser(ArgumentParser):
+    """The flags HfArgumentParser makes from settings dataclasses (`--name` and `--name-with-dashes`, `--no_name`
+    for a bool that defaults to true, Literal choices, Optional values), for the field types loraqa's own settings
+    use: int, float, str, bool, Optional of those and Literal. tests/test_config.py checks it flag for flag against
+    HfArgumentParser."""
+
+    def __init__(self, dataclass_types: tuple):
+        super().__init__()
+        self.dataclass_types = tuple(dataclass_types)
+        for dataclass_type in self.dataclass_types:
+            hints = typing.get_type_hints(dataclass_type)
+            for f in dataclasses.fields(dataclass_type):
+                if f.init:
+                    self._add_field(f, hints[f.name], dataclass_type)
+
+    def _add_field(self, f: dataclasses.Field, hint, owner) -> None:
+        options = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        kwargs = dict(f.metadata)
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args and len(args) == 2:
+            hint = next(a for a in args if a is not type(None))  # Optional[X] -> X (None stays the default)
+        if f.default is not dataclasses.MISSING:
+            kwargs["default"] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            kwargs["default"] = f.default_factory()
+        else:
+            kwargs["required"] = True
+        if typing.get_origin(hint) is typing.Literal:
+            choices = typing.get_args(hint)
+            kwargs.update(choices=choices, type=lambda value, choices=choices: {str(c): c for c in choices}.get(value, value))
+        elif hint is bool:
+            kwargs.update(type=string_to_bool, nargs="?", const=True, default=kwargs.get("default", False))
+            kwargs.pop("required", None)
+        elif hint in (int, float, str):
+            kwargs["type"] = hint
+        else:
+            raise TypeError(f"{owner.__name__}.{f.name}: a {hint} setting needs HfArgumentParser")
+        self.add_argument(*options, **kwargs)
+        if hint is bool and f.default is True:
+            self.add_argument(f"--no_{f.name}", f"--no-{f.name.replace('_', '-')}", action="store_false",
+                              dest=f.name, **dict(f.metadata), default=False)
+
+    def parse_args_into_dataclasses(self, args=None, look_for_args_file=False) -> tuple:
+        namespace = vars(self.parse_args(args))
+        return tuple(t(**{f.name: namespace[f.name] for f in dataclasses.fields(t) if f.init})
+                     for t in self.dataclass_types)
 
 
 def unknown_arguments(extras: list[str], options: list[str]) -> str:

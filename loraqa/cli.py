@@ -4,6 +4,9 @@ The subcommands are `COMMANDS` (listed by `loraqa --help`). `train`, `evaluate`,
 transformers-style flags (`--learning_rate`, dash spellings too) and `--config run.yaml`; flags override the YAML
 file. Errors are one line and exit with status 2 (argparse-based subcommands: `args.ArgumentParser`);
 `--debug` anywhere on the command line shows the traceback instead.
+
+Why one file of ~500 lines: one short function per subcommand (parse, call one library function, report), so that
+`loraqa --help` and every one-line mistake answer without importing torch or transformers.
 """
 from __future__ import annotations
 
@@ -112,11 +115,12 @@ def _train(argv, defaults: dict | None = None):
 
 
 def _evaluate(argv):
-    from .config import GenerationSettings, ModelArguments
+    from .config import EvaluateArguments, GenerationSettings, ModelArguments
     from .args import parse_config
-    from .evaluation.evaluate import EvaluateArguments, evaluate, strategy_table
 
     model_args, eval_args, settings = parse_config((ModelArguments, EvaluateArguments, GenerationSettings), argv)
+    from .evaluation.evaluate import evaluate, strategy_table
+
     result = evaluate(model_args, eval_args, settings)
     if "strategies" in result:
         print(strategy_table(result))
@@ -191,9 +195,10 @@ class AskArguments:
 def _ask(argv):
     from .config import GenerationSettings, ModelArguments
     from .args import parse_config
-    from .evaluation.evaluate import answer_question, load_model_for_eval, training_max_length
 
     model_args, args, settings = parse_config((ModelArguments, AskArguments, GenerationSettings), argv)
+    from .evaluation.evaluate import answer_question, load_model_for_eval, training_max_length
+
     max_length = training_max_length(args.adapter)  # long contexts are cut as `evaluate` cuts them
     model, tokenizer, _ = load_model_for_eval(model_args, args.adapter, device=args.device, dtype=args.dtype)
     context = args.context if args.context is not None else input("Context: ")
@@ -232,6 +237,8 @@ def _run(argv):
     from .study.main_run import RUN_DEFAULTS, evaluate_run, summary_lines
 
     model_args, result = _train(argv, defaults=RUN_DEFAULTS)
+    if not result.summary:  # another process of a torchrun / accelerate launch: it trained, rank 0 evaluates
+        return
     print("\n".join(summary_lines(evaluate_run(result.output_dir, model_args))))
 
 
@@ -349,11 +356,14 @@ def _report(argv):
     parser.add_argument("--png_dir", "--png-dir", default=None, help="also write one PNG per page here")
     parser.add_argument("--source_dir", "--source-dir", default=None,
                         help="where the filled Typst source goes (default report/build)")
+    parser.add_argument("--author", default=None, help="the title block's author (default: the project's name)")
+    parser.add_argument("--affiliation", default=None, help="the title block's affiliation line")
     args = parser.parse_args(argv)
-    from .report.build import ReportError, build_report
+    from .report.build import AFFILIATION, AUTHOR, ReportError, build_report
 
     try:
-        built = build_report(args.results, args.output, png_dir=args.png_dir, source_dir=args.source_dir)
+        built = build_report(args.results, args.output, png_dir=args.png_dir, source_dir=args.source_dir,
+                             author=args.author or AUTHOR, affiliation=args.affiliation or AFFILIATION)
     except ReportError as err:
         raise ConfigError(str(err)) from None
     print(f"{built.pdf}: {built.pages} pages (Typst source in {built.source_dir}"
@@ -431,6 +441,16 @@ def _demo(argv):
           torch_threads=args.torch_threads, auth=args.auth, no_auth_i_understand=args.no_auth_i_understand)
 
 
+def _input_errors() -> tuple[type, ...]:
+    """The errors that mean bad input: one line, no traceback. A stage's own error type is looked up only if the
+    stage was imported (it cannot have raised otherwise), so that the CLI itself imports no torch or datasets."""
+    errors = [ConfigError, FetchError, OSError]
+    for module, name in (("loraqa.data.squad", "SquadFormatError"), ("loraqa.model.loading", "ModelSetupError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
+
+
 COMMANDS = {"fetch": _fetch, "data-stats": _data_stats, "score": _score, "train": _train, "evaluate": _evaluate,
             "compare": _compare, "failures": _failures, "ask": _ask, "demo": _demo, "bench": _bench, "run": _run, "sweep": _sweep,
             "plots": _plots, "padding-study": _padding_study, "cost-study": _cost_study, "report": _report,
@@ -451,14 +471,11 @@ def main(argv: list[str] | None = None) -> int:
               + f"; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from .data.squad import SquadFormatError
-    from .model.loading import ModelSetupError
-
     try:
         COMMANDS[argv[0]](argv[1:])
-    except (SquadFormatError, ConfigError, ModelSetupError, FetchError, OSError) as err:
-        if isinstance(err, OSError) and err.filename is None:  # not about a file the user named: a bug or the network
-            raise
+    except Exception as err:
+        if not isinstance(err, _input_errors()) or (isinstance(err, OSError) and err.filename is None):
+            raise  # not about the user's input (an OSError naming no file: a bug or the network)
         if debug:
             traceback.print_exc()
         else:

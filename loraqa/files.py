@@ -11,13 +11,13 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .config import ConfigError
 
 
 def read_yaml(path: str | Path) -> Any:
     """A YAML file's content; one-line errors name the file (and the line)."""
+    import yaml  # only where YAML is read: the CLI's --help stays light
+
     try:
         return yaml.safe_load(Path(path).read_text())
     except OSError as err:

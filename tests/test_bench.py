@@ -1,11 +1,15 @@
+import importlib.util
+import json
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import tiny_gpt2, tiny_llama
+from conftest import CACHE, tiny_gpt2, tiny_llama
+from loraqa.config import ModelArguments
 from loraqa.measure import bench
-from loraqa.measure.bench import _decode_linear_seconds, _linear_layers, _matmul_params, summary_lines
+from loraqa.measure.bench import (BenchArguments, _decode_linear_seconds, _linear_layers, _matmul_params, run_bench,
+                                  summary_lines)
 
 
 def test_matmul_params_count_the_transformer_matrices_and_the_head():
@@ -145,3 +149,51 @@ def test_an_mfu_above_100_percent_fails_the_bench_as_a_measurement_error(monkeyp
     message = str(error.value)
     assert "\n" not in message and "MFU 125% is a measurement error" in message
     assert message.startswith("train achieved 0.5 GFLOP/s, above the fp32 matmul peak measured (0.4 GFLOP/s;")
+
+
+def test_run_bench_end_to_end_on_a_tiny_model(tmp_path, gpt2_tokenizer, squad_file, monkeypatch):
+    """The whole bench on a random 2-layer GPT-2 without dropout and the five-question file: 2 steps of 2 questions
+    per training variant (and TRL's where it is installed), all five questions evaluated. Every loraqa variant trains on the same questions in the
+    same order with the same objective, so their step losses agree; the batched answers are generate's own."""
+    model_dir = tmp_path / "tiny-gpt2-no-dropout"
+    model = tiny_gpt2()
+    model.config.update(dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    model.save_pretrained(model_dir)
+    gpt2_tokenizer.save_pretrained(model_dir)
+    # each variant in this process: a spawned child only keeps its peak RSS apart, and imports torch afresh
+    monkeypatch.setattr(bench, "in_child", lambda function, job: function(job))
+    real_peak, answers = bench.matmul_peak, []
+    monkeypatch.setattr(bench, "matmul_peak", lambda device: real_peak(device, sizes=(256,), windows=2, seconds=0.1))
+    real_side_by_side = bench._side_by_side
+    monkeypatch.setattr(bench, "_side_by_side", lambda *args, **kwargs: answers.append(
+        real_side_by_side(*args, **kwargs)) or answers[-1])
+    reference = importlib.util.find_spec("trl") is not None  # the [bench] extra
+    output = tmp_path / "bench.json"
+    result = run_bench(ModelArguments(model=str(model_dir), cache_dir=str(CACHE)),
+                       BenchArguments(train_examples=4, eval_examples=5, batch_size=2, max_length=256,
+                                      output=str(output), reference=reference, train_file=str(squad_file),
+                                      eval_file=str(squad_file)))
+    assert json.loads(output.read_text()) == json.loads(json.dumps(result))  # the file holds the whole result
+    train, evaluation = result["train"], result["eval"]
+    variants = ["loraqa", "padded_answer_only_logits", "padded_full_logits"] + (["reference_trl"] if reference else [])
+    assert [name for name in train if isinstance(train[name], dict)] == variants
+    for name in variants:
+        assert len(train[name]["step_losses"]) == 2 and train[name]["examples_per_s"] > 0, name
+        assert train[name]["peak_rss_mb"] > 0 and train[name]["mean_train_loss"] > 0, name
+    for name in variants[1:3]:
+        assert train[name]["step_losses"] == pytest.approx(train["loraqa"]["step_losses"], rel=1e-4), name
+        assert train[f"speedup_over_{name}"] > 0
+    # packing encodes each paragraph once; answer-only logits run the head on fewer positions
+    assert train["loraqa"]["processed_tokens"] < train["padded_answer_only_logits"]["processed_tokens"]
+    assert train["padded_answer_only_logits"]["logit_positions"] < train["padded_full_logits"]["logit_positions"]
+    if reference:
+        assert train["speedup"] > 0 and train["peak_rss_ratio"] > 0
+    assert 0 < train["loraqa_mfu"] <= 1 and 0 < evaluation["loraqa_mfu"] <= 1
+    assert evaluation["questions"] == 5 and evaluation["speedup"] > 0 and evaluation["speedup_at_peak"] > 0
+    assert evaluation["speedup_if_only_linear_layers"] > 0 and evaluation["generated_tokens"] > 0
+    ours, _, one_by_one, _ = answers[0]  # float32: the batched path's answers are one-by-one generate's
+    assert ours == one_by_one and len(one_by_one) == 5 and len(set(one_by_one.values())) > 1
+    assert evaluation["greedy_identical"] and evaluation["full_prompt_rows_identical_count"] == 5
+    lines = "\n".join(summary_lines(json.loads(output.read_text())))  # every figure the summary reads is there
+    assert "greedy identical 5/5" in lines and "eval linear layers alone" in lines and "train loraqa " in lines
+    assert ("train speedup over TRL reference" in lines) == reference

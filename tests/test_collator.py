@@ -5,6 +5,7 @@ from conftest import tiny_gpt2, tiny_llama
 from loraqa.data.collate import ContextGroupedSampler, QADataCollator, SharedContextCollator
 from loraqa.data.squad import IGNORE_INDEX, build_train_dataset, load_squad
 from loraqa.model.attention import PARAGRAPH_ATTENTION, register_paragraph_attention
+from loraqa.training.loss import answer_loss
 
 
 def test_collator_pads_right_and_keeps_eos_label_when_pad_is_eos(gpt2_tokenizer):
@@ -34,7 +35,8 @@ def test_shared_context_collator_docstring_example():
     assert batch["input_ids"].tolist() == [[10, 11, 12, 20, 21, 30, 31]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4]]
     assert batch["labels"].tolist() == [[-100, -100, -100, -100, 21, -100, 31]]
-    allowed = (batch["attention_mask"][0, 0] == 0).int().tolist()
+    assert batch["attention_mask"].dtype == torch.bool
+    allowed = batch["attention_mask"][0, 0].int().tolist()
     assert allowed[5] == [1, 1, 1, 0, 0, 1, 0]  # q2's first token: its context and itself, not q1
     assert allowed[4] == [1, 1, 1, 1, 1, 0, 0]
     assert batch["paragraph_spans"].tolist() == [[0, 7]]
@@ -65,6 +67,53 @@ def test_packed_rows_give_each_answer_token_its_unpacked_logits(request, make_mo
             assert torch.allclose(packed_logits[at_labels], torch.cat(separate), atol=1e-4), attention
     assert len(set(f["context_key"] for f in features)) < len(features)  # some context really was shared
     assert len(packed["paragraph_spans"]) > 1  # and the row holds several paragraphs
+
+
+def _float_block_mask(features: list[dict]) -> torch.Tensor:
+    """The collator's previous mask, the reference: the whole row's (1, 1, T, T) additive float mask, 0 where a
+    token attends (causal, same paragraph, key in the context or the query's own block), float32's minimum else."""
+    paragraphs: dict[str, list[dict]] = {}
+    for f in features:
+        paragraphs.setdefault(f["context_key"], []).append(f)
+    group, block = [], []
+    for g, members in enumerate(paragraphs.values()):
+        n_context = members[0]["context_length"]
+        group += [g] * n_context
+        block += [-1] * n_context
+        for b, f in enumerate(members):
+            group += [g] * (len(f["input_ids"]) - n_context)
+            block += [b] * (len(f["input_ids"]) - n_context)
+    group, block = torch.tensor(group), torch.tensor(block)
+    allowed = (torch.ones(len(group), len(group), dtype=torch.bool).tril() & (group[:, None] == group[None, :])
+               & ((block[None, :] == -1) | (block[:, None] == block[None, :])))
+    return torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)[None, None]
+
+
+@pytest.mark.parametrize("make_model, tokenizer_name", [(tiny_gpt2, "gpt2_tokenizer"), (tiny_llama, "smollm2_tokenizer")])
+def test_boolean_mask_gives_the_float_masks_logits_and_loss(request, make_model, tokenizer_name, squad_file):
+    """The boolean block mask, built one paragraph at a time, is the dense float mask it replaced: the same mask,
+    the same logits (bit for bit) and the same training loss, for sdpa, per-paragraph and eager attention."""
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    rows, _ = build_train_dataset(load_squad(str(squad_file)), tokenizer, max_length=256)
+    features = [rows[i] for i in range(len(rows))]
+    batch = SharedContextCollator()(features)
+    reference = _float_block_mask(features)
+    assert torch.equal(batch["attention_mask"], reference == 0)
+    assert len(batch["paragraph_spans"]) > 1 and not reference.eq(0).all()
+    model = make_model(vocab_size=len(tokenizer))
+    register_paragraph_attention()
+    labels = batch["labels"][0, 1:]
+    with torch.no_grad():
+        for attention in ("sdpa", PARAGRAPH_ATTENTION, "eager"):
+            model.set_attn_implementation(attention)
+            spans = {"paragraph_spans": batch["paragraph_spans"].tolist()} if attention == PARAGRAPH_ATTENTION else {}
+            inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], **spans)
+            expected = model(**inputs, attention_mask=reference).logits[0]  # (T, V)
+            if attention != "eager":  # eager adds its mask to the scores: answer_loss converts a boolean one
+                assert torch.equal(model(**inputs, attention_mask=batch["attention_mask"]).logits[0], expected)
+            expected_loss = torch.nn.functional.cross_entropy(expected[:-1], labels, ignore_index=IGNORE_INDEX)
+            assert answer_loss(model, batch).item() == pytest.approx(expected_loss.item(), rel=1e-6), attention
+            assert answer_loss(model, batch, answer_only=False).item() == pytest.approx(expected_loss.item(), rel=1e-6)
 
 
 def test_context_grouped_sampler_groups_and_is_deterministic():

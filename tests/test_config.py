@@ -1,4 +1,5 @@
 import dataclasses
+import typing
 
 import pytest
 
@@ -61,3 +62,50 @@ def test_remove_unused_columns_is_fixed_false_and_budget_is_checked(tmp_path):
     assert LoraQATrainingArguments(output_dir=str(tmp_path)).remove_unused_columns is False  # transformers: True
     with pytest.raises(ConfigError, match="max_train_minutes=0.0: must be > 0"):
         parse_config(TRAIN, ["--max_train_minutes", "0"])
+
+
+def _light_setting_sets():
+    from loraqa.cli import AskArguments
+    from loraqa.config import EvaluateArguments, GenerationSettings
+
+    return [(ModelArguments, EvaluateArguments, GenerationSettings), (ModelArguments, AskArguments, GenerationSettings),
+            (ModelArguments, LoraArguments, DataArguments)]
+
+
+@pytest.mark.parametrize("types", _light_setting_sets(), ids=lambda ts: "+".join(t.__name__ for t in ts))
+def test_the_light_settings_parser_makes_huggingfaces_flags(types):
+    """SettingsParser (no transformers import) against HfArgumentParser: the same flags, defaults, choices and
+    help, and the same dataclasses from the same command lines."""
+    from transformers import HfArgumentParser
+
+    from loraqa.args import SettingsParser, settings_parser
+
+    light, reference = SettingsParser(types), HfArgumentParser(types)
+    assert isinstance(settings_parser(types), SettingsParser)
+
+    def described(parser):
+        return [(a.option_strings, a.dest, a.default, a.choices and list(a.choices), a.nargs, a.const, a.required,
+                 a.help, type(a).__name__) for a in parser._actions if a.dest != "help"]
+
+    assert described(light) == described(reference)
+    fields = {f.name: f for t in types for f in dataclasses.fields(t)}
+    command_lines = [[], ["--model", "smollm2-135m", "--cache-dir", "elsewhere"]]
+    for name, f in fields.items():  # every bool both ways and bare; every Literal at each choice
+        if f.type in ("bool", bool):
+            command_lines += [[f"--{name}"], [f"--{name}", "false"], [f"--{name.replace('_', '-')}", "yes"]]
+            if f.default is True:
+                command_lines.append([f"--no_{name}"])
+        elif "Literal" in str(f.type):
+            command_lines += [[f"--{name}", choice] for choice in typing.get_args(typing.get_type_hints(
+                next(t for t in types if name in {g.name for g in dataclasses.fields(t)}))[name])]
+        elif f.type in ("int", "float", "int | None", "float | None"):
+            command_lines.append([f"--{name}", "3"])
+    for argv in command_lines:
+        assert light.parse_args_into_dataclasses(argv) == reference.parse_args_into_dataclasses(
+            argv, look_for_args_file=False), argv
+    some_bool = next(name for name, f in fields.items() if f.type in ("bool", bool))
+    with pytest.raises(ConfigError, match=f"--{some_bool}\\b.*: Truthy value expected"):
+        light.parse_args([f"--{some_bool}", "maybe"])
+    some_choice = next(name for name, f in fields.items() if "Literal" in str(f.type))
+    with pytest.raises(ConfigError, match=f"--{some_choice}\\b.*: invalid choice: 'maybe'"):
+        light.parse_args([f"--{some_choice}", "maybe"])

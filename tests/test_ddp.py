@@ -99,3 +99,31 @@ def test_validation_on_two_processes_is_the_whole_sets_token_mean(tmp_path, drop
         single = json.loads((tmp_path / f"one_{batch}" / "validation.json").read_text())
         assert parallel["eval_tokens"] == single["eval_tokens"] > 0
         assert parallel["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-6)
+
+
+def test_run_under_torchrun_trains_on_every_process_and_evaluates_once(tmp_path, tiny_gpt2_dir, squad_file):
+    """`loraqa run` on 2 gloo processes: both train (the steps see both processes' questions), only rank 0
+    evaluates, compares and prints, and both exit 0."""
+    logs, out = tmp_path / "logs", tmp_path / "main"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         "--log_dir", str(logs), "--redirects", "3", "-m", "loraqa.cli", "run", "--model", str(tiny_gpt2_dir),
+         "--train_file", str(squad_file), "--validation_file", str(squad_file), "--output_dir", str(out),
+         "--max_steps", "2", "--per_device_train_batch_size", "1", "--eval_steps", "1", "--lora_r", "2",
+         "--disable_tqdm", "true"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = {int(path.parent.name): path.read_text() for path in logs.rglob("stdout.log")}
+    assert sorted(ranks) == [0, 1]
+    assert [line for line in ranks[0].splitlines() if line.startswith("results: ")] == [f"results: {out}/"]
+    assert "trained 2 of 2 steps: 4 of 5 training questions" in ranks[0]  # a step: one question per process
+    assert "F1 gain" in ranks[0] and "F1 gain" not in ranks[1] and "results:" not in ranks[1]
+    errors = {int(path.parent.name): path.read_text() for path in logs.rglob("stderr.log")}
+    assert "Traceback" not in errors[1] and "written" not in ranks[1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["global_steps"], summary["processes"], summary["examples_per_step"]) == (2, 2, 2)
+    for name in ("baseline", "finetuned"):
+        evaluation = json.loads((out / f"eval_{name}.json").read_text())
+        assert evaluation["n"] == 5  # the whole validation file, once
+    assert json.loads((out / "comparison.json").read_text())["n_common"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "main", "squad.json", "tiny-gpt2"]  # nothing else

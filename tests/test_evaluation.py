@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -5,8 +6,9 @@ import torch
 
 from conftest import tiny_gpt2
 from loraqa.evaluation.analysis import compare
-from loraqa.config import GenerationSettings, LoraArguments, ModelArguments
-from loraqa.evaluation.evaluate import EvaluateArguments, evaluate
+from loraqa.config import GenerationSettings, LoraArguments, ModelArguments, to_dict
+from loraqa.config import EvaluateArguments
+from loraqa.evaluation.evaluate import evaluate
 from loraqa.model.loading import ModelSetupError, inference_placement, native_bf16
 from loraqa.model.lora import attach_lora
 
@@ -199,3 +201,25 @@ def test_heldout_evaluation_of_an_adapter_needs_articles_it_never_trained_on(tmp
     else:
         check_heldout_unseen(str(tmp_path), *asked)
     check_heldout_unseen(None, *asked)  # the untuned model trained on nothing
+
+
+def test_the_best_span_strategy_is_scored_on_all_of_dev_with_its_own_flags():
+    """`make decoding-full-dev` picks the span-aware grid row with the best F1 (never greedy or a sampled one, however
+    good) and evaluates it with flags that give back exactly that row's decoding settings."""
+    from loraqa.args import parse_config
+    from loraqa.config import ConfigError, GenerationSettings, ModelArguments
+    from loraqa.evaluation.evaluate import best_span_strategy, strategy_flags
+
+    def row(f1, **changes):
+        return {"f1": f1, "generation": to_dict(dataclasses.replace(GenerationSettings(), **changes))}
+
+    grid = {"strategies": [row(80.0), row(79.0, do_sample=True, top_k=10), row(74.5, constrain_to_context=True),
+                           row(75.0, num_beams=2), row(69.0, num_beams=4, constrain_to_context=True)]}
+    best = best_span_strategy(grid)
+    assert best["f1"] == 75.0 and best["generation"]["num_beams"] == 2
+    for chosen in grid["strategies"][2:]:
+        _, _, parsed = parse_config((ModelArguments, EvaluateArguments, GenerationSettings),
+                                    ["--model", "m"] + strategy_flags(chosen["generation"]))
+        assert to_dict(parsed) == chosen["generation"]
+    with pytest.raises(ConfigError, match="no span-aware strategy"):
+        best_span_strategy({"strategies": grid["strategies"][:2]})

@@ -72,3 +72,34 @@ def test_the_public_api_loads_lazily():
 def test_the_command_line_starts_without_the_heavy_libraries():
     out = _fresh("import sys; from loraqa.cli import main; print([m for m in %r if m in sys.modules])" % (HEAVY,))
     assert out == "[]"
+
+
+# `--help` and a one-line mistake answer without the heavy libraries (only `train`/`run`, whose flags are
+# transformers' TrainingArguments, may import it); each case: argv, the exit status, a piece of what it prints
+LIGHT_ANSWERS = [
+    (["--help"], 0, "usage: loraqa"),
+    *[([command, "--help"], 0, "usage:") for command in ("fetch", "data-stats", "score", "evaluate", "compare",
+                                                         "failures", "ask", "demo", "sweep", "plots", "report",
+                                                         "param-counts")],
+    (["evaluate", "--modle", "x"], 2, "unknown flag --modle (did you mean --model?)"),
+    (["evaluate", "--max_samples", "many"], 2, "--max_samples"),
+    (["ask", "--dtype", "float8"], 2, "invalid choice"),
+    (["score", "no-such-dataset.json", "no-such-predictions.json"], 2, "no-such-dataset.json"),
+    (["sweep", "no-such-spec.yaml", "--output_dir", "x"], 2, "no-such-spec.yaml"),
+]
+
+
+@pytest.mark.parametrize("argv,status,says", LIGHT_ANSWERS, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_help_and_one_line_mistakes_answer_without_the_heavy_libraries(argv, status, says, tmp_path):
+    code = ("import contextlib, io, sys; from loraqa.cli import main\n"
+            "out = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):\n"
+            "    try:\n        status = main(%r)\n    except SystemExit as exit:\n        status = exit.code\n"
+            "print(status, [m for m in %r if m in sys.modules]); print(out.getvalue())" % (argv, HEAVY))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    first, printed = result.stdout.split("\n", 1)
+    assert first == f"{status} []"
+    assert says in printed
+    if status:
+        assert len(printed.strip().splitlines()) == 1  # one line, no traceback

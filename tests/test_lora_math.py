@@ -168,7 +168,11 @@ def test_trainable_parameters_equal_peft_count(base_models, name, preset, r):
     trainable, total = model.get_nb_trainable_parameters()
     closed = lora_trainable_parameters(model.config, preset, r)
     assert (closed["trainable_params"], closed["total_params"]) == (trainable, total)
-    assert {k: closed[k] for k in ("trainable_params", "total_params", "reduction_factor")} == count_parameters(model)
+    counted = count_parameters(model)
+    assert (closed["trainable_params"], closed["total_params"]) == (counted["trainable_params"], counted["total_params"])
+    # rho = P / P_LoRA (base per trainable), the usual factor, in the closed form and in the training log's count
+    assert closed["reduction_factor"] == counted["reduction_factor"] == round(closed["base_params"] / trainable, 1)
+    assert closed["total_params"] / trainable == pytest.approx(closed["base_params"] / trainable + 1)
 
 
 def test_known_counts():
@@ -177,7 +181,8 @@ def test_known_counts():
     smollm2 = lora_trainable_parameters(LlamaConfig.from_pretrained(str(SMOLLM2)), "attention", 16)
     # q/o 576 -> 576; k/v 576 -> 3 KV heads x 64 = 192 (grouped-query attention); the main run's count
     assert smollm2["trainable_params"] == 30 * 16 * (2 * (576 + 576) + 2 * (576 + 192)) == 1_843_200
-    assert smollm2["reduction_factor"] == 74.0
+    assert smollm2["reduction_factor"] == round(134_515_008 / 1_843_200, 1) == 73.0
+    assert gpt2["reduction_factor"] == round(124_439_808 / 884_736, 1) == 140.7
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -30,7 +30,10 @@ def test_gpt2_attention_parameter_count_by_formula():
     per_layer = r * (d + 3 * d) + r * (d + d)  # c_attn: d -> 3d, attn.c_proj: d -> d
     counts = count_parameters(model)
     assert counts["trainable_params"] == layers * per_layer
-    assert counts["total_params"] == count_parameters(tiny_gpt2(vocab_size=100))["total_params"] + layers * per_layer
+    base = count_parameters(tiny_gpt2(vocab_size=100))
+    assert counts["total_params"] == base["total_params"] + layers * per_layer
+    assert counts["reduction_factor"] == round(base["total_params"] / (layers * per_layer), 1)  # rho = P / P_LoRA
+    assert base["reduction_factor"] == 1.0  # full fine-tuning trains every base weight
     assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
 
 

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
+import torch
 
 from conftest import tiny_llama
-from loraqa.measure import padding
+from loraqa.measure import common, padding
 from loraqa.cli import main
 from loraqa.data.collate import QADataCollator
 from loraqa.data.squad import IGNORE_INDEX, build_train_dataset, load_squad
@@ -111,34 +113,103 @@ def test_representative_batches_are_nearest_the_median_within_the_budget():
 
 def test_study_times_a_lora_step_per_cell_and_skips_over_the_token_cap(squad_file, smollm2_tokenizer):
     rows = _squad_rows(squad_file, smollm2_tokenizer)
-    args = PaddingStudyArguments(batch_sizes="1,2", max_timed_batches=1, max_step_tokens=600, lora_r=4, lora_alpha=8)
+    args = PaddingStudyArguments(batch_sizes="1,2", max_timed_batches=2, max_step_tokens=600, lora_r=4, lora_alpha=8,
+                                 repeats=3)
     model = padding.lora_model(tiny_llama(), args)
     result = padding.padding_study(model, smollm2_tokenizer, rows, args)
     cells = {(c["strategy"], c["batch_size"]): c for c in result["cells"]}
     assert set(cells) == {(s, b) for s in STRATEGIES for b in (1, 2)}
     assert "600" in cells["static", 2]["timing_skipped"]  # 2 x 512 computed tokens
     assert "timing" in cells["static", 1] and "timing" in cells["shared_context", 2]
+    assert len(result["load_average_by_round"]) == 3  # one reading as each round starts
     for cell in cells.values():
         if "timing_skipped" in cell:  # its representative batch computes more than the cap
             assert int(cell["timing_skipped"].split(" computes ")[1].split()[0]) > args.max_step_tokens
             continue
         timing = cell["timing"]
-        assert timing["batches"] == 1 and timing["step_seconds_median"] > 0 and timing["step_cpu_seconds_median"] > 0
+        assert timing["repeats"] == 3 and len(timing["step_cpu_seconds"]) == 3
+        assert all(len(rep) == timing["batches"] for rep in timing["step_cpu_seconds"])
+        assert timing["step_seconds_median"] > 0 and timing["step_cpu_seconds_median"] > 0
+        assert timing["step_cpu_seconds_repetitions"] == [statistics.median(r) for r in timing["step_cpu_seconds"]]
+        assert timing["step_cpu_seconds_spread"] == [min(timing["step_cpu_seconds_repetitions"]),
+                                                     max(timing["step_cpu_seconds_repetitions"])]
         if padding._reset_peak_rss():  # Linux lets the process reset its peak RSS mark
             assert timing["peak_memory_mb_max"] >= 0
         else:
             assert timing["peak_memory_mb_max"] is None
         assert timing["computed_tokens"][0] <= args.max_step_tokens
     assert not any(p.grad is not None for p in model.parameters()), "a step leaves no gradients behind"
+    timing = cells["shared_context", 1]["timing"]
+    low, high = timing["step_cpu_seconds_spread"]
+    row = next(line for line in padding.summary_lines(result) if line.split()[:2] == ["shared_context", "1"])
+    assert f"{timing['step_cpu_seconds_median']:.2f} [{low:.2f}-{high:.2f}]" in row
+
+
+def test_rounds_alternate_direction_and_time_every_unit_once_each():
+    assert common.interleaved(3, 3) == [(0, 0), (0, 1), (0, 2), (1, 2), (1, 1), (1, 0), (2, 0), (2, 1), (2, 2)]
+    assert common.interleaved(2, 1) == [(0, 0), (0, 1)] and common.interleaved(0, 5) == []
+
+
+def test_time_cells_interleaves_rounds_and_records_every_repetition(monkeypatch, gpt2_tokenizer):
+    """A fake step whose timings are its call number: where each number lands shows the order of the steps."""
+    calls = []
+
+    def fake_step(model, batch):
+        calls.append(len(calls))
+        n = float(len(calls) - 1)  # 0 is the warm-up step
+        return {"seconds": 2 * n, "cpu_seconds": n, "peak_memory_mb": 100 + n}
+
+    monkeypatch.setattr(padding, "step_cost", fake_step)
+    cells = padding.token_accounting(_columns(HAND), gpt2_tokenizer, batch_sizes=[1, 3], max_length=MAX_LENGTH)
+    loads = padding.time_cells(torch.nn.Linear(1, 1), gpt2_tokenizer, _columns(HAND), cells, max_length=MAX_LENGTH,
+                               timed_tokens=10**6, max_timed_batches=3, max_step_tokens=10**6, repeats=4)
+    assert len(loads) == 4
+    timed = [c for c in cells if "timing" in c]
+    assert len(timed) == len(cells) == 2 * len(STRATEGIES)
+    assert len(calls) == 1 + 4 * sum(c["timing"]["batches"] for c in timed)
+    order = {}  # call number -> (repetition, cell)
+    for i, cell in enumerate(timed):
+        timing = cell["timing"]
+        assert timing["batches"] == (3 if cell["batch_size"] == 1 else 1)
+        for repetition, steps in enumerate(timing["step_cpu_seconds"]):
+            assert steps == list(range(int(steps[0]), int(steps[0]) + len(steps))), "a cell's batches run together"
+            order.update({int(n): (repetition, i) for n in steps})
+            assert timing["step_seconds"][repetition] == [2 * n for n in steps]
+            assert timing["tokens_per_s_repetitions"][repetition] == sum(timing["computed_tokens"]) / sum(steps)
+        medians = [statistics.median(steps) for steps in timing["step_cpu_seconds"]]
+        assert timing["step_cpu_seconds_repetitions"] == medians
+        assert timing["step_cpu_seconds_median"] == statistics.median(medians)
+        assert timing["step_cpu_seconds_spread"] == [min(medians), max(medians)]
+        assert timing["step_seconds_median"] == 2 * timing["step_cpu_seconds_median"]
+        assert timing["peak_memory_mb_max"] == 100 + max(max(steps) for steps in timing["step_cpu_seconds"])
+    sequence = [order[n] for n in sorted(order)]
+    rounds = [list(dict.fromkeys(cell for rep, cell in sequence if rep == r)) for r in range(4)]
+    assert [rep for rep, _ in sequence] == sorted(rep for rep, _ in sequence), "round r ends before round r + 1"
+    assert all(sorted(cells_) == list(range(len(timed))) for cells_ in rounds), "every cell once per round"
+    assert rounds[1] == rounds[0][::-1] and rounds[2] == rounds[0] and rounds[3] == rounds[1]
+    per_batch = [timed[i]["computed_tokens"] / len(timed[i]["batches"]) for i in rounds[0]]
+    assert per_batch == sorted(per_batch), "the first round starts with the cheapest cells"
+
+
+def test_cpu_idle_is_the_load_per_core_less_our_own_threads(monkeypatch):
+    monkeypatch.setattr(common.os, "cpu_count", lambda: 2)
+    assert common.cpu_idle(0.9) is True and common.cpu_idle(1.0) is False  # under 0.5 per core
+    assert common.cpu_idle(1.9, own_threads=1) is True and common.cpu_idle(2.1, own_threads=1) is False
+    assert common.cpu_idle(None) is None
 
 
 def test_cli_padding_study_writes_the_json(tmp_path, tiny_gpt2_dir, squad_file, capsys):
     out = tmp_path / "padding_study.json"
     assert main(["padding-study", "--model", str(tiny_gpt2_dir), "--data", str(squad_file), "--batch_sizes", "1,2",
-                 "--max_timed_batches", "1", "--lora_r", "4", "--lora_alpha", "8", "--note", "test",
+                 "--max_timed_batches", "1", "--lora_r", "4", "--lora_alpha", "8", "--note", "test", "--repeats", "2",
                  "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     assert len(result["cells"]) == 2 * len(STRATEGIES)
     assert result["machine"]["note"] == "test" and result["machine"]["torch_threads"] == 1
+    assert result["settings"]["repeats"] == 2 and len(result["load_average_by_round"]) == 2
+    machine = result["machine"]
+    assert len(machine["load_average_at_start"]) == len(machine["load_average_at_end"]) == 3
+    assert machine["cpu_idle_at_start"] == common.cpu_idle(machine["load_average_at_start"][0])
+    assert isinstance(machine["cpu_idle_at_end"], bool)
     assert result["lora"]["lora_r"] == 4 and result["memory_method"]
     assert "written:" in capsys.readouterr().out

@@ -5,6 +5,7 @@ import copy
 import importlib.util
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,7 @@ def test_loss_curves_draw_each_runs_train_and_validation_points(results):
     assert len(fig.axes) == len(rates) * len(targets)
     for run in grid:
         s = run["settings"]
-        ax = _axis(fig, f"lr {s['learning_rate']:g} · {s['target_modules']}")
+        (ax,) = [ax for ax in fig.axes if ax.get_label() == f"lr {s['learning_rate']:g} · {s['target_modules']}"]
         for split, style in (("train", "-"), ("validation", "--")):
             labels = [line.get_label() for line in ax.get_lines()]
             if not run["curves"][split]:
@@ -127,7 +128,10 @@ def test_f1_heatmaps_cells_equal_test_f1_and_missing_runs_are_blank(results):
         np.testing.assert_array_equal(image.filled(np.nan), expected)
         assert sorted(t.get_text() for t in ax.texts) == sorted(f"{v:.1f}" for v in expected[np.isfinite(expected)])
         assert [t.get_text() for t in ax.get_yticklabels()] == [str(r) for r in ranks]
-        assert [t.get_text() for t in ax.get_xticklabels()] == [f"{r:g}" for r in rates]
+    # the panels are stacked and share the bottom one's learning-rate labels
+    xticks = [[t.get_text() for t in _axis(fig, target).get_xticklabels()]
+              for target in results["protocol"]["grid"]["target_modules"]]
+    assert xticks[-1] == [f"{r:g}" for r in rates] and not any(xticks[:-1])
     assert any(np.ma.getmaskarray(ax.images[0].get_array()).any() for ax in fig.axes if ax.images), "pending cell"
 
 
@@ -253,3 +257,96 @@ def test_crowded_strategy_labels_do_not_overlap():
     boxes = [Text.get_window_extent(t, renderer) for t in fig.axes[0].texts]  # the text alone, not its leader
     assert len(boxes) == len(rows)
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_strategy_leader_lines_cross_no_other_label():
+    """The final model's grid (rounded), where leaders once ran through their neighbours' labels: two points
+    coincide (top_k 25 and 50) and two share a height at different seed disagreement (top_k=10, top_p=0.9)."""
+    grid = [("greedy", 0.0, 73.9, 0.0), ("top_k=10", 64.2, 67.0, 0.9), ("top_k=25", 66.4, 64.9, 0.9),
+            ("top_k=50", 66.6, 64.8, 0.7), ("top_p=0.8", 50.4, 70.5, 0.8), ("top_p=0.9", 58.6, 67.0, 0.7),
+            ("top_p=0.95", 63.0, 65.4, 0.6), ("temperature=0.7", 48.8, 70.3, 0.1), ("sample", 69.0, 62.6, 1.1),
+            ("temperature=1.3", 86.2, 45.0, 1.2)]
+    rows = [{"strategy": s, "seed_disagreement": d / 100, "f1": f1, "f1_sd": sd} for s, d, f1, sd in grid]
+    fig = plots.plot_strategies([{"strategies": rows, "n": 500}])
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    labels = fig.axes[0].texts
+    boxes = {t.get_text(): Text.get_window_extent(t, renderer).padded(-0.5) for t in labels}
+    crossed = [(t.get_text(), other) for t in labels if t.arrow_patch for other, box in boxes.items()
+               if other != t.get_text() and t.arrow_patch.get_path().intersects_bbox(box, filled=False)]
+    assert len(boxes) == len(rows) and not crossed
+    inside = fig.axes[0].bbox
+    assert all(inside.contains(b.x0, b.y0) and inside.contains(b.x1, b.y1) for b in boxes.values())
+
+
+# ---------------------------------------------------------------------------------------------- print size
+
+SECTIONS = Path(__file__).parent.parent / "report" / "sections"
+
+
+def _print_widths() -> dict[str, float]:
+    """Each figure's printed width, read from the report: two columns (7.16 in) for `scope: "parent"`, else one
+    IEEE column (3.5 in). A figure drawn at that width prints at the font sizes it was drawn with."""
+    source = "\n".join(p.read_text() for p in sorted(SECTIONS.glob("*.typ")))
+    widths = {}
+    for match in re.finditer(r"#figure\(\{\{fig_(\w+)\}\}(.*?)<fig:", source, re.DOTALL):
+        widths[match[1]] = 7.16 if 'scope: "parent"' in match[2] else 3.5
+    return widths
+
+
+def _figures() -> dict:
+    """Every figure as the report gets it: the study's fixture, the padding, cost and strategy studies."""
+    results = _load("evaluation_results.json")
+    diverged = copy.deepcopy(results)  # a diverged cell writes 'div.' in the heatmap, in the same type size
+    next(r for r in _grid(diverged) if r["scores"].get("test"))["diverged"] = True
+    return {"loss_curves": plots.plot_loss_curves(results), "params_vs_f1": plots.plot_params_vs_f1(diverged),
+            "f1_heatmaps": plots.plot_f1_heatmaps(diverged), "cost": plots.plot_cost(_load("cost_study.json")),
+            "decoding_strategies": plots.plot_strategies([_load("strategies.json")]),
+            "padding_study": plots.plot_padding(_load("padding_study.json"))}
+
+
+def _drawn_texts(fig, monkeypatch) -> tuple[list, object]:
+    """(every Text the renderer drew, the renderer): tick labels outside the view are not drawn, so they are
+    collected by drawing, not by walking the artist tree."""
+    drawn, draw = [], Text.draw
+
+    def record(text, renderer):
+        if text.get_visible() and text.get_text().strip():
+            drawn.append(text)
+        return draw(text, renderer)
+
+    monkeypatch.setattr(Text, "draw", record)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    monkeypatch.setattr(Text, "draw", draw)
+    return drawn, renderer
+
+
+def test_every_figure_is_drawn_at_its_printed_width_with_legible_unclipped_text(monkeypatch):
+    widths = _print_widths()
+    figures = _figures()
+    assert set(widths) <= set(figures), "a figure of the report is not drawn here"
+    for name, fig in figures.items():  # one the report leaves out (the README shows it) is drawn a column wide
+        assert fig.get_size_inches()[0] == pytest.approx(widths.get(name, 3.5)), name
+        texts, renderer = _drawn_texts(fig, monkeypatch)
+        page = fig.bbox.padded(0.5)
+        for text in texts:
+            assert text.get_fontsize() >= 7, f"{name}: {text.get_text()!r} at {text.get_fontsize()} pt"
+            box = Text.get_window_extent(text, renderer)  # the text alone, not an annotation's leader
+            assert page.contains(box.x0, box.y0) and page.contains(box.x1, box.y1), \
+                f"{name}: {text.get_text()!r} runs off the figure"
+        boxes = [(t.get_text(), Text.get_window_extent(t, renderer).padded(-0.5)) for t in texts]
+        overlaps = [(a, b) for i, (a, box) in enumerate(boxes) for b, other in boxes[i + 1:] if box.overlaps(other)]
+        assert not overlaps, f"{name}: overlapping text {overlaps[:5]}"
+        leaders = [(t.get_text(), t.arrow_patch.get_path()) for t in texts if getattr(t, "arrow_patch", None)]
+        crossed = [(a, b) for a, leader in leaders for b, box in boxes
+                   if b != a and leader.intersects_bbox(box, filled=False)]
+        assert not crossed, f"{name}: a label's leader line crosses another label {crossed[:5]}"
+
+
+def test_make_plots_saves_each_figure_at_the_size_it_was_drawn(tmp_path):
+    """No tight bounding box: the saved page is the figure, so the report's 100% width is the drawn width."""
+    plots.make_plots(FIXTURES / "evaluation_results.json", tmp_path, cost=FIXTURES / "cost_study.json")
+    for name, width in (("params_vs_f1", 3.5), ("cost", 7.16)):
+        box = re.search(rb"/MediaBox \[\s*0 0 ([\d.]+) ([\d.]+)", (tmp_path / f"{name}.pdf").read_bytes())
+        assert float(box[1]) == pytest.approx(72 * width), name

@@ -9,7 +9,8 @@ from conftest import tiny_gpt2, tiny_llama
 from loraqa.config import ConfigError, GenerationSettings, LoraArguments, ModelArguments
 from loraqa.args import parse_config
 from loraqa.data.squad import encode_prompt, encode_prompt_counting_cut, heldout_split, load_squad, take_subset
-from loraqa.evaluation.evaluate import EvaluateArguments, evaluate
+from loraqa.config import EvaluateArguments
+from loraqa.evaluation.evaluate import evaluate
 from loraqa.generation.decode import answer_text, generate_answers, max_prompt_tokens, stop_token_ids
 from loraqa.model.lora import attach_lora
 from loraqa.data.prompting import (EXAMPLE_MAX_CHARS, INSTRUCTION, _chat_messages, check_disjoint, choose_examples,

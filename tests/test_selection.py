@@ -60,7 +60,7 @@ def test_committed_runs_keep_their_ids_and_from_best_runs_are_held(study):
     assert set(finished) - COMMITTED_FROM_BEST <= ids
     assert len(ids) == len(runs)
     if not selection.resolved:  # the lr 1e-3 row (or its seeds) not done: nothing from: best is planned at all
-        assert not any(r.name.startswith(("final", "best_seed")) for r in runs)
+        assert not any(r.name.startswith(("final", "best_seed", "budget_lora")) for r in runs)
     # what is left to train is new work only: no finished run comes back under another id (evaluation-only runs,
     # such as the prompted baselines, share the base settings and differ in their evaluations)
     pending = [r for r in runs if r.run_id not in finished and r.train]
@@ -68,10 +68,28 @@ def test_committed_runs_keep_their_ids_and_from_best_runs_are_held(study):
         {json.dumps(rec["settings"], sort_keys=True) for rec in finished.values()}
 
 
+def test_the_rates_the_spec_states_as_outcomes_are_the_committed_runs_outcomes(study):
+    """The spec writes two outcomes as settings (full fine-tuning's selected rate for the budget pair, attention
+    r 16's best rate for the second fixed-alpha series): they must be what the committed runs say."""
+    spec, finished = study
+
+    def best_rate(keep) -> float:
+        scored = [r for r in finished.values() if keep(r["settings"]) and r.get("evaluations", {}).get("validation")]
+        return max(scored, key=lambda r: r["evaluations"]["validation"]["f1"])["settings"]["learning_rate"]
+
+    full_ft = best_rate(lambda s: s.get("full_finetune") and s.get("max_train_samples") == 2000)
+    assert spec["runs"]["budget_full_ft"]["learning_rate"] == full_ft
+    attention_r16 = best_rate(lambda s: s.get("target_modules") == "attention" and s.get("lora_r") == 16
+                              and s.get("lora_alpha") == 32 and not s.get("seed"))
+    assert {spec["runs"][f"fixed_alpha_lr1e-3_r{r}"]["learning_rate"] for r in (4, 8, 32)} == {attention_r16}
+
+
 def test_when_the_selection_stays_the_committed_final_and_seeds_are_kept(study):
     spec, committed = study
     finished = _bracket_worse(committed)
-    _finish(finished, plan(spec, finished), lambda r: 40.0)  # the bracket's runs all worse
+    # the bracket's runs all worse, finished until only the tied configurations' seeds are left to run
+    while _finish(finished, [r for r in plan(spec, finished) if r.kind != "seed"], lambda r: 40.0):
+        pass
     runs, selection = plan_study(spec, finished)
     assert not selection.resolved and not any(r.name.startswith("final") for r in runs)
     top = selection.top.run_id
@@ -96,14 +114,17 @@ def test_when_the_selection_stays_the_committed_final_and_seeds_are_kept(study):
     assert selection.resolved and selection.picked.run_id == top
     assert "picked" in selection.reason and selection.record()["tied"][0] == top
     assert COMMITTED_FROM_BEST <= {r.run_id for r in runs}
-    assert all(r.run_id in finished for r in runs)  # nothing left to train
+    # nothing left to train but the new work that waits for the selection: the budget pair's LoRA run
+    assert [r.name for r in runs if r.run_id not in finished] == ["budget_lora"]
 
 
 def test_a_moved_selection_trains_a_new_final_under_a_new_name(study):
     spec, committed = study
     finished = _bracket_worse(committed)
-    _finish(finished, plan(spec, finished), lambda r: 40.0)
+    while _finish(finished, [r for r in plan(spec, finished) if r.kind != "seed"], lambda r: 40.0):
+        pass
     runs, selection = plan_study(spec, finished)
+    assert not selection.resolved
     runner_up = selection.tied[1]
     _finish(finished, runs, lambda r: 70.0 if r.grid_point == runner_up.grid_point else 40.0)
     runs, selection = plan_study(spec, finished)
@@ -113,7 +134,9 @@ def test_a_moved_selection_trains_a_new_final_under_a_new_name(study):
     assert final.settings["learning_rate"] == runner_up.settings["learning_rate"]
     assert final.settings["max_train_samples"] == 16000
     # the new selection's seeds exist already (its tie seeds): best_seed1/2 are those runs, not new ones
-    assert [r.run_id for r in runs if r.run_id not in finished] == [final.run_id]
+    pending = [r for r in runs if r.run_id not in finished]
+    assert [r.run_id for r in pending] == [final.run_id, next(r.run_id for r in runs if r.name == "budget_lora")]
+    assert pending[1].settings["learning_rate"] == runner_up.settings["learning_rate"]  # the pair follows the selection
 
 
 # ---------------------------------------------------------------------------------------------- small specs
@@ -271,7 +294,8 @@ def test_heatmap_and_params_plot_show_the_extended_rates_and_diverged_runs():
 
     fig = plots.plot_f1_heatmaps(results)
     ax = next(a for a in fig.axes if a.get_title() == target)
-    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    bottom = [a for a in fig.axes if a.get_title()][-1]  # panels share x; only the lowest shows its labels
+    ticks = [t.get_text() for t in bottom.get_xticklabels()]
     assert ticks[-1] == f"{extended['settings']['learning_rate']:g}+" and not any(t.endswith("+") for t in ticks[:-1])
     ranks, rates, matrix = plots.f1_matrix(results, target)
     cell = (ranks.index(rank), rates.index(extended["settings"]["learning_rate"]))

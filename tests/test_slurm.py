@@ -174,10 +174,34 @@ def test_the_slurm_key_and_the_checks_keep_every_committed_run_id(tmp_path):
     for spec in (load_spec(ROOT / "experiments" / "study.yaml"), load_spec(path)):
         runs = plan(spec, done)
         planned = {r.run_id: r for r in runs}
-        # runs `from: best` are planned once the whole grid is done (a grid grown since waits for its new runs)
+        # runs `from: best` are planned once the whole grid is done (a grid grown since waits for its new runs),
+        # and then for today's selection: a committed one from an earlier selection keeps its directory, not its plan
         grid_done = all(r.run_id in done for r in runs if r.kind == "grid")
-        expected = {name for name, record in done.items()
-                    if grid_done or spec["runs"].get(record["name"], {}).get("from") != "best"}
+        reselected = {r.name: r.settings for r in runs}
+
+        def still_planned(record: dict) -> bool:
+            if spec["runs"].get(record["name"], {}).get("from") != "best":
+                return True
+            return grid_done and reselected.get(record["name"]) == record["settings"]
+
+        expected = {name for name, record in done.items() if still_planned(record)}
         assert expected <= set(planned), sorted(expected - set(planned))
         assert all(planned[name].settings == done[name]["settings"] for name in expected)
         assert len(expected) >= len(done) - 3
+
+
+@pytest.mark.parametrize("restarts, said", [(0, "started"), (1, "restarted")])
+def test_wait_reports_a_restart_it_polled_too_slowly_to_see(tmp_path, tiny_gpt2_dir, squad_file, capsys, restarts,
+                                                             said):
+    """A short job can start, be requeued and start again between two polls: the claim's restart count (Slurm's
+    SLURM_RESTART_COUNT, written by the job) still makes `--wait` say "restarted" (the CI failure of stop 31)."""
+    from loraqa.study.slurm import _Followed, _follow
+
+    run = plan(load_spec(_spec(tmp_path, tiny_gpt2_dir, squad_file)))[0]
+    run_dir = tmp_path / "out" / run.run_id
+    acquire_claim(run_dir, {**this_holder(slurm_job_id="7_0"), "running": True, "restarts": restarts})
+    (run_dir / "done.json").write_text("{}")
+    statuses = {}
+    _follow({run.run_id: _Followed(run, "7_0")}, tmp_path / "out", [run], [], statuses, poll_s=0)
+    out = capsys.readouterr().out
+    assert f"{run.run_id}: {said} " in out and statuses[run.run_id] == "done"

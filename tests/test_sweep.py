@@ -268,3 +268,162 @@ def test_the_study_spec_still_names_every_committed_run():
     assert set(done) - held <= planned, sorted(set(done) - held - planned)
     grid = [r for r in runs if r.kind == "grid"]
     assert len(grid) >= 32 and all(r.settings["lora_alpha"] == 2 * r.settings["lora_r"] for r in grid)
+
+
+def _synthetic_study(tmp_path) -> tuple[str, Path, dict]:
+    """A sweep directory of written records only (no model): the untuned model zero-shot, with its chat template and
+    with 1 or 3 examples on 20 test / 10 validation questions, the zero-shot and 3-shot prompts on all 40 'dev'
+    questions, and the final model (all of dev; trained on another machine: no weights here). Each run answers
+    every question of a split with one F1 (a pattern for the final), so every mean is known by hand."""
+    prompts = {"baseline": ({}, 10.0), "baseline_chat": ({"chat_template": True}, 12.0),
+               "baseline_1shot": ({"few_shot": 1}, 20.0), "baseline_3shot": ({"few_shot": 3}, 25.0)}
+    runs = {name: {"train": False, "evaluate": {"validation": prompt, "test": prompt}} for name, (prompt, _) in prompts.items()}
+    runs["baseline_full_dev"] = {"train": False, "evaluate": {"test": {"max_samples": 40}}}
+    runs["baseline_prompted_full_dev"] = {"train": False, "evaluate": {"validation": {"few_shot": 3},
+                                                                        "test": {"few_shot": 3, "max_samples": 40}}}
+    runs["final"] = {"max_train_samples": 8, "evaluate": {"test": {"max_samples": 40}}}
+    for name, extra in (("budget_lora", {"learning_rate": 1e-3}),  # the shared-budget pair
+                        ("budget_full_ft", {"full_finetune": True, "learning_rate": 1e-4})):
+        runs[name] = {"max_train_samples": 6, **extra, "evaluate": {"test": {"max_samples": 40}}}
+    spec = {"base": {"model": "smollm2-135m", "max_train_samples": 4},
+            "evaluations": {"validation": {"max_samples": 10}, "test": {"max_samples": 20}}, "runs": runs}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    validation_f1 = {name: f1 for name, (_, f1) in prompts.items()} | {"baseline_full_dev": 10.0,
+                                                                      "baseline_prompted_full_dev": 25.0,
+                                                                      "budget_lora": 55.0, "budget_full_ft": 50.0}
+    test_f1 = {"baseline": 9.0, "baseline_chat": 11.0, "baseline_1shot": 19.0, "baseline_3shot": 24.0,
+               "baseline_full_dev": 10.0, "baseline_prompted_full_dev": 25.0, "budget_lora": 56.0, "budget_full_ft": 52.0}
+    extra_tokens = {"chat_template": 41, "few_shot": 173}  # per example
+    out = tmp_path / "sweep"
+    ids = {}
+    for run in plan(load_spec(path)):
+        run_dir = out / run.run_id
+        run_dir.mkdir(parents=True)
+        ids[run.name] = run.run_id
+        scores = {}
+        for split, settings in run.evaluations.items():
+            prefix = "v" if split == "validation" else "q"
+            questions = [f"{prefix}{i}" for i in range(settings["max_samples"])]
+            if run.name == "final":
+                f1 = {q: 0.7 if (i // 4) % 2 else 0.5 for i, q in enumerate(questions)}  # paragraphs of 0.5 and 0.7
+            else:
+                f1 = dict.fromkeys(questions, (validation_f1 if split == "validation" else test_f1)[run.name] / 100)
+            args = {k: settings[k] for k in ("few_shot", "chat_template") if k in settings}
+            max_length = 512 + sum(extra_tokens[k] * int(v) for k, v in args.items())
+            evaluation = {"per_question": {q: {"f1": f1[q], "exact_match": float(f1[q] > 0.6)} for q in questions},
+                          "questions": {q: {"paragraph": f"p{int(q[1:]) // 4}"} for q in questions},
+                          "evaluate_args": {"max_samples": settings["max_samples"], **args}, "max_length": max_length}
+            (run_dir / f"eval_{split}.json").write_text(json.dumps(evaluation))
+            scores[split] = {"f1": 100 * sum(f1.values()) / len(f1), "exact_match": 0.0, "n": len(questions)}
+        if run.train:  # what git holds of a trained run: no weights
+            (run_dir / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "data/smollm2-135m"}))
+        (run_dir / "done.json").write_text(json.dumps({
+            "run_id": run.run_id, "name": run.name, "kind": run.kind, "train": run.train, "settings": run.settings,
+            "grid_point": {}, "evaluations": scores}))
+    return str(path), out, ids
+
+
+def test_collect_keeps_the_committed_export_on_a_fresh_clone(tmp_path):
+    """A fresh clone's run directories hold no weights: collect keeps the final model's committed export (naming its
+    base portably) instead of dropping `checkpoint`, and removes an export of another run."""
+    from loraqa.study.collect import collect
+
+    spec, out, ids = _synthetic_study(tmp_path)
+    exported = tmp_path / "ckpt" / "final"
+    exported.mkdir(parents=True)
+    (exported / "adapter_model.safetensors").write_bytes(b"the committed weights")
+    (exported / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "data/smollm2-135m", "r": 16}))
+    (exported / "run_config.json").write_text(json.dumps({"training": {"output_dir": f"results/sweep/{ids['final']}"}}))
+    results = collect(spec, str(out), str(tmp_path / "evaluation_results.json"), checkpoints=str(tmp_path / "ckpt"))
+    assert results["final"]["checkpoint"] == str(exported)
+    assert (exported / "adapter_model.safetensors").read_bytes() == b"the committed weights"  # not exported again
+    assert json.loads((exported / "adapter_config.json").read_text()) == {
+        "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "r": 16}
+    (exported / "run_config.json").write_text(json.dumps({"training": {"output_dir": "results/sweep/final-other"}}))
+    results = collect(spec, str(out), str(tmp_path / "evaluation_results.json"), checkpoints=str(tmp_path / "ckpt"))
+    assert "checkpoint" not in results["final"] and not exported.exists()
+
+
+def test_collect_records_the_prompted_baselines_and_compares_the_final_model_with_the_best(tmp_path):
+    from loraqa.study.collect import collect
+
+    spec, out, ids = _synthetic_study(tmp_path)
+    results = collect(spec, str(out), str(tmp_path / "evaluation_results.json"))
+    assert json.loads((tmp_path / "evaluation_results.json").read_text())["prompted_baselines"] == \
+        results["prompted_baselines"]
+    prompted = results["prompted_baselines"]
+    # the full-dev runs answer other test questions: they are not candidates
+    assert [r["name"] for r in prompted["runs"]] == ["baseline_3shot", "baseline_1shot", "baseline_chat", "baseline"]
+    best = prompted["runs"][0]
+    assert (best["few_shot"], best["chat_template"], best["max_length"]) == (3, False, 512 + 3 * 173)
+    assert best["validation"]["f1"] == pytest.approx(25.0) and best["test"]["f1"] == pytest.approx(24.0)
+    assert best["test"]["n"] == 20 and best["test"]["f1_ci"] == pytest.approx([24.0, 24.0])
+    assert prompted["runs"][2]["chat_template"] is True and prompted["runs"][3]["few_shot"] == 0
+    assert (prompted["best_run"], prompted["best_prompt"]) == (ids["baseline_3shot"], {"few_shot": 3, "chat_template": False})
+    assert prompted["full_dev_run"] == ids["baseline_prompted_full_dev"]
+    final = results["final"]
+    # the final model (F1 60 on all of dev) against the best prompt (25) and, still, against zero-shot (10)
+    assert final["prompted_baseline_run"] == ids["baseline_prompted_full_dev"]
+    assert final["prompted_baseline_full_dev"]["f1"] == pytest.approx(25.0)
+    assert final["prompted_baseline_evaluation"] == str(out / ids["baseline_prompted_full_dev"] / "eval_test.json")
+    assert final["prompted_comparison"]["n"] == final["comparison"]["n"] == 40
+    assert final["prompted_comparison"]["delta_f1"] == pytest.approx(35.0)
+    assert final["comparison"]["delta_f1"] == pytest.approx(50.0)
+    lo, hi = final["prompted_comparison"]["delta_f1_ci"]
+    assert 25.0 <= lo < 35.0 < hi <= 45.0  # paragraphs resampled: half of them answered 0.5, half 0.7
+    assert final["prompted_comparison"]["delta_exact_match"] == pytest.approx(50.0)
+
+    # a tie on validation F1 goes to the shorter prompt: 1 example beats 3; its all-of-dev run is not there yet
+    one_shot = out / ids["baseline_1shot"] / "eval_validation.json"
+    evaluation = json.loads(one_shot.read_text())
+    evaluation["per_question"] = {q: {**s, "f1": 0.25} for q, s in evaluation["per_question"].items()}
+    one_shot.write_text(json.dumps(evaluation))
+    results = collect(spec, str(out), str(tmp_path / "evaluation_results.json"))
+    assert results["prompted_baselines"]["best_run"] == ids["baseline_1shot"]
+    assert results["prompted_baselines"]["full_dev_run"] is None
+    assert "prompted_comparison" not in results["final"] and results["final"]["comparison"]["delta_f1"] == pytest.approx(50.0)
+    # zero-shot is the best: its all-of-dev run is baseline_full_dev
+    for name in ("baseline_chat", "baseline_1shot", "baseline_3shot"):
+        shutil.rmtree(out / ids[name])
+    results = collect(spec, str(out), str(tmp_path / "evaluation_results.json"))
+    assert results["prompted_baselines"]["full_dev_run"] == results["final"]["prompted_baseline_run"] == \
+        ids["baseline_full_dev"]
+    assert results["final"]["prompted_comparison"] == results["final"]["comparison"]
+
+
+def test_collect_compares_lora_with_full_fine_tuning_at_the_shared_budget_on_all_of_dev(tmp_path):
+    from loraqa.study.collect import collect, main_table
+
+    spec, out, ids = _synthetic_study(tmp_path)
+    results = collect(spec, str(out), str(tmp_path / "evaluation_results.json"))
+    pair = [t for t in results["tests"] if t["name"] == "full fine-tuning vs LoRA (best) on 6 questions"]
+    assert len(pair) == 1 and (pair[0]["a"], pair[0]["b"]) == (ids["budget_full_ft"], ids["budget_lora"])
+    assert pair[0]["n"] == 40 and pair[0]["delta_f1"] == pytest.approx(4.0)
+    assert {r["name"]: r["group"] for r in results["runs"]}["budget_full_ft"] == "budget"
+    table = main_table(results)
+    assert "| LoRA (best) at the shared budget (all of dev) |" in table
+    assert "| full fine-tuning at the shared budget (all of dev) | full FT, lr" in table
+    shutil.rmtree(out / ids["budget_lora"])  # one of the pair missing: no test, the table says pending
+    results = collect(spec, str(out), str(tmp_path / "evaluation_results.json"))
+    assert not [t for t in results["tests"] if "shared" in t["name"] or "full fine-tuning vs" in t["name"]]
+    assert "| LoRA (best) at the shared budget (all of dev) | pending |" in main_table(results)
+
+
+def test_the_budget_comparison_pairs_the_final_model_with_its_own_grid_configuration():
+    """Once the selection moves (a better grid run lands after the final model was trained), the budget's paired test
+    must still compare the final with the grid run of its own configuration, not with the new best (that confounds
+    budget and configuration)."""
+    from loraqa.study.collect import _same_configuration
+
+    grid_run = {"model": "m", "learning_rate": 5e-4, "lora_r": 16, "max_train_samples": 2000, "eval_steps": 25,
+                "save_steps": 25}
+    final = {**grid_run, "max_train_samples": 16000, "eval_steps": 200, "save_steps": 100}
+    assert _same_configuration(grid_run, final)
+    assert not _same_configuration({**grid_run, "learning_rate": 1e-3, "lora_r": 32}, final)
+    assert _same_configuration({**grid_run, "seed": 1}, final)  # a seed is no configuration
+    assert not _same_configuration({**grid_run, "target_modules": "attention+mlp"}, final)
+    study = json.loads((Path(__file__).parents[1] / "results/evaluation_results.json").read_text())
+    runs = {r["run_id"]: r for r in study["runs"]}
+    budget = [t for t in study["tests"] if t["name"].startswith("LoRA (best) on ")]
+    assert len(budget) == 1 and _same_configuration(runs[budget[0]["a"]]["settings"], runs[budget[0]["b"]]["settings"])

@@ -10,6 +10,9 @@ only the files `demo_files.AllowList` allows; uploads are off (`NoUploads`); ano
 
 The pure view (spans, HTML, filters) is `demo_view`; here are the models, then the page. Gradio is imported
 only by `build_demo` and `serve` (it is the optional extra `demo`).
+
+Why one file of ~450 lines: the page's callbacks close over the loaded models and the allow-list; split, they would
+pass the same state through every module boundary.
 """
 from __future__ import annotations
 

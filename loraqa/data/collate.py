@@ -58,41 +58,39 @@ class SharedContextCollator:
         input_ids     C0 C1 C2 | q1a q1b | q2a q2b
         position_ids   0  1  2 |  3   4  |  3   4
         labels        -  -  -  |  -  y1  |  -  y2
-    and `attention_mask` is a (1, 1, T, T) additive mask: 0 where a token may attend (causal, within its
-    own block or to its own context), the dtype's minimum elsewhere. No padding at all. `paragraph_spans`
-    (P, 2) holds each paragraph's [start, end) in the row: paragraphs never attend to each other, so
-    attention can run per paragraph (`train.PARAGRAPH_ATTENTION`) instead of over the whole masked row.
+    and `attention_mask` is a (1, 1, T, T) boolean mask: True where a token may attend (causal, within its
+    own block or to its own context), which sdpa takes as it is (a float mask was 4x the memory, 1 GiB at
+    T = 16k, and was cast again for the model). No padding at all. `paragraph_spans` (P, 2) holds each
+    paragraph's [start, end) in the row: paragraphs never attend to each other, so the mask is built one
+    paragraph block at a time, and attention can run per paragraph (`model.attention.PARAGRAPH_ATTENTION`)
+    on views of those blocks instead of over the whole masked row.
     """
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         groups: dict[str, list[dict]] = {}
         for f in features:
             groups.setdefault(f["context_key"], []).append(f)
-        ids, positions, labels, group_of, block_of, spans = [], [], [], [], [], []
-        for g, members in enumerate(groups.values()):
+        ids, positions, labels, block_of, spans = [], [], [], [], []
+        for members in groups.values():
             start = len(ids)
             n_context = members[0]["context_length"]
             ids.extend(members[0]["input_ids"][:n_context])
             positions.extend(range(n_context))
             labels.extend([IGNORE_INDEX] * n_context)
-            group_of.extend([g] * n_context)
             block_of.extend([-1] * n_context)
             for b, f in enumerate(members):
                 block = f["input_ids"][n_context:]
                 ids.extend(block)
                 positions.extend(range(n_context, n_context + len(block)))
                 labels.extend(f["labels"][n_context:])
-                group_of.extend([g] * len(block))
                 block_of.extend([b] * len(block))
             spans.append([start, len(ids)])
-        group = torch.tensor(group_of)
-        block = torch.tensor(block_of)
-        length = len(ids)
-        causal = torch.ones(length, length, dtype=torch.bool).tril_()
-        same_group = group[:, None] == group[None, :]
-        visible = (block[None, :] == -1) | (block[:, None] == block[None, :])  # key is context or own block
-        allowed = causal & same_group & visible  # (T, T)
-        mask = torch.zeros(length, length, dtype=torch.float32).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+        mask = torch.zeros(len(ids), len(ids), dtype=torch.bool)  # (T, T): no paragraph sees another
+        for start, end in spans:
+            block = torch.tensor(block_of[start:end])
+            visible = block[:, None] == block[None, :]  # (L, L): the query's own block
+            visible |= block[None, :] == -1  # or the context
+            mask[start:end, start:end] = visible.tril_()  # causal
         return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
                 "attention_mask": mask[None, None], "labels": torch.tensor([labels]),
                 "paragraph_spans": torch.tensor(spans)}

@@ -18,10 +18,12 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import datasets
 import numpy as np
+
+if TYPE_CHECKING:
+    import datasets
 
 IGNORE_INDEX = -100
 CONTEXT_HEADER = "Context:"
@@ -105,6 +107,8 @@ def read_squad_json(path: str | os.PathLike) -> list[dict]:
 
 def load_squad(source: str, split: str = "train") -> datasets.Dataset:
     """A SQuAD-format JSON file, or a hub dataset name (e.g. rajpurkar/squad), as a `datasets.Dataset`."""
+    import datasets  # here, not at the top: `loraqa score` reads SQuAD files without it
+
     if Path(source).exists() or source.endswith(".json"):
         records = read_squad_json(source)
         if not records:
@@ -135,7 +139,7 @@ def take_subset(dataset: datasets.Dataset, n: int | None, seed: int = 0) -> data
     paragraphs: dict[str, list[int]] = {}
     for index, context in enumerate(dataset["context"]):
         paragraphs.setdefault(context, []).append(index)
-    ids = dataset["id"]
+    ids = list(dataset["id"])  # a list: indexing datasets' lazy column reads one row per access (~10 s on train)
     for members in paragraphs.values():
         members.sort(key=lambda i: key(ids[i]))
     order = sorted(paragraphs, key=key)

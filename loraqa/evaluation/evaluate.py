@@ -12,14 +12,13 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
-from ..config import ConfigError, DataArguments, GenerationSettings, ModelArguments, to_dict
+from ..config import ConfigError, DataArguments, EvaluateArguments, GenerationSettings, ModelArguments, to_dict
 from ..data.assets import squad_file
 from ..data.prompting import check_disjoint, choose_examples, prompt_format
 from ..data.squad import (SquadFormatError, data_fingerprint, encode_prompt, heldout_split, load_squad,
@@ -31,49 +30,6 @@ from .metrics import score_questions
 from .stats import bootstrap_ci
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EvaluateArguments:
-    data: str = field(default="squad", metadata={"help": "SQuAD-format JSON, or 'squad' (fetched v1.1 dev)."})
-    adapter: str | None = field(default=None, metadata={"help": "Run directory of a trained adapter (or full model)."})
-    max_samples: int | None = field(default=500, metadata={"help": "Questions to evaluate (seeded paragraph subset)."})
-    subset_seed: int = field(default=0, metadata={"help": "Seed of the subset rule (see data.take_subset)."})
-    output: str = field(default="eval.json", metadata={"help": "Where to write the evaluation JSON."})
-    merge_adapter: bool = field(default=True, metadata={"help": "Merge LoRA into the weights for inference."})
-    strategy_grid: bool = field(default=False, metadata={"help": "Run the decoding-strategy grid instead of one setting."})
-    max_length: int | None = field(default=None, metadata={
-        "help": "Prompt + answer token budget; contexts are cut at the end to fit. Default: the adapter's training "
-                "max_length (its run_config.json), else 512 (loraqa's training default), never past the model's window; "
-                "plus what few_shot and chat_template add to the prompt."})
-    grid_seeds: int = field(default=3, metadata={"help": "Seeds per sampled strategy in the grid."})
-    heldout_articles: int = field(default=0, metadata={
-        "help": "Score the training file's held-out articles instead (train's heldout_articles rule, same "
-                "subset_seed): the selection set of a sweep; 0: the dev split of `data`."})
-    few_shot: int = field(default=0, metadata={
-        "help": "Worked examples before each question: one fixed set from few_shot_file's held-out articles "
-                "(prompting.choose_examples, seeded by subset_seed), never from the evaluated file. The default "
-                "max_length grows by their tokens, so each question's own context is cut as without them."})
-    chat_template: bool = field(default=False, metadata={
-        "help": "Wrap the prompt in the model's chat template, with an instruction to answer with a short span "
-                "of the context (an error when the tokenizer has none)."})
-    few_shot_file: str = field(default="squad", metadata={
-        "help": "SQuAD-format JSON whose held-out articles give the examples, or 'squad' (fetched v1.1 train)."})
-    few_shot_articles: int = field(default=20, metadata={
-        "help": "Held-out articles the examples come from (train's heldout_articles rule, same subset_seed; the "
-                "study holds out 20, so adapters never trained on them)."})
-    torch_threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads; default: all cores."})
-    device: str = field(default="auto", metadata={"help": "auto (CUDA when available, else cpu), cpu, cuda, cuda:1, ..."})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
-        "help": "Weights for inference: auto = bfloat16 on a CUDA device that supports it, float32 elsewhere. "
-                "On a CPU with AMX/AVX512-BF16, bfloat16 answered twice as fast here and changed 5%% of the answers "
-                "(no significant EM/F1 change); without them it is far slower. The output records it."})
-
-    def __post_init__(self):
-        if self.few_shot < 0:
-            raise ConfigError(f"few_shot={self.few_shot!r}: must be >= 0")
-        if self.few_shot_articles < 1:
-            raise ConfigError(f"few_shot_articles={self.few_shot_articles!r}: must be >= 1")
 
 
 def _grid(base: GenerationSettings) -> list[GenerationSettings]:
@@ -270,6 +226,22 @@ def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, settings:
               "paragraphs": paragraphs}
     write_json_atomic(eval_args.output, result)
     return result
+
+
+def best_span_strategy(result: dict) -> dict:
+    """The grid row of the span-aware decoding (within the context's spans, or beam search) with the best F1: the
+    one `make decoding-full-dev` scores on all of dev against greedy."""
+    rows = [r for r in result["strategies"]
+            if r["generation"].get("constrain_to_context") or r["generation"].get("num_beams", 1) > 1]
+    if not rows:
+        raise ConfigError("the strategy grid has no span-aware strategy (within the context's spans or beams)")
+    return max(rows, key=lambda r: r["f1"])
+
+
+def strategy_flags(generation: dict) -> list[str]:
+    """`loraqa evaluate` flags for a greedy-based grid row's decoding (span constraint, beams)."""
+    return ["--constrain_to_context", str(bool(generation.get("constrain_to_context"))).lower(),
+            "--num_beams", str(generation.get("num_beams", 1))]
 
 
 def strategy_table(result: dict) -> str:

@@ -44,6 +44,10 @@ class BenchArguments:
         "Also time loraqa with padded rows (full / answer-only logits), evaluation without shared contexts and, "
         "where the device multiplies bf16 natively, evaluation with bf16 weights.")})
     reference: bool = field(default=True, metadata={"help": "Run the TRL reference (needs `pip install trl`)."})
+    train_file: str = field(default="squad", metadata={"help": "SQuAD-format JSON the training variants take their "
+                                                               "questions from, or 'squad' (fetched v1.1 train)."})
+    eval_file: str = field(default="squad", metadata={"help": "SQuAD-format JSON the evaluation takes its questions "
+                                                              "from, or 'squad' (fetched v1.1 dev)."})
 
 
 class BenchMeasurementError(RuntimeError):
@@ -125,7 +129,8 @@ def _loraqa_worker(job: dict) -> dict:
     with tempfile.TemporaryDirectory() as out:
         result = train(ModelArguments(model=job["model"], cache_dir=job["cache_dir"]),
                        LoraArguments(lora_r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"),
-                       DataArguments(max_train_samples=job["n"], max_eval_samples=8, max_length=job["max_length"]),
+                       DataArguments(train_file=job["train_file"], validation_file=job["eval_file"],
+                                     max_train_samples=job["n"], max_eval_samples=8, max_length=job["max_length"]),
                        LoraQATrainingArguments(
                            output_dir=out, max_steps=job["steps"], per_device_train_batch_size=job["batch_size"],
                            learning_rate=2e-4, warmup_ratio=0.0, logging_steps=1, eval_strategy="no",
@@ -154,7 +159,7 @@ def _trl_worker(job: dict) -> dict:
     from ..model.loading import load_model_and_tokenizer
 
     model, tokenizer, _ = load_model_and_tokenizer(job["model"], job["cache_dir"])
-    raw = take_subset(load_squad(squad_file("squad", "train", job["cache_dir"])), job["n"], 0)
+    raw = take_subset(load_squad(squad_file(job["train_file"], "train", job["cache_dir"])), job["n"], 0)
     data = Dataset.from_list([{"prompt": format_prompt(r["context"], r["question"]),
                                "completion": " " + r["answers"]["text"][0]} for r in raw])
     with tempfile.TemporaryDirectory() as out:
@@ -195,14 +200,14 @@ def _side_by_side(model, tokenizer, records: list[dict], settings: GenerationSet
     return ours, ours_s, reference, time.perf_counter() - started
 
 
-def _eval_bench(model, tokenizer, cache_dir: str, m: int, ablations: bool, bf16: bool) -> dict:
+def _eval_bench(model, tokenizer, data: str, cache_dir: str, m: int, ablations: bool, bf16: bool) -> dict:
     """Evaluation speed and matmul work; the figures at the matmul peak are added by `_apply_peak`."""
     from ..data.assets import squad_file
     from ..data.squad import load_squad, take_subset
     from ..generation.decode import generate_answers
 
     model.eval()
-    records = list(take_subset(load_squad(squad_file("squad", "validation", cache_dir), "validation"), m, 0))
+    records = list(take_subset(load_squad(squad_file(data, "validation", cache_dir), "validation"), m, 0))
     settings = GenerationSettings()
     work: dict = {}
     ours, ours_s, reference, reference_s = _side_by_side(model, tokenizer, records, settings, work)
@@ -269,11 +274,13 @@ def run_bench(model_args: ModelArguments, bench: BenchArguments) -> dict:
     from ..data.assets import fetch
     from ..model.loading import inference_placement, native_bf16, resolve_model
 
-    fetch("squad", model_args.cache_dir)
+    if "squad" in (bench.train_file, bench.eval_file):
+        fetch("squad", model_args.cache_dir)
     resolved = resolve_model(model_args.model, model_args.cache_dir)
     steps = max(1, bench.train_examples // bench.batch_size)
     job = {"model": resolved, "cache_dir": model_args.cache_dir, "n": steps * bench.batch_size, "steps": steps,
-           "batch_size": bench.batch_size, "max_length": bench.max_length}
+           "batch_size": bench.batch_size, "max_length": bench.max_length,
+           "train_file": bench.train_file, "eval_file": bench.eval_file}
     # the Trainer trains where transformers puts the model (CUDA when present); evaluation runs there too
     device = str(inference_placement("auto", "float32")[0])
     result = {"model": model_args.model, "model_resolved": resolved, "settings": vars(bench) | {"steps": steps},
@@ -317,8 +324,8 @@ def run_bench(model_args: ModelArguments, bench: BenchArguments) -> dict:
     _apply_peak(result, peaks)
     write_json_atomic(bench.output, result)
     logger.info("evaluation: one-by-one generate vs loraqa")
-    result["eval"] = _eval_bench(model, tokenizer, model_args.cache_dir, bench.eval_examples, bench.ablations,
-                                 bench.ablations and result["machine"]["native_bf16"])
+    result["eval"] = _eval_bench(model, tokenizer, bench.eval_file, model_args.cache_dir, bench.eval_examples,
+                                 bench.ablations, bench.ablations and result["machine"]["native_bf16"])
     peaks["after"] = matmul_peak(device)
     _apply_peak(result, peaks)
     write_json_atomic(bench.output, result)

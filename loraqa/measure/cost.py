@@ -6,7 +6,9 @@ measures every configuration in one command on one machine: LoRA at each rank an
 fine-tuning, each in a fresh process (so that its peak memory is its own), on the same training batches (the
 study's data and batching: held-out articles removed, whole paragraphs, shared-context packing), one warm-up
 step and then `steps` timed optimizer steps (forward, backward of the answer loss, gradient clipping, AdamW),
-and the size of the checkpoint the run would save. Output: `results/cost_study.json`, drawn by `loraqa plots`.
+and the size of the checkpoint the run would save. This is repeated `repeats` times, in rounds over every
+configuration (a fresh process each time), and each timing is reported as the median of the repetitions'
+means per step with their spread. Output: `results/cost_study.json`, drawn by `loraqa plots`.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from pathlib import Path
 import torch
 
 from ..config import check_setting
+from .common import in_child, interleaved, load_at_end, load_average, load_line, machine_info, median_and_spread, \
+    repeated
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +40,12 @@ class CostStudyArguments:
     questions: int = field(default=2000, metadata={"help": "Training questions the batches are drawn from."})
     batch_size: int = field(default=8, metadata={"help": "Questions per batch (the study's batch)."})
     max_length: int = field(default=512, metadata={"help": "Row length limit."})
-    steps: int = field(default=6, metadata={"help": "Timed optimizer steps per configuration (after one warm-up), "
-                       "the same batches for every configuration: their mean is compared."})
+    steps: int = field(default=6, metadata={"help": "Timed optimizer steps per configuration and repetition (after "
+                       "one warm-up), the same batches for every configuration: a repetition's value is their mean."})
+    repeats: int = field(default=5, metadata={"help": (
+        "Repetitions of each configuration's steps, each in a fresh process, in rounds over every configuration "
+        "(alternately forwards and backwards) so a disturbed moment does not land on one configuration only; the "
+        "median over the repetitions is compared, with its spread (min, max).")})
     seed: int = field(default=0, metadata={"help": "Seed of the questions, their batching and the LoRA weights."})
     torch_threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default for this machine)."})
     note: str = field(default="", metadata={"help": "Free text recorded with the machine (e.g. what ran beside it)."})
@@ -47,6 +55,7 @@ class CostStudyArguments:
         check_setting(all(r.strip().isdigit() and int(r) >= 1 for r in self.ranks.split(",") if r.strip()), "ranks",
                self.ranks, "must be comma-separated integers >= 1")
         check_setting(self.steps >= 1, "steps", self.steps, "must be >= 1")
+        check_setting(self.repeats >= 1, "repeats", self.repeats, "must be >= 1")
         check_setting(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
 
     def configurations(self) -> list[dict]:
@@ -59,7 +68,8 @@ class CostStudyArguments:
 
 
 def measure(job: dict) -> dict:
-    """One configuration, in its own process: load, attach LoRA (or not), time the steps, save the weights."""
+    """One repetition of one configuration, in its own process: load, attach LoRA (or not), time the steps, and
+    (where `job["checkpoint"]`) save the weights to measure the checkpoint."""
     from ..config import LoraArguments
     from ..generation.decode import supports_shared_prefix
     from ..model.lora import attach_lora, count_parameters
@@ -100,16 +110,38 @@ def measure(job: dict) -> dict:
             update.append(time.process_time() - cpu_update)
             tokens.append(int(batch["input_ids"].numel()))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder)  # the adapter for LoRA, the whole model for full fine-tuning
-        checkpoint = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+    checkpoint = None
+    if job["checkpoint"]:
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)  # the adapter for LoRA, the whole model for full fine-tuning
+            checkpoint = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
     counts = count_parameters(model)
-    return {**config, "trainable_params": counts["trainable_params"], "total_params": counts["total_params"],
-            "step_seconds": wall, "step_cpu_seconds": cpu, "tokens_per_step": tokens,
-            "step_seconds_mean": statistics.fmean(wall), "step_cpu_seconds_mean": statistics.fmean(cpu),
-            "update_cpu_seconds": update, "update_cpu_seconds_mean": statistics.fmean(update),
-            "rss_after_load_mb": rss_loaded, "peak_rss_mb": peak, "peak_over_load_mb": peak - rss_loaded,
-            "checkpoint_bytes": checkpoint}
+    return {"trainable_params": counts["trainable_params"], "total_params": counts["total_params"],
+            "step_seconds": wall, "step_cpu_seconds": cpu, "update_cpu_seconds": update, "tokens_per_step": tokens,
+            "rss_after_load_mb": rss_loaded, "peak_rss_mb": peak, "checkpoint_bytes": checkpoint}
+
+
+TIMINGS = ("step_seconds", "step_cpu_seconds", "update_cpu_seconds")
+
+
+def combine(config: dict, repetitions: list[dict]) -> dict:
+    """A configuration's record from its repetitions (`measure`'s results, the first one with the checkpoint).
+
+    For each timing: every step of every repetition ([repetition][step]); `_mean`, the mean over all of them
+    (as before repetitions existed); `_repetitions`, each repetition's mean per step; and the `_median` and
+    `_spread` ([min, max]) of those. Memory: the repetition with the highest peak (rss_after_load_mb,
+    peak_rss_mb and peak_over_load_mb from that one process), with every repetition's peak beside it."""
+    first, highest = repetitions[0], max(repetitions, key=lambda r: r["peak_rss_mb"])
+    record = {**config, "repeats": len(repetitions), "trainable_params": first["trainable_params"],
+              "total_params": first["total_params"], "tokens_per_step": first["tokens_per_step"]}
+    for key in TIMINGS:
+        record[key] = [r[key] for r in repetitions]
+        record[f"{key}_mean"] = statistics.fmean(t for r in repetitions for t in r[key])
+        record.update(repeated(key, [statistics.fmean(r[key]) for r in repetitions]))
+    return {**record, "rss_after_load_mb": highest["rss_after_load_mb"], "peak_rss_mb": highest["peak_rss_mb"],
+            "peak_over_load_mb": highest["peak_rss_mb"] - highest["rss_after_load_mb"],
+            **repeated("peak_rss_mb", [r["peak_rss_mb"] for r in repetitions]),
+            "checkpoint_bytes": first["checkpoint_bytes"]}
 
 
 def study_batches(model_args, args: CostStudyArguments) -> tuple[dict[str, list], list[list[int]], dict]:
@@ -135,25 +167,28 @@ def study_batches(model_args, args: CostStudyArguments) -> tuple[dict[str, list]
 
 
 def run_cost_study(model_args, args: CostStudyArguments) -> dict:
-    """Measure every configuration (each in a fresh process) and write `args.output` atomically."""
-    from .common import in_child
+    """Measure every configuration `repeats` times (each time in a fresh process, in interleaved rounds) and write
+    `args.output` atomically."""
     from ..files import run_metadata, write_json_atomic
     from ..config import to_dict
     from ..model.loading import resolve_model
-    from .common import machine_info
 
     started = time.perf_counter()
+    machine = machine_info(args.torch_threads or torch.get_num_threads(), args.note)  # the load before our own work
     resolved = resolve_model(model_args.model, model_args.cache_dir)
     rows, batches, data = study_batches(model_args, args)
-    machine = machine_info(args.torch_threads or torch.get_num_threads(), args.note)
     job = {"model": model_args.model, "cache_dir": model_args.cache_dir, "rows": rows, "batches": batches,
            "max_length": args.max_length, "seed": args.seed, "torch_threads": args.torch_threads}
-    measured = []
-    for config in args.configurations():
-        measured.append(in_child(measure, {**job, "config": config}))
-        logger.info("%s: %.2f CPU s/step, peak %.0f MiB, checkpoint %.1f MiB", label(config),
-                    measured[-1]["step_cpu_seconds_mean"], measured[-1]["peak_rss_mb"],
-                    measured[-1]["checkpoint_bytes"] / 2**20)
+    configs = args.configurations()
+    runs, loads = [[None] * args.repeats for _ in configs], []
+    for repetition, unit in interleaved(len(configs), args.repeats):
+        if len(loads) == repetition:  # a round starts
+            loads.append(load_average())
+        runs[unit][repetition] = in_child(measure, {**job, "config": configs[unit], "checkpoint": repetition == 0})
+        logger.info("%s, repetition %d: %.2f CPU s/step", label(configs[unit]), repetition + 1,
+                    statistics.fmean(runs[unit][repetition]["step_cpu_seconds"]))
+    measured = [combine(config, repetitions) for config, repetitions in zip(configs, runs)]
+    machine.update(load_at_end(machine))
     metadata = run_metadata()
     result = {"configs": measured, "model": model_args.model, "model_resolved": resolved, **data,
               "settings": to_dict(args), "batches": [len(b) for b in batches],
@@ -162,7 +197,12 @@ def run_cost_study(model_args, args: CostStudyArguments) -> dict:
                       "the clipping and the AdamW step alone); the first of the batches is a warm-up, not timed",
               "memory": "peak_rss_mb: the measuring process's peak resident set size (ru_maxrss), loading "
                         "included; peak_over_load_mb: that peak minus the resident set size after loading the "
-                        "model and attaching LoRA",
+                        "model and attaching LoRA; of the repetition with the highest peak",
+              "repetitions": f"each configuration's steps are timed {args.repeats} times, each in a fresh process, in "
+                             "rounds over every configuration (alternately forwards and backwards); a repetition's "
+                             "value is its mean per step; _median and _spread ([min, max]) are over the repetitions, "
+                             "_mean over every step of every repetition",
+              "load_average_by_round": loads,
               "wall_seconds": time.perf_counter() - started,
               **{k: v for k, v in metadata.items() if k != "machine"}, "machine": {**metadata["machine"], **machine}}
     write_json_atomic(args.output, result)
@@ -176,14 +216,20 @@ def label(config: dict) -> str:
 
 
 def summary_lines(result: dict) -> list[str]:
-    lines = [f"{'configuration':<28} {'trainable':>12} {'CPU s/step':>10} {'peak MiB':>9} {'checkpoint MiB':>14}"]
+    """A row per configuration: CPU seconds per step as median [min-max] over the repetitions, peak memory,
+    checkpoint; full fine-tuning against LoRA r = 16 (ratio of the medians, and of the extremes); the load."""
+    lines = [f"{'configuration':<28} {'trainable':>12} {'CPU s/step [min-max]':>20} {'peak MiB':>9} "
+             f"{'checkpoint MiB':>14}"]
     for c in result["configs"]:
-        lines.append(f"{label(c):<28} {c['trainable_params']:>12,} {c['step_cpu_seconds_mean']:>10.2f} "
+        lines.append(f"{label(c):<28} {c['trainable_params']:>12,} {median_and_spread(c, 'step_cpu_seconds'):>20} "
                      f"{c['peak_rss_mb']:>9.0f} {c['checkpoint_bytes'] / 2**20:>14.1f}")
     full = next((c for c in result["configs"] if c["method"] == "full_finetune"), None)
     lora = next((c for c in result["configs"] if c["method"] == "lora" and c["lora_r"] == 16), None)
     if full and lora:
-        lines.append(f"full fine-tuning / {label(lora)}: {full['step_cpu_seconds_mean'] / lora['step_cpu_seconds_mean']:.2f}x "
-                     f"CPU time per step, {full['peak_rss_mb'] / lora['peak_rss_mb']:.2f}x peak memory, "
+        (full_low, full_high), (lora_low, lora_high) = full["step_cpu_seconds_spread"], lora["step_cpu_seconds_spread"]
+        lines.append(f"full fine-tuning / {label(lora)}: "
+                     f"{full['step_cpu_seconds_median'] / lora['step_cpu_seconds_median']:.2f}x CPU time per step "
+                     f"[{full_low / lora_high:.2f}-{full_high / lora_low:.2f}], "
+                     f"{full['peak_rss_mb'] / lora['peak_rss_mb']:.2f}x peak memory, "
                      f"{full['checkpoint_bytes'] / lora['checkpoint_bytes']:.0f}x checkpoint")
-    return lines
+    return lines + [load_line(result.get("machine") or {}, result.get("settings", {}).get("repeats"))]

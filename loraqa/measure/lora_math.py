@@ -146,12 +146,22 @@ def base_parameters(config) -> int:
     return V * d + config.num_hidden_layers * (attention + mlp + 2 * d) + d + (0 if tied else V * d)
 
 
+def reduction_factor(base_params: int, trainable_params: int) -> float:
+    """rho = P / P_LoRA: how many times fewer parameters LoRA trains than full fine-tuning (rounded to 0.1).
+
+    >>> reduction_factor(134_515_008, 4_884_480)
+    27.5
+    """
+    return round(base_params / trainable_params, 1)
+
+
 def lora_trainable_parameters(config, preset: str, r: int) -> dict[str, int | float]:
     """Closed-form counts for LoRA of rank r on `preset`: r (d_in + d_out) per adapted layer, times L.
 
-    Keys as loraqa.model.lora.count_parameters (which counts them from a model): trainable_params,
-    total_params (P plus the adapters), reduction_factor = total_params / trainable_params (rounded to
-    0.1 as there); plus base_params (P, what full fine-tuning trains) and per_layer (one block).
+    trainable_params and total_params (P plus the adapters) as loraqa.model.lora.count_parameters counts
+    them from a model; base_params (P, what full fine-tuning trains); per_layer (one block); and the report's
+    reduction_factor rho = P / P_LoRA, base parameters per trainable adapter parameter (rounded to 0.1), the
+    usual definition: the training log's total / trainable is rho + 1.
     GPT2Config(), 'attention', 16 -> 12 * 16 * ((768 + 2304) + (768 + 768)) = 884,736 trainable.
     """
     shapes = block_linear_shapes(config)
@@ -159,7 +169,7 @@ def lora_trainable_parameters(config, preset: str, r: int) -> dict[str, int | fl
     trainable = config.num_hidden_layers * per_layer
     base = base_parameters(config)
     return {"trainable_params": trainable, "total_params": base + trainable,
-            "reduction_factor": round((base + trainable) / trainable, 1), "base_params": base, "per_layer": per_layer}
+            "reduction_factor": reduction_factor(base, trainable), "base_params": base, "per_layer": per_layer}
 
 
 # ----------------------------------------------------------------------------------------------------

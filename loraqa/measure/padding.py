@@ -3,7 +3,8 @@
 Input: SQuAD training rows (`data.squad.build_train_dataset`), one pool of questions shared by every strategy.
 Output (`results/padding_study.json`): for each batching strategy and batch size, the padded share of the
 tokens run through the model and the tokens computed per question over every batch of the pool, and, on a
-few representative batches, the time and peak memory of one forward+backward step of a LoRA model.
+few representative batches, the time and peak memory of one forward+backward step of a LoRA model, repeated
+`repeats` times in rounds interleaved across the cells (each repetition's value, their median and spread).
 
 Strategies (`STRATEGIES`), all batching the same questions:
 - static: every row padded to `max_length` (what `padding="max_length"` in a tokenizer call gives);
@@ -19,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
-import os
 import platform
 import resource
 import statistics
@@ -31,7 +31,8 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from ..config import check_setting
 from ..data.collate import ContextGroupedSampler, QADataCollator, SharedContextCollator
-from .common import features, machine_info, proc_status_mb
+from .common import features, interleaved, load_at_end, load_average, load_line, machine_info, \
+    median_and_spread, proc_status_mb, repeated
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,10 @@ class PaddingStudyArguments:
         "Time as many representative batches per strategy and batch size as fit in this many computed tokens "
         "(at least 1, at most `max_timed_batches`): a fixed token budget keeps the slowest cells affordable.")})
     max_timed_batches: int = field(default=3, metadata={"help": "Most timed batches per strategy and batch size."})
+    repeats: int = field(default=5, metadata={"help": (
+        "Times each cell's representative batches are timed, in rounds over every cell (alternately forwards and "
+        "backwards) so a disturbed moment does not land on one cell only; the median over the repetitions is "
+        "reported with its spread (min, max).")})
     max_step_tokens: int = field(default=4096, metadata={"help": (
         "Skip timing a cell whose representative batch computes more tokens than this (CPU step time and memory "
         "grow with it: 4096 tokens took ~9 GB over the model on SmolLM2-135M); its token counts are still exact.")})
@@ -65,6 +70,7 @@ class PaddingStudyArguments:
                self.batch_sizes, "must be comma-separated integers >= 1")
         check_setting(self.questions >= 1, "questions", self.questions, "must be >= 1")
         check_setting(self.max_timed_batches >= 0, "max_timed_batches", self.max_timed_batches, "must be >= 0")
+        check_setting(self.repeats >= 1, "repeats", self.repeats, "must be >= 1")
 
     @property
     def batch_size_list(self) -> list[int]:
@@ -218,38 +224,60 @@ def step_cost(model, batch: dict[str, torch.Tensor]) -> dict[str, float | None]:
 
 
 def time_cells(model, tokenizer, rows: dict[str, list], cells: list[dict], *, max_length: int, timed_tokens: int,
-               max_timed_batches: int, max_step_tokens: int) -> None:
+               max_timed_batches: int, max_step_tokens: int, repeats: int = 1) -> list[list[float] | None]:
     """Add `timing` (or `timing_skipped`, with the reason) to each cell, in place: step time and peak memory of
-    its representative batches, smallest cells first so an interrupted run has the cheap ones."""
+    its representative batches, timed `repeats` times in rounds over every timed cell (`common.interleaved`, the
+    smallest cells first in the first round). Returns the load averages at the start of each round."""
     device = next(model.parameters()).device
     warm = collate(features(rows, cells[0]["batches"][0]["indices"]), cells[0]["strategy"], tokenizer, max_length)
     step_cost(model, {k: v.to(device) for k, v in warm.items()})  # one-time costs (kernels, allocator) go here
+    timed = []  # (cell, its representative batches, those batches collated), collated once for every round
     for cell in sorted(cells, key=lambda c: c["computed_tokens"] / len(c["batches"])):
         chosen = representative_batches(cell, timed_tokens, max_timed_batches)
         if not chosen:
             cell["timing_skipped"] = "max_timed_batches is 0"
-            continue
-        if chosen[0]["computed"] > max_step_tokens:
+        elif chosen[0]["computed"] > max_step_tokens:
             cell["timing_skipped"] = (f"a representative batch computes {chosen[0]['computed']} tokens, over "
                                       f"max_step_tokens={max_step_tokens}")
-            continue
-        costs = []
-        for b in chosen:
-            batch = collate(features(rows, b["indices"]), cell["strategy"], tokenizer, max_length)
-            costs.append(step_cost(model, {k: v.to(device) for k, v in batch.items()}))
-        tokens = [b["computed"] for b in chosen]
-        seconds, cpu, memory = ([c[k] for c in costs] for k in ("seconds", "cpu_seconds", "peak_memory_mb"))
-        timed_on_cpu = None not in cpu
-        cell["timing"] = {"batches": len(chosen), "computed_tokens": tokens,
-                          "step_seconds": seconds, "step_seconds_median": statistics.median(seconds),
-                          "step_cpu_seconds": cpu if timed_on_cpu else None,
-                          "step_cpu_seconds_median": statistics.median(cpu) if timed_on_cpu else None,
-                          "tokens_per_s": sum(tokens) / sum(cpu if timed_on_cpu else seconds),
-                          "peak_memory_mb": memory,
-                          "peak_memory_mb_max": max(memory) if None not in memory else None}
-        logger.info("%s batch %d: %.2f s/step (wall %.2f), %s MiB, %d tokens", cell["strategy"], cell["batch_size"],
-                    statistics.median(cpu if timed_on_cpu else seconds), cell["timing"]["step_seconds_median"],
-                    f"{memory[0]:.0f}" if memory[0] is not None else "?", tokens[0])
+        else:
+            collated = [collate(features(rows, b["indices"]), cell["strategy"], tokenizer, max_length) for b in chosen]
+            timed.append((cell, chosen, [{k: v.to(device) for k, v in batch.items()} for batch in collated]))
+    costs = [[None] * repeats for _ in timed]  # [cell][repetition] -> one step_cost per representative batch
+    loads = []
+    for repetition, unit in interleaved(len(timed), repeats):
+        if len(loads) == repetition:  # a round starts
+            loads.append(load_average())
+        costs[unit][repetition] = [step_cost(model, batch) for batch in timed[unit][2]]
+    for (cell, chosen, _), cell_costs in zip(timed, costs):
+        cell["timing"] = timing_record(cell_costs, [b["computed"] for b in chosen])
+        timing = cell["timing"]
+        logger.info("%s batch %d: %s CPU s/step, %s wall s/step over %d repetitions, %s MiB, %d tokens",
+                    cell["strategy"], cell["batch_size"], median_and_spread(timing, "step_cpu_seconds"),
+                    median_and_spread(timing, "step_seconds"), repeats,
+                    f"{timing['peak_memory_mb_max']:.0f}" if timing["peak_memory_mb_max"] is not None else "?",
+                    timing["computed_tokens"][0])
+    return loads
+
+
+def timing_record(costs: list[list[dict]], tokens: list[int]) -> dict:
+    """A cell's timing from its repetitions (`costs[repetition][batch]`, each a `step_cost`) of the same batches.
+
+    A repetition's value is the median over the cell's batches (its step time); `step_seconds_median` and
+    `step_cpu_seconds_median` are the median of those over the repetitions, with `_spread` [min, max] and
+    `_repetitions` beside them; `step_seconds` and `step_cpu_seconds` hold every step, [repetition][batch].
+    tokens_per_s: the median over repetitions of the batches' tokens over their CPU seconds (wall on CUDA)."""
+    seconds, cpu, memory = ([[c[k] for c in rep] for rep in costs]
+                            for k in ("seconds", "cpu_seconds", "peak_memory_mb"))
+    on_cpu = all(None not in rep for rep in cpu)
+    memory_known = all(None not in rep for rep in memory)
+    return {"batches": len(tokens), "computed_tokens": tokens, "repeats": len(costs),
+            "step_seconds": seconds, **repeated("step_seconds", [statistics.median(rep) for rep in seconds]),
+            "step_cpu_seconds": cpu if on_cpu else None,
+            **repeated("step_cpu_seconds", [statistics.median(rep) if on_cpu else None for rep in cpu]),
+            **repeated("tokens_per_s", [sum(tokens) / sum(c if on_cpu else s)
+                                         for c, s in zip(cpu, seconds)]),
+            "peak_memory_mb": memory,
+            "peak_memory_mb_max": max(max(rep) for rep in memory) if memory_known else None}
 
 
 # ---------------------------------------------------------------------------------------------- the study
@@ -263,9 +291,11 @@ def padding_study(model, tokenizer, rows: dict[str, list], args: PaddingStudyArg
     cells = token_accounting(rows, tokenizer, batch_sizes=args.batch_size_list, max_length=args.max_length,
                              seed=args.seed)
     counted = time.perf_counter()
+    loads = []
     if args.max_timed_batches:
-        time_cells(model, tokenizer, rows, cells, max_length=args.max_length, timed_tokens=args.timed_tokens,
-                   max_timed_batches=args.max_timed_batches, max_step_tokens=args.max_step_tokens)
+        loads = time_cells(model, tokenizer, rows, cells, max_length=args.max_length, timed_tokens=args.timed_tokens,
+                           max_timed_batches=args.max_timed_batches, max_step_tokens=args.max_step_tokens,
+                           repeats=args.repeats)
     for cell in cells:
         del cell["batches"]
     return {"strategies": list(STRATEGIES), "batch_sizes": args.batch_size_list, "cells": cells,
@@ -274,7 +304,11 @@ def padding_study(model, tokenizer, rows: dict[str, list], args: PaddingStudyArg
             "step": "forward + backward of the answer-only loss (train.answer_loss), model in training mode, no "
                     "optimizer step; shared_context runs attention per paragraph as training does",
             "step_time": "step_cpu_seconds: the process's CPU time over the step (the work, whatever else shares the "
-                         "core; None on CUDA); step_seconds: wall time; tokens_per_s uses CPU time where there is one",
+                         "core; None on CUDA); step_seconds: wall time; tokens_per_s_* use CPU time where there is one",
+            "repetitions": f"each timed cell's representative batches are timed {args.repeats} times, in rounds over "
+                           "every timed cell (alternately forwards and backwards); a repetition's value is the median "
+                           "over its batches; _median and _spread ([min, max]) are over the repetitions",
+            "load_average_by_round": loads,
             "memory_method": MEMORY_METHOD if not torch.cuda.is_available() else "torch.cuda.max_memory_allocated "
                              "over the step minus memory allocated before it",
             "counting_seconds": counted - started, "timing_seconds": time.perf_counter() - counted}
@@ -322,7 +356,7 @@ def run_padding_study(model_args, args: PaddingStudyArguments) -> dict:
     # plain lists: indexing a Dataset column row by row costs ~10x what the collators do
     rows = dataset.select_columns(["input_ids", "labels", "context_length", "context_key"]).to_dict()
     result = padding_study(model, tokenizer, rows, args)
-    machine["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    machine.update(load_at_end(machine))
     metadata = run_metadata()
     result.update(model=model_args.model, model_resolved=resolved, data=source, preprocessing=skipped,
                   settings=to_dict(args), lora=to_dict(_lora_arguments(args)),
@@ -335,15 +369,17 @@ def run_padding_study(model_args, args: PaddingStudyArguments) -> dict:
 
 
 def summary_lines(result: dict) -> list[str]:
-    """A table per batch size: padded share, tokens per question, step time, peak memory of each strategy."""
-    lines = [f"{'strategy':15s} {'batch':>5s} {'padded':>7s} {'tok/q':>6s} {'s/step':>7s} {'MiB':>7s}"
+    """A table per batch size: padded share, tokens per question, step time (median [min-max] over the
+    repetitions), peak memory of each strategy; then the load, and whether the CPU was idle."""
+    lines = [f"{'strategy':15s} {'batch':>5s} {'padded':>7s} {'tok/q':>6s} {'s/step [min-max]':>19s} {'MiB':>7s}"
              f"   (s/step: CPU seconds on a CPU, wall seconds on CUDA)"]
     for cell in sorted(result["cells"], key=lambda c: (c["batch_size"], STRATEGIES.index(c["strategy"]))):
         timing = cell.get("timing") or {}
-        seconds = timing.get("step_cpu_seconds_median") or timing.get("step_seconds_median")
-        seconds = f"{seconds:7.2f}" if seconds is not None else f"{'-':>7s}"
+        seconds = median_and_spread(timing, "step_cpu_seconds" if timing.get("step_cpu_seconds_median") is not None
+                                    else "step_seconds")
         memory = timing.get("peak_memory_mb_max")
         memory = f"{memory:7.0f}" if memory is not None else f"{'-':>7s}"
         lines.append(f"{cell['strategy']:15s} {cell['batch_size']:5d} {cell['padded_share']:7.1%} "
-                     f"{cell['tokens_per_question']:6.0f} {seconds} {memory}")
-    return lines
+                     f"{cell['tokens_per_question']:6.0f} {seconds:>19s} {memory}")
+    return lines + [load_line(result.get("machine") or {}, result.get("settings", {}).get("repeats"))]
+

@@ -87,14 +87,16 @@ def attach_lora(model: torch.nn.Module, settings: LoraArguments) -> PeftModel:
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int | float]:
-    """Trainable and total parameter counts (tied weights once) and the reduction factor total/trainable."""
-    seen, total, trainable = set(), 0, 0
-    for parameter in model.parameters():
+    """Trainable and total parameter counts (tied weights once) and the reduction factor rho = P / P_trainable,
+    P the base model's own parameters (everything but the adapters), as `lora_math.reduction_factor` defines it."""
+    seen, total, trainable, adapters = set(), 0, 0, 0
+    for name, parameter in model.named_parameters(remove_duplicate=False):
         if id(parameter) in seen:
             continue
         seen.add(id(parameter))
         total += parameter.numel()
         trainable += parameter.numel() if parameter.requires_grad else 0
+        adapters += parameter.numel() if "lora_" in name else 0
     return {"trainable_params": trainable, "total_params": total,
-            "reduction_factor": round(total / trainable, 1) if trainable else float("inf")}
+            "reduction_factor": round((total - adapters) / trainable, 1) if trainable else float("inf")}
 

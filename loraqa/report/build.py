@@ -39,6 +39,8 @@ TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "report"
 BUILD_MARKER = ".loraqa-report-build"
 SECTIONS = ("abstract", "introduction", "methodology", "results", "analysis", "theory", "conclusion")
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
+# the title block's defaults name the project, not people (`loraqa report --author ... --affiliation ...`)
+AUTHOR, AFFILIATION = "The loraqa project", "LoRA fine-tuning for extractive question answering"
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -65,7 +67,8 @@ def fill(template: str, values: Values) -> str:
 
 
 # flags that describe the results rather than name an input: never listed as pending
-STATE_FLAGS = ("has_claim_", "has_complete_", "has_grid_spread", "has_param_range", "has_test_table")
+STATE_FLAGS = ("has_claim_", "has_complete_", "has_grid_spread", "has_param_range", "has_test_table",
+               "has_final_matches_best", "has_cost_spread")
 
 
 @dataclass
@@ -94,12 +97,14 @@ def count_pages(pdf: Path) -> int:
 
 def build_report(results_dir: str | Path, output: str | Path = "report.pdf", *, png_dir: str | Path | None = None,
                  source_dir: str | Path | None = None, template_dir: str | Path = TEMPLATE_DIR,
-                 ppi: int = 110, serif: str | None = None) -> Report:
+                 ppi: int = 110, serif: str | None = None, author: str = AUTHOR,
+                 affiliation: str = AFFILIATION) -> Report:
     """Fill the report's sections from `results_dir`, write the Typst source to `source_dir` and compile it.
 
     By default only the fonts inside the typst package are used (Libertinus Serif, New Computer Modern Math,
     DejaVu Sans Mono), so every machine builds the same PDF; `serif` names an installed font to use instead
-    (it needs real small capitals for the headings, which Times-metric Liberation Serif lacks)."""
+    (it needs real small capitals for the headings, which Times-metric Liberation Serif lacks). `author` and
+    `affiliation` fill the title block and the PDF's author field."""
     import typst
 
     template, source = Path(template_dir), Path(source_dir or Path(template_dir) / "build")
@@ -114,6 +119,8 @@ def build_report(results_dir: str | Path, output: str | Path = "report.pdf", *, 
     # marked first, so that a build stopped half-way (a results file that does not parse) is still recognised
     (source / BUILD_MARKER).write_text("written by loraqa report; deleted and rebuilt by the next build\n")
     values = report_values(results_dir, source / "figures")
+    for name, text in (("author", author), ("affiliation", affiliation)):  # Typst strings (code, not markup)
+        values.fields[name] = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
     for path in template.glob("*.*"):
         if path.suffix in (".typ", ".bib", ".yml"):
             text = path.read_text()

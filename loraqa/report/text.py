@@ -3,6 +3,7 @@ from (`Values.put/number`), and sentences whose truth depends on the numbers (`c
 they print). `loraqa.report.values` uses them to turn the result files into placeholder values."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ FORMATS = {
     "score": lambda x: f"{x:.1f}", "signed": _signed, "int": lambda x: f"{round(x):,}",
     "x": lambda x: f"{x:.1f}×" if x < 20 else f"{x:.0f}×",
     "pct": lambda x: f"{x:.1f}%", "pct0": lambda x: f"{x:.0f}%",
-    "1": lambda x: f"{x:.1f}", "2": lambda x: f"{x:.2f}", "3": lambda x: f"{x:.3f}",
+    "1": lambda x: f"{x:.1f}", "2": lambda x: f"{x:.2f}", "3": lambda x: f"{x:.3f}", "g": lambda x: f"{x:g}",
     "millions": lambda x: f"{x / 1e6:.2f}M", "lr": lambda x: _power(x, 0) if x < 0.01 else f"{x:g}",
     "p": lambda x: f"{x:.3f}" if x >= 1e-3 else _power(x),
     # a permutation p-value in a sentence ('= 0.042', '< 1×10^−4' at its floor) or a table cell; McNemar's exact p
@@ -44,13 +45,48 @@ OPS = {  # how a printed number is computed from the values at its sources
     "ratio_of_diffs": lambda a, b, c, d: (a - b) / (c - d), "inverse_plus_one": lambda n: 1 / (n + 1),
     # a LoRA model's total counts its adapter too: full fine-tuning trains the rest, (total - trainable)
     "frozen_per_trainable": lambda total, trainable: (total - trainable) / trainable,
-    "len": len,
+    "len": len, "product": lambda a, b: a * b,
+    # transformers reads a warm-up below 1 as a share of the steps, rounded up
+    "warmup_steps": lambda warmup, steps: warmup if warmup >= 1 else math.ceil(warmup * steps),
+    # loss curves, [[step, loss], ...]: see loraqa.report.values._dynamics
+    "runs_reaching": lambda threshold, *curves: sum(_first_step_at(c, threshold) is not None for c in curves),
+    "median_first_step": lambda threshold, *curves: _median([s for c in curves
+                                                              if (s := _first_step_at(c, threshold)) is not None]),
+    "median_step_90": lambda *curves: _median([_step_of_90(c) for c in curves]),
+    "mean_gap": lambda *curves: sum(_gap(t, v) for t, v in zip(curves[::2], curves[1::2])) / (len(curves) // 2),
     "grid_size": lambda grid: math.prod(len(v) for v in grid.values()),
     "n_significant": lambda tests: sum(t["p_holm"] < 0.05 for t in tests),
     "n_survive_both": lambda tests: sum(t["p_holm"] < 0.05 and bool(t.get("survives_seed_sd")) for t in tests),
     "len_sum": lambda a, b: len(a) + len(b),
     "n_grid": lambda runs: sum(r.get("group") == "grid" for r in runs),
 }
+
+
+def _median(values: list[float]) -> float:
+    if not values:
+        raise ValueError("no values")
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def _first_step_at(curve: list, threshold: float) -> float | None:
+    """The first step at which a loss curve is at or below `threshold` (None: never)."""
+    return next((step for step, loss in curve if loss <= threshold), None)
+
+
+def _step_of_90(curve: list) -> float:
+    """The first step by which 90% of the curve's fall, from its first to its last point, is done."""
+    first, last = curve[0][1], curve[-1][1]
+    return next(step for step, loss in curve if first - loss >= 0.9 * (first - last))
+
+
+def _gap(train: list, validation: list) -> float:
+    """Final validation loss minus the mean training loss over the last tenth of the steps (one epoch: every
+    training batch is scored before the model learns from it)."""
+    end = validation[-1][0]
+    tail = [loss for step, loss in train if step > 0.9 * end]
+    return validation[-1][1] - sum(tail) / len(tail)
 
 
 @dataclass(frozen=True)
@@ -171,19 +207,31 @@ def _unsigned(number: Number) -> str:
     return number.text.lstrip("+" + MINUS + "-")
 
 
+def holm_bound(p_holm: Number, test: dict) -> Number:
+    """Holm's p of a test whose permutation p is at the floor is itself a bound (k x floor at most): '≤ 0.002'."""
+    resamples = test.get("permutation_resamples")
+    at_floor = bool(resamples) and test["p_value"] * (resamples + 1) <= 1 + 1e-9
+    return dataclasses.replace(p_holm, text=f"≤ {p_holm.text}") if at_floor else p_holm
+
+
+def p_relation(p: Number) -> str:
+    """'= 0.04' for a p-value, or the bound as it stands ('≤ 0.002', '< 1e-4')."""
+    return p.text if p.text.startswith(("≤", "<")) else f"= {p.text}"
+
+
 def claim_difference(a: str, b: str, delta: Number, ci: str, p_holm: Number, *, alpha: float = 0.05,
                      flipped_ci: str | None = None) -> str:
     """A sentence on B - A (F1) that follows the numbers: who wins only when Holm's p says so. The winner's
     margin is printed unsigned, with the CI of A - B (`flipped_ci`) when A wins."""
     if p_holm.value < alpha and delta.value > 0:
         return f"{b} beats {a} by {_unsigned(delta)} F1 points (95% CI {ci}, Holm-adjusted " \
-               f"_p_ = {p_holm.text})"
+               f"_p_ {p_relation(p_holm)})"
     if p_holm.value < alpha and delta.value < 0:
         interval = f"95% CI {flipped_ci}" if flipped_ci else f"95% CI of {b} − {a}: {ci}"
         return f"{a} beats {b} by {_unsigned(delta)} F1 points ({interval}, " \
-               f"Holm-adjusted _p_ = {p_holm.text})"
+               f"Holm-adjusted _p_ {p_relation(p_holm)})"
     return f"{b} and {a} do not differ significantly ({delta.text} F1 for {b}, 95% CI {ci}, " \
-           f"Holm-adjusted _p_ = {p_holm.text})"
+           f"Holm-adjusted _p_ {p_relation(p_holm)})"
 
 
 def claim_trend(levels: list[tuple[str, Number]], what: str) -> str:
@@ -208,9 +256,8 @@ def claim_edge(axes: dict[str, tuple[float, list[float]]]) -> str | None:
     if not ends:
         return None
     one = len(ends) == 1
-    return (f"it uses {' and '.join(ends)} the grid tried, so the grid does not bracket the optimum in "
-            f"{'that direction and a value beyond it' if one else 'those directions and values beyond them'} "
-            f"may do better still")
+    return (f"it uses {' and '.join(ends)} tried, so "
+            f"{'a value beyond it' if one else 'values beyond them'} may do better still")
 
 
 def claim_agreement(runs: Number, rho: Number, test_choice: str | None, test_f1: Number | None,
@@ -231,7 +278,7 @@ def claim_best_strategy(rows: list[tuple[str, Number]]) -> str:
     (greedy, greedy_f1), best = rows[0], max(rows, key=lambda row: row[1].value)
     if best[0] == greedy or best[1].value <= greedy_f1.value:
         return f"greedy decoding gives the highest F1 ({greedy_f1.text})"
-    return f"{best[0]} beats greedy decoding ({best[1].text} against {greedy_f1.text} F1)"
+    return f"{best[0]} has the highest F1 ({best[1].text}, against {greedy_f1.text} for greedy decoding)"
 
 
 OVERFIT_FREE = "no sign of over-fitting within one epoch"
@@ -263,6 +310,27 @@ def claim_sampling(greedy: str, closest: tuple[str, Number], worst: tuple[str, N
            f"{FORMATS['1'](far_cost.value)} below it ({far})"
 
 
+def claim_verbatim(shares: list[Number], greedy: Number) -> str:
+    """Whether every span-constrained answer is found verbatim in its context (the constraint's promise)."""
+    if all(share.value >= 1 for share in shares):
+        return f"every span-constrained answer is found verbatim in its context (a share of {shares[0].text}, " \
+               f"against {greedy.text} for greedy)"
+    return f"span-constrained answers are found verbatim in their context at shares of " \
+           f"{', '.join(s.text for s in shares)} (against {greedy.text} for greedy)"
+
+
+def claim_beams(greedy_words: Number, greedy_f1: Number, beams: list[tuple[int, Number, Number]]) -> str:
+    """How beam search moves the answers' length and F1 against greedy: beams = [(num_beams, words, F1)]."""
+    words = all(w.value > greedy_words.value for _, w, _ in beams), all(w.value < greedy_words.value for _, w, _ in beams)
+    f1 = all(f.value < greedy_f1.value for _, _, f in beams), all(f.value > greedy_f1.value for _, _, f in beams)
+    length = "lengthens the answers" if words[0] else "shortens the answers" if words[1] else "changes the answers' length"
+    quality = "lowers F1" if f1[0] else "raises F1" if f1[1] else "moves F1 both ways"
+    shown = ", ".join(f"{w.text} with {n} beams" for n, w, _ in beams)
+    scores = ", ".join(f"{f.text}" for _, _, f in beams)
+    return f"beam search {length} (a mean of {greedy_words.text} words for greedy, {shown}) and {quality} " \
+           f"({scores}, against {greedy_f1.text})"
+
+
 def claim_bf16(identical: Number, n: Number) -> str:
     if identical.value >= n.value:
         return f"without changing an answer ({identical.text} of {n.text} equal to float32)"
@@ -271,8 +339,9 @@ def claim_bf16(identical: Number, n: Number) -> str:
 
 
 FAILURE_MEANINGS = {
-    "wrong span of the context": "a span of the right paragraph that answers a different question: the model has "
-                                 "learnt the format and to copy, and fails at choosing the span",
+    "wrong span of the context": "a span of the right paragraph with no word in common with the gold answer, often "
+                                 "the answer to a neighbouring question: the model has learnt the format and to "
+                                 "copy, and fails at choosing the span",
     "partial overlap": "an answer that shares words with the gold span but starts or ends elsewhere: the "
                        "boundaries, not the location, are wrong",
     "answer not in context": "an answer that is not copied from the paragraph: the model paraphrases or "

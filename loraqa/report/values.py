@@ -5,8 +5,9 @@ study, decoding strategies, failures, plots, the theory's closed-form counts) an
 their sources through `loraqa.report.text.Values`; what does not exist yet is left missing and flagged
 pending, never guessed. Tables are Typst code built here from the same recorded numbers.
 
-Why one file of ~900 lines: the parts run in the report's section order and share the `Values` recorder and the
-table helpers at the top; the split into one module per section is due with the report's rewrite (issue 27).
+Why one file of ~1,200 lines: the parts run in the report's section order, read one another's recorded values
+(the abstract's and the conclusion's claims are the results' own) and share the `Values` recorder and the table
+helpers at the top; split by section, each module would import most of the others.
 """
 from __future__ import annotations
 
@@ -15,13 +16,15 @@ import re
 import shutil
 from pathlib import Path
 
-from .text import (FORMATS, OVERFIT_FREE, Inputs, Number, Values, claim_agreement, claim_best_strategy, claim_bf16,
-                   claim_count, claim_curve, claim_edge, claim_difference, claim_failure_top, claim_identical,
-                   claim_padding, claim_same_loss, claim_sampling, claim_significant, claim_trend, literal, plural)
+from .text import (FORMATS, OVERFIT_FREE, Inputs, Number, Values, claim_agreement, claim_beams, claim_best_strategy,
+                   claim_bf16, claim_count, claim_curve, claim_edge, claim_difference, claim_failure_top, claim_identical,
+                   claim_padding, claim_same_loss, claim_sampling, claim_significant, claim_trend, claim_verbatim,
+                   holm_bound, literal, plural)
 
 # figure name in the sections -> file stem under results/plots/ (a .pdf is preferred to a .png)
+# (the decoding grid is a table only: its figure repeated the table's F1 and seed agreement)
 FIGURES = {"loss_curves": "loss_curves", "params_vs_f1": "params_vs_f1", "f1_heatmaps": "f1_heatmaps",
-           "cost": "cost", "decoding_strategies": "decoding_strategies", "padding_study": "padding_study"}
+           "cost": "cost", "padding_study": "padding_study"}
 STUDY, PRE_BASE, PRE_TUNED = "evaluation_results.json", "eval_baseline_500.json", "eval_finetuned_500.json"
 PRE_COMPARE, PRE_SUMMARY, PRE_CONFIG = "compare_500.json", "main_run/summary.json", "main_run/run_config.json"
 # the decoding grid: the final model's (`make study`) once it exists, else the latest fine-tuned adapter's
@@ -65,6 +68,14 @@ def _lr(value: float) -> str:
     return FORMATS["lr"](value)
 
 
+# target-module presets in words (the report names no code identifiers)
+TARGETS = {"attention": "attention", "attention+mlp": "attention+MLP", "all-linear": "all linear layers"}
+
+
+def targets_in_words(preset: str) -> str:
+    return literal(TARGETS.get(preset, preset))
+
+
 def describe(point: dict) -> str:
     """Grid point -> 'attention, r = 16, lr = 2×10^−4' (Typst markup)."""
     parts = []
@@ -74,16 +85,43 @@ def describe(point: dict) -> str:
         elif axis == "learning_rate":
             parts.append(f"lr = {_lr(value)}")
         elif axis == "target_modules":
-            parts.append(literal(value))
+            parts.append(targets_in_words(value))
         else:
             parts.append(f"{literal(axis)} = {literal(str(value))}")
     return ", ".join(parts)
 
 
+def _render_parts(parts, rules, default) -> list[str]:
+    """Each part rendered by the first (pattern, render) rule whose pattern matches it whole, else by `default`."""
+    out = []
+    for part in parts:
+        out.append(next((render(found) for pattern, render in rules if (found := re.fullmatch(pattern, part))),
+                        None) or default(part))
+    return out
+
+
 def _test_label(name: str) -> str:
-    name = re.sub(r"rank=lora_r=(\d+),lora_alpha=(\d+)", r"r=\1", name)
-    name = name.replace("learning_rate=", "lr=").replace("target_modules=", "")
-    return literal(name)
+    """A comparison's name in words: 'centre vs lr=0.0001' -> 'centre vs lr = 1×10^−4', 'alpha=2r vs alpha=32 at
+    r=8' -> 'α = 2r vs α = 32 at r = 8' (Typst markup)."""
+    name = re.sub(r"rank=lora_r=(\d+),lora_alpha=(\d+)", r"r=\1", name).replace("target_modules=", "")
+    name = name.replace("max_length", "maximum length").replace("attention+mlp", "attention+MLP")
+    parts = re.split(r"((?:learning_rate|lr)=[\d.e-]+|alpha=2r|alpha=\d+|\br=\d+)", name)
+    return "".join(_render_parts([p for p in parts if p], [
+        (r"(?:learning_rate|lr)=([\d.e-]+)", lambda found: f"lr = {_lr(float(found[1]))}"),
+        (r"alpha=(2r|\d+)", lambda found: f"$alpha = {found[1]}$"),
+        (r"r=(\d+)", lambda found: f"_r_ = {found[1]}")], literal))
+
+
+def strategy_label(name: str) -> str:
+    """A decoding strategy in words (Typst markup): 'top_k=10' -> 'top-k, k = 10', 'top_p=0.9' -> 'nucleus, p = 0.9',
+    'temperature=0.7' -> 'temperature 0.7', 'sample' -> 'plain sampling', 'num_beams=4' -> 'beam search, 4 beams',
+    'greedy,in_context' -> 'greedy, span-constrained' (every answer a span of its context)."""
+    return ", ".join(_render_parts(name.split(","), [
+        (r"top_k=(\S+)", lambda found: f"top-_k_, _k_ = {literal(found[1])}"),
+        (r"top_p=(\S+)", lambda found: f"nucleus, _p_ = {literal(found[1])}"),
+        (r"temperature=(\S+)", lambda found: f"temperature {literal(found[1])}"),
+        (r"num_beams=(\d+)", lambda found: f"beam search, {found[1]} beams")],
+        lambda part: literal({"sample": "plain sampling", "in_context": "span-constrained"}.get(part, part.replace("_", " ")))))
 
 
 # ---------------------------------------------------------------------------------------------- values
@@ -124,6 +162,27 @@ def _train_time(v: Values, name: str, run: str) -> Number | None:
     return hours
 
 
+COUNTS = "parameter_counts.json#"  # `loraqa param-counts`: closed-form counts from loraqa.measure.lora_math
+
+
+def _reduction(v: Values, name: str, run: dict, pointer: str) -> Number | None:
+    """rho = P / P_LoRA for a run: from the closed-form counts when they cover its model, targets and rank (so
+    that the abstract prints the very number of the theory section), else from the run's own counts, whose
+    total includes the adapter (full fine-tuning trains total - trainable)."""
+    settings = run.get("settings") or {}
+    counts = f"{COUNTS}/{settings.get('model')}/presets/{settings.get('target_modules')}/{settings.get('lora_r')}"
+    if v.inputs.has(f"{counts}/trainable_params") and \
+            v.inputs.resolve(f"{counts}/trainable_params") == run.get("trainable_params"):
+        return v.put(name, "1", f"{counts}/base_params", f"{counts}/trainable_params", op="ratio")
+    return v.put(name, "1", f"{pointer}/total_params", f"{pointer}/trainable_params", op="frozen_per_trainable")
+
+
+def settings_point(settings: dict) -> dict:
+    """A run's LoRA settings as a grid point (targets, learning rate, rank), for `describe`."""
+    return {"target_modules": settings.get("target_modules"), "learning_rate": settings.get("learning_rate"),
+            "rank": {"lora_r": settings.get("lora_r")}}
+
+
 def _headline(v: Values) -> None:
     study, R = v.inputs.json(STUDY) or {}, f"{STUDY}#"
     final = study.get("final") or {}
@@ -143,10 +202,15 @@ def _headline(v: Values) -> None:
         v.put("final_n", "int", R + "/final/test/n")
         v.put("final_trainable", "int", f"{R}/runs/{i}/trainable_params")
         v.put("final_total_params", "int", f"{R}/runs/{i}/total_params")
-        v.put("final_reduction", "x", f"{R}/runs/{i}/total_params", f"{R}/runs/{i}/trainable_params",
-              op="frozen_per_trainable")
+        _reduction(v, "final_reduction", study["runs"][i], f"{R}/runs/{i}")
         v.put("final_train_questions", "int", f"{R}/runs/{i}/settings/max_train_samples")
         _train_time(v, "final_train_time", f"{R}/runs/{i}")
+        point = settings_point(study["runs"][i].get("settings") or {})
+        v.text("final_settings", describe(point))
+        best = _run_index(v.inputs, run_id=(study.get("selection") or {}).get("best_run"))
+        # the final model is trained from the selection of its day; an extended grid may have moved it since
+        v.flag("has_final_matches_best", best is not None and
+               settings_point(study["runs"][best].get("settings") or {}) == point)
     _grid_headline(v, study)
     has_pre = v.flag("has_preliminary", v.inputs.json(PRE_TUNED) is not None and v.inputs.json(PRE_BASE) is not None
                      and v.inputs.json(PRE_SUMMARY) is not None)
@@ -162,7 +226,7 @@ def _headline(v: Values) -> None:
         v.put("pre_perm_p", "p_is", f"{PRE_COMPARE}#/f1/permutation_p_value")
         v.put("pre_trainable", "int", f"{PRE_SUMMARY}#/trainable_params")
         v.put("pre_total_params", "int", f"{PRE_SUMMARY}#/total_params")
-        v.put("pre_reduction", "x", f"{PRE_SUMMARY}#/total_params", f"{PRE_SUMMARY}#/trainable_params",
+        v.put("pre_reduction", "1", f"{PRE_SUMMARY}#/total_params", f"{PRE_SUMMARY}#/trainable_params",
               op="frozen_per_trainable")
         v.put("pre_train_questions", "int", f"{PRE_SUMMARY}#/train_examples")
         v.put("pre_train_minutes", "1", f"{PRE_SUMMARY}#/train_runtime_s", scale=1 / 60)
@@ -182,8 +246,6 @@ def _bench(v: Values) -> None:
     v.put("cpu_count", "int", B + "/machine/cpu_count")
     v.put("bench_train_speedup", "x", B + "/train/speedup")
     v.put("bench_mem_ratio", "pct0", B + "/train/peak_rss_ratio", scale=100)
-    v.put("bench_mfu", "pct0", B + "/train/loraqa_mfu", scale=100)
-    v.put("bench_matmul_peak", "int", B + "/machine/matmul_peak_gflops")
     v.put("bench_answer_logits_speedup", "2", B + "/train/padded_answer_only_logits/examples_per_s",
           B + "/train/padded_full_logits/examples_per_s", op="ratio")
     v.put("bench_packing_speedup", "1", B + "/train/speedup_over_padded_answer_only_logits")
@@ -203,14 +265,13 @@ def _bench(v: Values) -> None:
     identical = v.put("bench_eval_identical", "int", B + "/eval/greedy_identical_count")
     n = v.put("bench_eval_n", "int", B + "/eval/questions")
     v.text("claim_eval_identical", claim_identical(identical, n) if identical and n else None, BENCH)
-    v.put("bench_eval_linear_bound", "x", B + "/eval/speedup_if_only_linear_layers")
     v.put("bench_bf16_speedup", "x", B + "/eval/bf16/speedup_over_fp32_one_by_one")
     identical = v.number("int", B + "/eval/bf16/identical_to_fp32_count")
     n = v.number("int", B + "/eval/questions")
     v.text("claim_bf16", claim_bf16(identical, n) if identical and n else None, BENCH)
-    rows = [("TRL SFTTrainer + PEFT", "reference_trl"), ("padded rows, full logits", "padded_full_logits"),
+    rows = [("TRL’s supervised trainer + PEFT", "reference_trl"), ("padded rows, full logits", "padded_full_logits"),
             ("padded rows, answer-only logits", "padded_answer_only_logits"),
-            ("*loraqa* (shared contexts)", "loraqa")]
+            ("*ours* (shared contexts)", "loraqa")]
     body: list = ["_Training_ (examples/s, same batches and loss)"]
     for label, key in rows:
         rate = v.number("2", f"{B}/train/{key}/examples_per_s")
@@ -218,10 +279,10 @@ def _bench(v: Values) -> None:
         ratio = v.number("x", f"{B}/train/{key}/examples_per_s", f"{B}/train/reference_trl/examples_per_s", op="ratio")
         body.append([label, rate.text if rate else "–", mem.text if mem else "–", ratio.text if ratio else "–"])
     body.append("_Evaluation_ (questions/s, greedy)")
-    for label, key, ref in (("one-by-one `generate`", "one_by_one_questions_per_s", None),
+    for label, key, ref in (("one question at a time", "one_by_one_questions_per_s", None),
                             ("batched full-prompt rows", "full_prompt_rows_questions_per_s", None),
-                            ("*loraqa* (shared prefixes)", "loraqa_questions_per_s", None),
-                            ("*loraqa*, bf16 weights", "bf16/loraqa_questions_per_s", None)):
+                            ("*ours* (shared prefixes)", "loraqa_questions_per_s", None),
+                            ("*ours*, bf16 weights", "bf16/loraqa_questions_per_s", None)):
         rate = v.number("2", f"{B}/eval/{key}")
         ratio = v.number("x", f"{B}/eval/{key}", f"{B}/eval/one_by_one_questions_per_s", op="ratio")
         body.append([label, rate.text if rate else "–", "–", ratio.text if ratio else "–"])
@@ -249,14 +310,15 @@ def _data_stats(v: Values) -> None:
     shortest = v.number("int", f"{S}/max_length/{lengths[0]}/dropped") if lengths else None
     v.text("claim_dropped", claim_count(shortest, "question is dropped at the shortest length",
                                         "questions are dropped at the shortest length",
-                                        "no question is dropped at any of these lengths (every answer fits)")
+                                        f"no question is dropped at any maximum length from {lengths[0]} to "
+                                        f"{int(lengths[-1]):,} tokens (every answer fits)")
            if shortest else None, S)
     header = ["Training set", *(TOKENIZERS[k] for k in present)]
     rows: list = ["_Tokens of prompt + answer_"]
     for p in ("p50", "p90", "p99", "p100"):
         cells = [v.number("int", f"data_stats_{k}_train.json#/percentiles/total/{p}") for k in present]
         rows.append([p if p != "p100" else "max", *(c.text if c else "–" for c in cells)])
-    rows.append("_Questions truncated (dropped) at max_length_")
+    rows.append("_Questions truncated (dropped) at maximum length_")
     for length in lengths:
         cells = []
         for k in present:
@@ -283,15 +345,15 @@ def _label_example(v: Values) -> None:
 
 
 def _padding(v: Values) -> None:
-    """padding_study.json (`loraqa padding-study`): cells per strategy and batch size; the table shows the
-    training batch size (8 when measured, else the largest)."""
+    """padding_study.json (`loraqa padding-study`): the claim at the training batch size (8 when measured, else
+    the largest); the figure shows every batch size."""
     cells = (v.inputs.json(PADDING) or {}).get("cells") or []
     if not v.flag("has_padding", bool(cells)):
         return
     P = f"{PADDING}#"
     sizes = {c["batch_size"] for c in cells}
     batch = 8 if 8 in sizes else max(sizes)
-    body, steps, tokens = [], [], []
+    steps, tokens = [], []
     # CPU seconds where measured (the plot's rule): wall time of a 1-thread study counts what else ran beside it
     timed = [c["timing"] for c in cells if c.get("timing")]
     on_cpu = bool(timed) and all(t.get("step_cpu_seconds_median") for t in timed)
@@ -302,15 +364,10 @@ def _padding(v: Values) -> None:
         if not steps and not tokens:
             v.put("pad_batch_size", "int", f"{P}/cells/{i}/batch_size")
         name = literal(cell["strategy"].replace("_", " "))
-        share = v.number("pct0", f"{P}/cells/{i}/padded_share", scale=100)
         per_question = v.number("int", f"{P}/cells/{i}/tokens_per_question")
         step = v.number("2", f"{P}/cells/{i}/timing/{timing}")
-        memory = v.number("1", f"{P}/cells/{i}/timing/peak_memory_mb_max", scale=1 / 1024)
-        body.append([name, *(n.text if n else "–" for n in (share, per_question, step, memory))])
         steps += [(name, step)] if step else []
         tokens += [(name, per_question)] if per_question else []
-    v.text("table_padding", table(["Collation", "Padding", "Tokens/q.", "CPU s/step" if on_cpu else "s/step",
-                                   "Peak GiB"], body, "lrrrr"))
     v.text("claim_padding", claim_padding(steps, tokens, "CPU s" if on_cpu else "s") if tokens else None, PADDING)
 
 
@@ -336,7 +393,7 @@ def _grid_headline(v: Values, study: dict) -> None:
               v.put("grid_p_holm", "p", f"{T}/p_holm"),
               v.put("grid_trainable", "int", f"{run}/trainable_params"),
               v.put("grid_total_params", "int", f"{run}/total_params"),
-              v.put("grid_reduction", "x", f"{run}/total_params", f"{run}/trainable_params", op="frozen_per_trainable"),
+              _reduction(v, "grid_reduction", study["runs"][best], run),
               v.put("grid_train_questions", "int", f"{run}/settings/max_train_samples"),
               _train_time(v, "grid_train_time", run)]
     v.text("grid_best_settings", describe(study["runs"][best]["grid_point"]))
@@ -350,7 +407,6 @@ def _study(v: Values) -> None:
     selection = (study or {}).get("selection") or {}
     searched = len(selection.get("candidates") or {}), len(selection.get("full_ft_candidates") or {})
     v.text("full_ft_lr_noun", "learning rate" if searched[1] == 1 else "learning rates")
-    v.flag("has_claim_lora_larger_search", searched[0] > searched[1])
     if not v.flag("has_study", bool(study and runs)):
         return
     v.put("runs_finished", "int", R + "/runs", op="len")
@@ -373,7 +429,7 @@ def _study(v: Values) -> None:
     v.text("grid_ranks", ", ".join(str(r) for r in ranks) or None, R + "/protocol/grid/rank")
     v.text("grid_lrs", ", ".join(_lr(x) for x in grid.get("learning_rate", [])) or None,
            R + "/protocol/grid/learning_rate")
-    v.text("grid_targets", " and ".join(literal(t) for t in grid.get("target_modules", [])) or None,
+    v.text("grid_targets", " and ".join(targets_in_words(t) for t in grid.get("target_modules", [])) or None,
            R + "/protocol/grid/target_modules")
     v.text("centre_settings", describe((study.get("protocol") or {}).get("centre") or {}) or None,
            R + "/protocol/centre")
@@ -411,8 +467,12 @@ def _study(v: Values) -> None:
     if best is not None:
         v.text("best_settings", describe(runs[best]["grid_point"]))
         point = runs[best]["grid_point"]
+        # the rates its own row tried: the spec's and the row's extensions (a row may end at the extension's cap)
+        row_rates = [r["grid_point"].get("learning_rate") for _, r in grid_runs
+                     if {a: r["grid_point"].get(a) for a in ("target_modules", "rank")}
+                     == {a: point.get(a) for a in ("target_modules", "rank")}]
         edge = claim_edge({axis: (value, levels) for axis, value, levels in (
-            ("learning rate", point.get("learning_rate"), grid.get("learning_rate") or []),
+            ("learning rate", point.get("learning_rate"), row_rates or grid.get("learning_rate") or []),
             ("rank", (point.get("rank") or {}).get("lora_r"), ranks)) if value is not None})
         if edge:
             v.text("claim_best_edge", edge)
@@ -456,19 +516,23 @@ def _main_table(v: Values) -> None:
     selection, final = study.get("selection") or {}, study.get("final") or {}
     best_label = "Grid best" + ("" if selection.get("grid_complete") else " so far")
     best, centre = (_run_index(v.inputs, run_id=selection.get(key)) for key in ("best_run", "centre_run"))
-    plan = [("Untuned (baseline)", _run_index(v.inputs, name="baseline"), "test"),
+    prompted = _prompt_rows(v)
+    plan = [*(prompted or [("Untuned (baseline)", _run_index(v.inputs, name="baseline"), "test")]),
             (f"Grid centre = {best_label.lower()}" if best is not None and best == centre else best_label, best,
              "test"),
             ("Grid centre", None if best == centre else centre, "test"),
             ("Full fine-tuning", _run_index(v.inputs, run_id=selection.get("best_full_ft_run")), "test"),
-            ("Final model (full dev)", _run_index(v.inputs, run_id=final.get("run")), "test"),
-            ("Untuned (full dev)", _run_index(v.inputs, name="baseline_full_dev"), "test")]
+            ("Final model, full dev", _run_index(v.inputs, run_id=final.get("run")), "test"),
+            ("Untuned, zero-shot (full dev)" if prompted else "Untuned (full dev)",
+             _run_index(v.inputs, name="baseline_full_dev"), "test"),
+            ("Untuned, best prompt (full dev)", _run_index(v.inputs, run_id=final.get("prompted_baseline_run")), "test")]
     rows: list = []
     for label, k, split in plan:  # rows not measured yet are left out (the Results section lists them)
         if k is None or split not in runs[k].get("scores", {}):
             continue
         run, base = runs[k], f"{R}/runs/{k}"
-        what = describe(run.get("grid_point") or {})
+        what = describe(run.get("grid_point") or (settings_point(run["settings"]) if run.get("group") == "final"
+                                                   else {}))
         name = f"{label}" + (f" ({what})" if what else "")
         params = v.number("int", f"{base}/trainable_params") if run.get("trainable_params") else None
         questions = v.number("int", f"{base}/settings/max_train_samples") if run.get("group") != "baseline" else None
@@ -476,11 +540,11 @@ def _main_table(v: Values) -> None:
         n = v.number("int", f"{base}/scores/{split}/n")
         rows.append([name, questions.text if questions else "–", params.text if params else "–",
                      val.text if val else "–", n.text if n else "–", *_scores(v, f"{base}/scores/{split}", split)])
-    if v.inputs.json(PRE_TUNED) is not None:
+    if v.inputs.json(PRE_TUNED) is not None and _run_index(v.inputs, run_id=final.get("run")) is None:
         questions = v.number("int", f"{PRE_SUMMARY}#/train_examples")
         params = v.number("int", f"{PRE_SUMMARY}#/trainable_params")
         n = v.number("int", f"{PRE_TUNED}#/n")
-        rows.append(["Preliminary adapter (`make run`)", questions.text if questions else "–",
+        rows.append(["Preliminary adapter", questions.text if questions else "–",
                      params.text if params else "–", "–", n.text if n else "–",
                      *_scores(v, f"{PRE_TUNED}#", "test")])
         if v.inputs.json(PRE_BASE) is not None and _run_index(v.inputs, name="baseline") is None:
@@ -491,13 +555,58 @@ def _main_table(v: Values) -> None:
                                 "Test F1 [95% CI]"], rows, "lrrrrrr", widths="(1fr," + " auto," * 6 + ")"))
 
 
+def prompt_in_words(few_shot: int, chat_template: bool) -> str:
+    """(3, False) -> '3 examples', (0, True) -> 'zero-shot, chat template'."""
+    shots = "zero-shot" if not few_shot else f"{few_shot} example{'s' if few_shot > 1 else ''}"
+    return shots + (", chat template" if chat_template else "")
+
+
+def _prompt_rows(v: Values) -> list[tuple[str, int | None, str]]:
+    """Main-table rows of the untuned model's prompts (zero-shot first, then by examples and template); the best
+    by the study's rule is marked. Empty before the prompted baselines exist."""
+    prompted = (v.inputs.json(STUDY) or {}).get("prompted_baselines") or {}
+    ordered = sorted(prompted.get("runs") or [], key=lambda r: (r["few_shot"], r["chat_template"]))
+    return [(f"Untuned, {prompt_in_words(r['few_shot'], r['chat_template'])}"
+             + (" (best prompt)" if r["run_id"] == prompted.get("best_run") and len(ordered) > 1 else ""),
+             _run_index(v.inputs, run_id=r["run_id"]), "test") for r in ordered]
+
+
+def _prompted(v: Values) -> None:
+    """The untuned model's best prompt (chosen on validation F1) and the final model's gain over it: on all of dev
+    once that run and its paired comparison exist, else the best prompt's score on the test subset."""
+    study, R = v.inputs.json(STUDY) or {}, f"{STUDY}#"
+    prompted = study.get("prompted_baselines") or {}
+    runs = prompted.get("runs") or []
+    best = next((j for j, r in enumerate(runs) if r["run_id"] == prompted.get("best_run")), None)
+    zero = next((j for j, r in enumerate(runs) if not r["few_shot"] and not r["chat_template"]), None)
+    if not v.flag("has_prompted", best is not None and zero is not None and len(runs) > 1):
+        v.flag("has_prompted_full_dev", False)
+        return
+    P = f"{R}/prompted_baselines"
+    v.text("prompt_best_words", literal(prompt_in_words(runs[best]["few_shot"], runs[best]["chat_template"])))
+    v.put("prompts_n", "int", f"{P}/runs", op="len")
+    v.put("prompt_best_val_f1", "score", f"{P}/runs/{best}/validation/f1")
+    v.put("prompt_best_test_f1", "score", f"{P}/runs/{best}/test/f1")
+    v.put("prompt_test_n", "int", f"{P}/runs/{best}/test/n")
+    v.put("prompt_zero_test_f1", "score", f"{P}/runs/{zero}/test/f1")
+    final, F = study.get("final") or {}, f"{R}/final"
+    found = [v.put("prompted_full_f1", "score", f"{F}/prompted_baseline_full_dev/f1"),
+             v.put("prompted_full_em", "score", f"{F}/prompted_baseline_full_dev/exact_match"),
+             v.put("prompted_delta_f1", "signed", f"{F}/prompted_comparison/delta_f1"),
+             v.ci(f"{F}/prompted_comparison/delta_f1_ci", "prompted_delta_f1_ci"),
+             v.put("prompted_p", "p_is", f"{F}/prompted_comparison/p_value")] \
+        if final.get("prompted_comparison") and final.get("prompted_baseline_full_dev") else [None]
+    # the text quotes both gains, over the best prompt and over zero-shot, so both full-dev runs must be in
+    v.flag("has_prompted_full_dev", v.fields.get("has_final_baseline") == "true" and None not in found)
+
+
 def _effects(v: Values, study: dict) -> None:
     R, effects = f"{STUDY}#", study.get("main_effects") or {}
     rows: list = []
     for axis, levels in effects.items():
         if not levels:
             continue
-        rows.append(f"_{literal(axis)}_")
+        rows.append(f"_{literal(AXES.get(axis, axis))}_")
         trend = []
         for j, level in enumerate(levels):
             base = f"{R}/main_effects/{axis}/{j}"
@@ -507,7 +616,8 @@ def _effects(v: Values, study: dict) -> None:
             runs_n = v.number("int", f"{base}/runs")
             rows.append([label, runs_n.text, f"{f1.text} {ci}", val.text if val else "–"])
             trend.append((label, f1))
-        if axis in ("rank", "learning_rate") and len(trend) > 1:
+        balanced = len({level.get("runs") for level in levels}) == 1  # unequal mixes make level means incomparable
+        if axis in ("rank", "learning_rate") and len(trend) > 1 and balanced:
             v.text(f"claim_{axis}", claim_trend(trend, "rank" if axis == "rank" else "learning rate"))
     for axis in ("rank", "learning_rate"):
         v.flag(f"has_claim_{axis}", f"claim_{axis}" in v.fields)
@@ -516,11 +626,16 @@ def _effects(v: Values, study: dict) -> None:
         v.text("table_effects", table(["Level", "Runs", "Test F1 [95% CI]", "Val. F1"], rows, "lrrr"))
 
 
+AXES = {"target_modules": "target modules", "learning_rate": "learning rate"}  # the grid's axes in words
+
+
 def _level_label(axis: str, level) -> str:
     if isinstance(level, str) and level.startswith("lora_r="):
         return "_r_ = " + level.split(",")[0].split("=")[1]
     if axis == "learning_rate" and isinstance(level, (int, float)):
         return _lr(level)
+    if axis == "target_modules":
+        return targets_in_words(str(level))
     return literal(str(level))
 
 
@@ -528,22 +643,23 @@ def _level_label(axis: str, level) -> str:
 CLAIMS = {r"^centre vs target_modules=": ("claim_targets", "attention only", "attention+MLP"),
           r"^centre vs (best|.* \(best\))$": ("claim_best_vs_centre", "the centre", "the selected configuration"),
           r"^answer-only loss": ("claim_masking", "answer-only loss", "loss on the whole sequence"),
-          r"^max_length 512 vs 256": ("claim_max_length", "max_length 512", "max_length 256"),
+          r"^max_length 512 vs 256": ("claim_max_length", "maximum length 512", "maximum length 256"),
           r"^LoRA \(best\) vs full": ("claim_full_ft", "LoRA", "full fine-tuning"),
           r"^baseline vs LoRA": ("claim_baseline", "the untuned model", "LoRA"),
-          r"^LoRA \(best\) on \S+ vs \S+ questions": ("claim_budget", "the selected configuration on the grid’s budget",
+          r"^LoRA \(best\) on \S+ vs \S+ questions": ("claim_budget", "its configuration on the grid’s budget",
                                            "the final model")}
 
 
 def _alpha_series(v: Values, runs: list[dict]) -> None:
     """The rank series at one fixed alpha against the grid's alpha = 2r series at the same learning rate and
-    targets: how much of the rise with rank comes with alpha = 2r's growing update rather than with capacity."""
+    targets: how much of the rise with rank comes with alpha = 2r's growing update rather than with capacity.
+    One clause per learning rate the fixed series was run at (the centre's, then attention's best)."""
     fixed_runs = [r for r in runs if r.get("group") == "alpha" and "test" in r.get("scores", {})]
-    keys = {(r["settings"].get("lora_alpha"), r["settings"].get("learning_rate"), r["settings"].get("target_modules"))
-            for r in fixed_runs}
-    series: dict[str, dict[int, int]] = {"fixed": {}, "2r": {}}
-    if len(keys) == 1:
-        (alpha, lr, targets), = keys
+    keys = sorted({(r["settings"].get("lora_alpha"), r["settings"].get("learning_rate"),
+                    r["settings"].get("target_modules")) for r in fixed_runs}, key=lambda key: key[1])
+    R, clauses = f"{STUDY}#/runs", []
+    for alpha, lr, targets in keys:
+        series: dict[str, dict[int, int]] = {"fixed": {}, "2r": {}}
         for k, run in enumerate(runs):
             s = run.get("settings") or {}
             if run.get("group") not in ("grid", "alpha") or "test" not in run.get("scores", {}) \
@@ -553,22 +669,25 @@ def _alpha_series(v: Values, runs: list[dict]) -> None:
                 series["fixed"][s["lora_r"]] = k
             if run.get("group") == "grid" and s.get("lora_alpha") == 2 * s.get("lora_r", 0):
                 series["2r"][s["lora_r"]] = k
-    ranks = sorted(set(series["fixed"]) & set(series["2r"]))
-    if not v.flag("has_claim_alpha_series", len(ranks) >= 2):
-        return
-    R, spans = f"{STUDY}#/runs", {}
-    for name, found in series.items():
-        ordered = sorted((runs[found[r]]["scores"]["test"]["f1"], found[r]) for r in ranks)
-        low, high = (f"{R}/{ordered[end][1]}/scores/test/f1" for end in (0, -1))
-        spans[name] = (v.number("score", low), v.number("score", high), v.number("1", high, low, op="diff"))
-    (flo, fhi, fspread), (tlo, thi, tspread) = spans["fixed"], spans["2r"]
-    fixed_alpha = v.number("int", f"{R}/{series['fixed'][ranks[0]]}/settings/lora_alpha")
-    text = (f"with $alpha$ fixed at {fixed_alpha.text} test F1 stays between {flo.text} and {fhi.text} over "
-            f"_r_ = {', '.join(map(str, ranks))} (a spread of {fspread.text} points), against {tlo.text} to "
-            f"{thi.text} ({tspread.text} points) with $alpha = 2r$")
-    if fspread.value < tspread.value / 2:
-        text += ": most of the rise with rank at $alpha = 2r$ comes with its growing update, not with capacity"
-    v.text("claim_alpha_series", text)
+        ranks = sorted(set(series["fixed"]) & set(series["2r"]))
+        if len(ranks) < 2:
+            continue
+        spans = {}
+        for name, found in series.items():
+            ordered = sorted((runs[found[r]]["scores"]["test"]["f1"], found[r]) for r in ranks)
+            low, high = (f"{R}/{ordered[end][1]}/scores/test/f1" for end in (0, -1))
+            spans[name] = (v.number("score", low), v.number("score", high), v.number("1", high, low, op="diff"))
+        (flo, fhi, fspread), (tlo, thi, tspread) = spans["fixed"], spans["2r"]
+        fixed_alpha = v.number("int", f"{R}/{series['fixed'][ranks[0]]}/settings/lora_alpha")
+        text = (f"at lr = {_lr(lr)}, with $alpha$ fixed at {fixed_alpha.text} test F1 stays between {flo.text} and "
+                f"{fhi.text} over _r_ = {', '.join(map(str, ranks))} (a spread of {fspread.text} points), against "
+                f"{tlo.text} to {thi.text} ({tspread.text} points) with $alpha = 2r$")
+        if fspread.value < tspread.value / 2:
+            text += (": at this rate most of the rise with rank at $alpha = 2r$ is consistent with its growing "
+                     "update rather than with capacity")
+        clauses.append(text)
+    if v.flag("has_claim_alpha_series", bool(clauses)):
+        v.text("claim_alpha_series", "; ".join(clauses))
 
 
 def _tests(v: Values, study: dict) -> None:
@@ -579,6 +698,7 @@ def _tests(v: Values, study: dict) -> None:
         base = f"{R}/tests/{j}"
         delta, ci = v.number("signed", f"{base}/delta_f1"), v.ci(f"{base}/delta_f1_ci")
         p, p_holm = v.number("p_cell", f"{base}/p_value"), v.number("p", f"{base}/p_holm")
+        p_holm = p_holm and holm_bound(p_holm, t)
         em = v.number("signed", f"{base}/delta_exact_match")
         # McNemar's exact p (sign flips for a main-effect contrast, whose EM is averaged over runs)
         em_p = v.number("p_exact" if t.get("exact_match_test", "McNemar") == "McNemar" else "p_cell",
@@ -614,7 +734,7 @@ def _tests(v: Values, study: dict) -> None:
     v.text("only_test", _test_label(tests[0]["name"]) if tests else None, R + "/tests/0/name")
     if rows:
         v.text("table_tests", table(["Comparison (A vs B)", "Q.", "ΔF1 (B − A) [95% CI]", "ΔEM", "_p_ EM", "_p_",
-                                     "_p_ Holm", "Sig.", "> √2 seed sd"], rows, "lrrrrrrcc"))
+                                     "_p_ Holm", "Sig.", "> √2 seed sd"], rows, "lrrrrrrcc", size="7pt"))
 
 
 def _seeds(v: Values, study: dict) -> None:
@@ -657,13 +777,16 @@ def _cost(v: Values) -> None:
     v.put("cost_steps", "int", C + "/settings/steps")
     L, F = f"{C}/configs/{lora}", f"{C}/configs/{full}"
     v.put("cost_centre_rank", "int", L + "/lora_r")
-    v.put("cost_lora_s", "2", L + "/step_cpu_seconds_mean")
-    v.put("cost_full_s", "2", F + "/step_cpu_seconds_mean")
-    v.put("cost_full_step_ratio", "1", F + "/step_cpu_seconds_mean", L + "/step_cpu_seconds_mean", op="ratio")
-    v.put("cost_lora_update_s", "2", L + "/update_cpu_seconds_mean")
-    v.put("cost_full_update_s", "2", F + "/update_cpu_seconds_mean")
-    forward_backward = v.put("cost_fb_ratio", "2", F + "/step_cpu_seconds_mean", F + "/update_cpu_seconds_mean",
-                             L + "/step_cpu_seconds_mean", L + "/update_cpu_seconds_mean", op="ratio_of_diffs")
+    # medians over repetitions where the study repeated its steps (--repeats), else the one repetition's means
+    stat = "median" if all(c.get("step_cpu_seconds_median") is not None for c in configs) else "mean"
+    step, update = f"/step_cpu_seconds_{stat}", f"/update_cpu_seconds_{stat}"
+    v.put("cost_lora_s", "2", L + step)
+    v.put("cost_full_s", "2", F + step)
+    v.put("cost_full_step_ratio", "1", F + step, L + step, op="ratio")
+    v.put("cost_lora_update_s", "2", L + update)
+    v.put("cost_full_update_s", "2", F + update)
+    v.text("cost_spread", _cost_spread(v, F, L) if v.flag("has_cost_spread", stat == "median") else "", C)
+    forward_backward = v.put("cost_fb_ratio", "2", F + step, F + update, L + step, L + update, op="ratio_of_diffs")
     flops = v.number("2", "parameter_counts.json#/smollm2-135m/step_costs_r16/attention/ratio/step_flops")
     if forward_backward and flops:  # the measurement against the closed form of Section V
         gap = forward_backward.value / flops.value - 1
@@ -682,16 +805,25 @@ def _cost(v: Values) -> None:
     if len(ranks) >= 2:
         v.put("cost_rank_low", "int", f"{C}/configs/{low}/lora_r")
         v.put("cost_rank_high", "int", f"{C}/configs/{high}/lora_r")
-        ratio = v.put("cost_rank_step_ratio", "2", f"{C}/configs/{high}/step_cpu_seconds_mean",
-                      f"{C}/configs/{low}/step_cpu_seconds_mean", op="ratio")
+        ratio = v.put("cost_rank_step_ratio", "2", f"{C}/configs/{high}{step}", f"{C}/configs/{low}{step}",
+                      op="ratio")
         v.text("claim_rank_cost", None if ratio is None else
                "the frozen model's forward and backward dominate the step" if ratio.value < 1.25 else
                "the adapters' own products are a visible share of the step")
     v.flag("has_cost_mlp", mlp is not None)
     if mlp is not None:
-        v.put("cost_mlp_step_ratio", "2", f"{C}/configs/{mlp}/step_cpu_seconds_mean",
-              L + "/step_cpu_seconds_mean", op="ratio")
+        v.put("cost_mlp_step_ratio", "2", f"{C}/configs/{mlp}{step}", L + step, op="ratio")
         v.put("cost_mlp_mem_ratio", "2", f"{C}/configs/{mlp}/peak_rss_mb", L + "/peak_rss_mb", op="ratio")
+
+
+def _cost_spread(v: Values, full: str, lora: str) -> str | None:
+    """The medians' repetitions and ranges: a ratio of two timings means little without their spread."""
+    count = v.number("int", full + "/step_cpu_seconds_repetitions", op="len")
+    ranges = [[v.number("2", f"{path}/step_cpu_seconds_spread/{i}") for i in (0, 1)] for path in (full, lora)]
+    if count is None or None in ranges[0] + ranges[1]:
+        return None
+    (f_lo, f_hi), (l_lo, l_hi) = ranges
+    return f"medians of {count.text} repetitions, ranges {f_lo.text}–{f_hi.text} and {l_lo.text}–{l_hi.text} s"
 
 
 def _full_ft(v: Values, study: dict, runs: list[dict], best: int | None) -> None:
@@ -719,8 +851,8 @@ def _full_ft(v: Values, study: dict, runs: list[dict], best: int | None) -> None
 
 
 def _adapter_name(v: Values, adapter: str | None) -> str:
-    """Which adapter an evaluation used, in words: 'the final', 'the grid’s selected', 'the preliminary' or its
-    folder name."""
+    """Which adapter an evaluation used, in words: 'the final', 'the grid’s selected', 'the preliminary', a grid
+    run's settings or 'a separately trained' (never a folder name)."""
     adapter = str(adapter or "")
     study = v.inputs.json(STUDY) or {}
     final = (study.get("final") or {}).get("run")
@@ -734,18 +866,26 @@ def _adapter_name(v: Values, adapter: str | None) -> str:
         return "the grid’s selected"
     if adapter and preliminary and Path(adapter) == Path(preliminary):
         return "the preliminary"
-    return "the " + literal(Path(adapter).name) if adapter else "no"
+    run = next((r for r in (study.get("runs") or []) if r.get("run_id") and r["run_id"] in adapter), None)
+    if run and run.get("grid_point"):
+        return f"the grid’s {describe(run['grid_point'])}"
+    return "a separately trained" if adapter else "no"
+
+
+SPAN_FULL_DEV = "compare_final_span_full_dev.json"  # `make decoding-full-dev`: greedy (a) vs the best span-aware (b)
 
 
 def _strategies(v: Values) -> None:
+    """The decoding grid's table and claims. Only F1, answer length and agreement are compared: the grid decodes
+    greedy and the sampled strategies in one pass (their questions/s is the whole pass's) and beams alone."""
     name = FINAL_STRATEGIES if v.inputs.json(FINAL_STRATEGIES) is not None else STRATEGIES
     data, S = v.inputs.json(name), f"{name}#"
     rows = (data or {}).get("strategies") or []
     if not v.flag("has_strategies", bool(rows) and rows[0].get("strategy") == "greedy"):
         return
     v.put("strat_n", "int", S + "/n")
-    v.put("strat_seeds", "int", f"{S}/strategies/{1 if len(rows) > 1 else 0}/seeds", op="len")
-    v.put("strat_minutes", "1", S + "/grid_seconds", scale=1 / 60)
+    sampled = [j for j, r in enumerate(rows) if (r.get("generation") or {}).get("do_sample", j > 0)]
+    v.put("strat_seeds", "int", f"{S}/strategies/{sampled[0] if sampled else 0}/seeds", op="len")
     v.text("strat_adapter", _adapter_name(v, data.get("adapter")))
     adapter = str(data.get("adapter") or "")
     v.flag("has_strategies_on_final", _adapter_name(v, adapter) == "the final")
@@ -753,21 +893,44 @@ def _strategies(v: Values) -> None:
     for j, row in enumerate(rows):
         base = f"{S}/strategies/{j}"
         em, f1 = v.number("score", f"{base}/exact_match"), v.number("score", f"{base}/f1")
-        sd = v.number("1", f"{base}/f1_sd")
-        cells = [v.number("2", f"{base}/{k}") for k in ("verbatim_in_context", "distinct_2", "seed_disagreement")]
-        body.append([literal(row["strategy"]), em.text, f"{f1.text} ± {sd.text}" if sd else f1.text,
+        sd = v.number("1", f"{base}/f1_sd") if j in sampled else None
+        cells = [v.number(fmt, f"{base}/{k}") for k, fmt in (("verbatim_in_context", "2"), ("mean_answer_words", "1"),
+                                                              ("distinct_2", "2"), ("seed_disagreement", "2"))]
+        if j not in sampled:  # one answer per question: agreement between seeds measures nothing
+            cells[-1] = None
+        body.append([strategy_label(row["strategy"]), em.text, f"{f1.text} ± {sd.text}" if sd else f1.text,
                      *(c.text if c else "–" for c in cells)])
-        f1s.append((literal(row["strategy"]), f1, j))
-    v.text("table_strategies", table(["Strategy", "EM", "F1 ± sd", "Verb.", "Dist-2", "Seeds ≠"], body, "lrrrrr"))
-    v.text("claim_decoding", claim_best_strategy([(name, f1) for name, f1, _ in f1s]))
-    sampled = f1s[1:]
+        f1s.append((strategy_label(row["strategy"]), f1, j))
+    v.text("table_strategies", table(["Strategy", "EM", "F1 (± sd)", "Verb.", "Words", "Dist-2", "Seeds ≠"], body,
+                                     "lrrrrrr"))
+    v.text("claim_decoding", claim_best_strategy([(label, f1) for label, f1, _ in f1s]))
     if sampled:
-        worst = min(sampled, key=lambda s: s[1].value)
-        closest = max(sampled, key=lambda s: s[1].value)
+        worst = min((f1s[j] for j in sampled), key=lambda s: s[1].value)
+        closest = max((f1s[j] for j in sampled), key=lambda s: s[1].value)
         costs = {tag: v.number("1", f"{S}/strategies/0/f1", f"{S}/strategies/{j}/f1", op="diff")
                  for tag, (_, _, j) in (("closest", closest), ("worst", worst))}
         v.text("claim_sampling", claim_sampling("greedy", (closest[0], costs["closest"]), (worst[0], costs["worst"])))
     v.flag("has_sampled", bool(sampled))
+    generation = [r.get("generation") or {} for r in rows]
+    constrained = [j for j, g in enumerate(generation) if g.get("constrain_to_context")]
+    if v.flag("has_constrained", bool(constrained)):
+        shares = [v.number("2", f"{S}/strategies/{j}/verbatim_in_context") for j in constrained]
+        greedy = v.number("2", f"{S}/strategies/0/verbatim_in_context")
+        v.text("claim_constrained", claim_verbatim(shares, greedy))
+    beams = [j for j, g in enumerate(generation) if g.get("num_beams", 1) > 1 and not g.get("constrain_to_context")]
+    if v.flag("has_beams", bool(beams)):
+        v.text("claim_beams", claim_beams(
+            v.number("1", f"{S}/strategies/0/mean_answer_words"), v.number("score", f"{S}/strategies/0/f1"),
+            [(int(generation[j]["num_beams"]), v.number("1", f"{S}/strategies/{j}/mean_answer_words"),
+              v.number("score", f"{S}/strategies/{j}/f1")) for j in beams]))
+    # the best span-aware row (the rule `make decoding-full-dev` applies) and its paired test on all of dev
+    aware = [j for j, g in enumerate(generation) if g.get("constrain_to_context") or g.get("num_beams", 1) > 1]
+    if v.flag("has_span_aware", bool(aware)):
+        v.text("span_best", f1s[max(aware, key=lambda j: rows[j]["f1"])][0])
+    C = f"{SPAN_FULL_DEV}#"
+    found = [v.put("span_full_n", "int", C + "/n_common"), v.put("span_full_delta", "signed", C + "/f1/delta"),
+             v.ci(C + "/f1/delta_ci", "span_full_ci"), v.put("span_full_p", "p_is", C + "/f1/permutation_p_value")]
+    v.flag("has_span_full_dev", bool(aware) and None not in found)
 
 
 def _failures(v: Values) -> None:
@@ -775,7 +938,6 @@ def _failures(v: Values) -> None:
     if not v.flag("has_failures", bool(data and data.get("counts"))):
         return
     v.put("fail_n", "int", F + "/n")
-    v.text("fail_source", f"#raw({json.dumps(Path(data.get('evaluation', '')).name)});")
     v.text("fail_adapter", _adapter_name(v, data.get("adapter")))
     counts = data["counts"]
     wrong = [(c, n) for c, n in counts.items() if c != "correct"]
@@ -846,12 +1008,14 @@ def _figures(v: Values, plots: Path, figures_dir: Path | None) -> None:
 def _theory(v: Values) -> None:
     """Placeholders of sections/theory.typ: closed-form counts and costs (`loraqa param-counts`, which runs
     `loraqa.measure.lora_math` on GPT-2's and SmolLM2's configs) and the study's masking ablation."""
-    counts = "parameter_counts.json#"
+    counts = COUNTS
     for model, key in (("gpt2", "gpt2"), ("smollm2", "smollm2-135m")):
         v.put(f"{model}_base_params", "int", f"{counts}/{key}/base_params")
         for preset, label in (("attention", "attention"), ("attention+mlp", "attention_mlp")):
             v.put(f"{model}_{label}_r16_trainable", "int", f"{counts}/{key}/presets/{preset}/16/trainable_params")
-            v.put(f"{model}_{label}_r16_reduction", "1", f"{counts}/{key}/presets/{preset}/16/reduction_factor")
+            # rho = P / P_LoRA, as lora_math defines it (the file's reduction_factor may predate that definition)
+            v.put(f"{model}_{label}_r16_reduction", "1", f"{counts}/{key}/presets/{preset}/16/base_params",
+                  f"{counts}/{key}/presets/{preset}/16/trainable_params", op="ratio")
     costs = f"{counts}/smollm2-135m/step_costs_r16/attention"
     v.put("smollm2_attention_r16_flops_ratio", "2", f"{costs}/ratio/step_flops")
     for method, name in (("full", "smollm2_full_train_state_mb"), ("lora", "smollm2_attention_r16_train_state_mb")):
@@ -870,6 +1034,168 @@ def _theory(v: Values) -> None:
         v.text("masking_ablation_f1_ci", f"[{lo.text}, {hi.text}]" if lo and hi else None, source)
 
 
+# ---------------------------------------------------------------------------------------------- run folders
+
+OPTIMIZERS = {"adamw_torch_fused": "AdamW", "adamw_torch": "AdamW", "adamw_hf": "AdamW", "sgd": "SGD"}
+
+
+def _optimizer(name: str) -> str:
+    return OPTIMIZERS.get(name, name.replace("_", " "))
+
+
+def _schedule(name: str) -> str:
+    return "linear to 0" if name == "linear" else name.replace("_", " ")
+
+
+def _decoding(sample: bool) -> str:
+    return "sampling" if sample else "greedy"
+
+
+def _run_file(v: Values, run_id: str, name: str) -> str:
+    """A file of a study run's folder, relative to the results folder (the sweep writes results/sweep/<run>/)."""
+    folder = Path((v.inputs.json(STUDY) or {}).get("sweep_dir") or "sweep").name
+    return f"{folder}/{run_id}/{name}"
+
+
+def _cell(v: Values, ids: list[str], fmt: str, *pointers: str, op: str = "value") -> str:
+    """The distinct values, in increasing order, that runs `ids` have at `pointers` ('file#/pointer' with the
+    file inside the run folder); '–' where none has them."""
+    numbers = []
+    for run_id in ids:
+        sources = [_run_file(v, run_id, p.split("#")[0]) + "#" + p.split("#")[1] for p in pointers]
+        numbers += [n] if (n := v.number(fmt, *sources, op=op)) else []
+    texts = [n.text for n in sorted(numbers, key=lambda n: n.value)]
+    return ", ".join(dict.fromkeys(texts)) or "–"
+
+
+def _words(v: Values, ids: list[str], name: str, pointer: str, words) -> str:
+    """The distinct settings (strings, booleans) that runs `ids` have at `pointer`, each put in words."""
+    found = []
+    for run_id in ids:
+        try:
+            found.append(words(v.inputs.resolve(_run_file(v, run_id, name) + "#" + pointer)))
+        except KeyError:
+            continue
+    return ", ".join(dict.fromkeys(found)) or "–"
+
+
+def _hyperparameters(v: Values) -> None:
+    """The training and decoding settings of the grid runs and of the final model, read from each run's resolved
+    configuration (run_config.json), step count (summary.json) and test evaluation (eval_test.json)."""
+    study, runs = v.inputs.json(STUDY) or {}, _runs(v.inputs)
+    has_config = lambda r: v.inputs.json(_run_file(v, r["run_id"], "run_config.json")) is not None  # noqa: E731
+    final = _run_index(v.inputs, run_id=(study.get("final") or {}).get("run"))
+    columns = [("Grid runs", [r["run_id"] for r in runs if r.get("group") == "grid" and has_config(r)])]
+    if final is not None and has_config(runs[final]):
+        columns.append(("Final model", [runs[final]["run_id"]]))
+    columns = [(header, ids) for header, ids in columns if ids]
+    if not v.flag("has_hyperparameters", bool(columns)):
+        return
+    C, S, E = "run_config.json#/training", "summary.json#", "eval_test.json#/generation"
+    words = lambda ids, name, pointer, say: literal(_words(v, ids, name, pointer, say))  # noqa: E731
+    rows = []
+    for label, cell in (
+            ("Optimizer", lambda ids: words(ids, "run_config.json", "/training/optim", _optimizer)),
+            ("$beta_1$, $beta_2$; $epsilon$", lambda ids: f"{_cell(v, ids, 'g', f'{C}/adam_beta1')}, "
+                                                          f"{_cell(v, ids, 'g', f'{C}/adam_beta2')}; "
+                                                          f"{_cell(v, ids, 'lr', f'{C}/adam_epsilon')}"),
+            ("Weight decay", lambda ids: _cell(v, ids, "g", f"{C}/weight_decay")),
+            ("Peak learning rate", lambda ids: _cell(v, ids, "lr", f"{C}/learning_rate")),
+            ("Warm-up from 0 (steps)", lambda ids: _cell(v, ids, "int", f"{C}/warmup_steps", f"{S}/global_steps",
+                                                         op="warmup_steps")),
+            ("Then", lambda ids: words(ids, "run_config.json", "/training/lr_scheduler_type", _schedule)),
+            ("Gradient clipping (norm)", lambda ids: _cell(v, ids, "g", f"{C}/max_grad_norm")),
+            ("Questions per step", lambda ids: _cell(v, ids, "int", f"{C}/per_device_train_batch_size",
+                                                     f"{C}/gradient_accumulation_steps", op="product")),
+            ("Training questions", lambda ids: _cell(v, ids, "int", "run_config.json#/data/max_train_samples")),
+            ("Epochs (steps)", lambda ids: f"{_cell(v, ids, 'g', f'{C}/num_train_epochs')} "
+                                           f"({_cell(v, ids, 'int', f'{S}/global_steps')})"),
+            ("Target modules", lambda ids: words(ids, "run_config.json", "/lora/target_modules",
+                                                 lambda t: TARGETS.get(t, t))),
+            ("Rank _r_ ($alpha$)", lambda ids: f"{_cell(v, ids, 'int', 'run_config.json#/lora/lora_r')} "
+                                               f"({_cell(v, ids, 'int', 'run_config.json#/lora/lora_alpha')})"),
+            ("LoRA dropout", lambda ids: _cell(v, ids, "g", "run_config.json#/lora/lora_dropout")),
+            ("Maximum length (tokens)", lambda ids: _cell(v, ids, "int", "run_config.json#/data/max_length")),
+            ("Precision", lambda ids: words(ids, "run_config.json", "/training/bf16",
+                                            lambda bf16: "bf16 autocast" if bf16 else "float32")),
+            ("Decoding (new tokens)", lambda ids: f"{words(ids, 'eval_test.json', '/generation/do_sample', _decoding)} "
+                                                  f"({_cell(v, ids, 'int', f'{E}/max_new_tokens')})")):
+        rows.append([label, *(cell(ids) for _, ids in columns)])
+    v.text("table_hyperparameters", table(["Setting", *(header for header, _ in columns)], rows, "l" + "r" * len(columns),
+                                          widths="(auto, 1fr" + ", auto" * (len(columns) - 1) + ")"))
+    v.flag("has_hyperparameters_final", len(columns) == 2)
+    # the first optimizer step: transformers' linear warm-up gives it learning rate 0 (Section V)
+    if final is not None:
+        v.put("warmup_final", "int", _run_file(v, runs[final]["run_id"], f"{C}/warmup_steps"),
+              _run_file(v, runs[final]["run_id"], f"{S}/global_steps"), op="warmup_steps")
+
+
+def _eval_cut(v: Values) -> None:
+    """How evaluation cuts a prompt that does not fit: the context loses its end, so that prompt plus the
+    longest answer fit the length the adapter was trained at; how many of the final model's test prompts
+    (and of the grid's test subset) that cut."""
+    study, runs = v.inputs.json(STUDY) or {}, _runs(v.inputs)
+    final = _run_index(v.inputs, run_id=(study.get("final") or {}).get("run"))
+    if final is None:
+        v.flag("has_eval_cut", False)
+        return
+    run_id = runs[final]["run_id"]
+    config, evaluation = _run_file(v, run_id, "run_config.json#"), _run_file(v, run_id, "eval_test.json#")
+    found = [v.put("eval_prompt_limit", "int", f"{config}/data/max_length",
+                   f"{evaluation}/generation/max_new_tokens", op="diff"),
+             v.put("eval_max_new_tokens", "int", f"{evaluation}/generation/max_new_tokens"),
+             v.put("eval_cut_n", "int", f"{evaluation}/prompts_cut"),
+             v.put("eval_cut_of", "int", f"{evaluation}/n"),
+             v.put("eval_cut_pct", "pct", f"{evaluation}/prompts_cut", f"{evaluation}/n", op="ratio", scale=100)]
+    v.flag("has_eval_cut", None not in found)
+
+
+def _dynamics(v: Values) -> None:
+    """The training-dynamics paragraph from the loss curves of the grid runs and the final model: how many runs
+    of each learning rate reach the centre's final validation loss and when, where the curves flatten (90% of
+    the fall done), and the gap between the final validation loss and the training loss of the last steps."""
+    study, runs, R = v.inputs.json(STUDY) or {}, _runs(v.inputs), f"{STUDY}#/runs"
+    centre = _run_index(v.inputs, run_id=(study.get("selection") or {}).get("centre_run"))
+    grid = [(k, r) for k, r in enumerate(runs) if r.get("group") == "grid"
+            and len((r.get("curves") or {}).get("validation") or []) >= 2 and (r.get("curves") or {}).get("train")]
+    rates = sorted({r["settings"].get("learning_rate") for _, r in grid}, reverse=True)
+    if not v.flag("has_dynamics", centre is not None and len(rates) >= 2
+                  and len((runs[centre].get("curves") or {}).get("validation") or []) >= 2):
+        return
+    last = len(runs[centre]["curves"]["validation"]) - 1
+    threshold = f"{R}/{centre}/curves/validation/{last}/1"
+    v.put("dyn_threshold", "3", threshold)
+    reach, flat, gaps = [], [], []
+    for rate in rates:
+        ks = [k for k, r in grid if r["settings"].get("learning_rate") == rate]
+        curves = [f"{R}/{k}/curves/validation" for k in ks]
+        lr = f"lr = {_lr(rate)}"
+        count = v.number("int", threshold, *curves, op="runs_reaching")
+        step = v.number("int", threshold, *curves, op="median_first_step")
+        of = len(ks)
+        if count.value == 0:
+            reach.append(f"none of the {of} runs at {lr}")
+        else:
+            who = (("both runs" if of == 2 else f"all {of} runs") if count.value == of else f"{count.text} of {of} runs")
+            reach.append(f"{who} at {lr} (median step {step.text})")
+        flat.append(f"{v.number('int', *curves, op='median_step_90').text} at {lr}")
+        pairs = [p for k in ks for p in (f"{R}/{k}/curves/train", f"{R}/{k}/curves/validation")]
+        gaps.append(f"{v.number('2', *pairs, op='mean_gap').text} at {lr}")
+    v.put("dyn_total_steps", "int", f"{R}/{centre}/curves/validation/{last}/0")
+    v.text("dyn_reach", "; ".join(reach))
+    v.text("dyn_flat", ", ".join(flat))
+    v.text("dyn_gap", ", ".join(gaps))
+    final = _run_index(v.inputs, name="final")
+    curve = ((runs[final].get("curves") or {}) if final is not None else {}).get("validation") or []
+    if v.flag("has_dynamics_final", len(curve) >= 2 and bool(runs[final]["curves"].get("train"))):
+        F = f"{R}/{final}/curves"
+        v.put("dyn_final_first", "3", f"{F}/validation/0/1")
+        v.put("dyn_final_first_step", "int", f"{F}/validation/0/0")
+        v.put("dyn_final_last_step", "int", f"{F}/validation/{len(curve) - 1}/0")
+        v.put("dyn_final_flat", "int", f"{F}/validation", op="median_step_90")
+        v.put("dyn_final_gap", "2", f"{F}/train", f"{F}/validation", op="mean_gap")
+
+
 def _pending(v: Values) -> None:
     """One list of the study's parts that have no result yet, for the single 'still running' note."""
     on = lambda name: v.fields.get(name) == "true"  # noqa: E731
@@ -883,7 +1209,8 @@ def _pending(v: Values) -> None:
              ("the prompt-masking ablation", on("has_claim_masking")),
              ("the `max_length` ablation", on("has_claim_max_length")),
              ("the final model", on("has_final")),
-             ("the untuned model on all of dev", on("has_final_baseline") or not on("has_final"))]
+             ("the untuned model on all of dev", on("has_final_baseline") or not on("has_final")),
+             ("the best prompt on all of dev", on("has_prompted_full_dev") or not on("has_prompted"))]
     missing = [name for name, done in parts if not done]
     text = ", ".join(missing[:-1]) + (" and " if len(missing) > 1 else "") + missing[-1] if missing else \
         "the runs still queued"
@@ -893,10 +1220,13 @@ def _pending(v: Values) -> None:
 def report_values(results_dir: str | Path, figures_dir: Path | None = None) -> Values:
     """Every placeholder's value from the result files (figures are copied to `figures_dir` when given)."""
     v = Values(Inputs(results_dir))
-    for part in (_headline, _bench, _cost, _data_stats, _label_example, _padding, _study, _main_table, _strategies,
+    for part in (_headline, _prompted, _bench, _cost, _data_stats, _label_example, _padding, _study, _main_table, _strategies,
                  _failures):
         part(v)
     _figures(v, Path(results_dir) / "plots", figures_dir)
     _theory(v)
+    _hyperparameters(v)
+    _eval_cut(v)
+    _dynamics(v)
     _pending(v)
     return v

@@ -5,26 +5,33 @@ Everything is recomputed from the files each run wrote (`done.json`, `run_config
 `metrics.jsonl`, `eval_*.json`), so the table can be rebuilt at any moment from whatever runs exist, and a
 run that is still missing shows up as pending instead of being guessed. Confidence intervals resample
 paragraphs (questions on one paragraph are not independent); paired tests flip signs per paragraph.
-Why one file of ~550 lines: the result's parts (runs, selection, effects, seeds, tests, final) read each other's
-entries and are built in that order by `collect`.
+Why one file of ~630 lines: the result's parts (runs, selection, effects, seeds, tests, prompted baselines, final)
+read each other's entries and are built in that order by `collect`.
 
 Schema (all scores in percentage points):
-    runs[]:       run_id, name, group (baseline | grid | seed | alpha | full_ft | ablation | final), settings,
+    runs[]:       run_id, name, group (baseline | grid | seed | alpha | full_ft | ablation | final | budget), settings,
                   grid_point, diverged, divergence (why, or null), trainable_params, total_params, trainable_ratio, weights_bytes, train_runtime_s,
                   train_examples_per_s, train_tokens_per_s, seconds_per_step, peak_memory_mb, final_train_loss,
                   final_validation_loss, curves {train: [[step, loss]], validation: [[step, loss]]},
                   scores {validation|test: {exact_match, f1, n, exact_match_ci, f1_ci}}
     selection:    select_on, metric, grid_complete, resolved, ties (loraqa.study.selection's record: how many tied,
                   which was picked and why), best_run (the picked configuration's seed-0 run), centre_run, best_full_ft_run, candidates, full_ft_candidates,
-                  checkpoint (the selected grid run's export), agreement {runs, spearman, selected_run,
+                  checkpoint (the selected grid run's export, kept when its weights are not on this machine), agreement {runs, spearman, selected_run,
                   selected_test_f1, test_best_run, test_best_f1} (selection set against test set over the grid)
     main_effects: {factor: [{level, runs, f1, f1_ci, validation_f1}]}   (grid runs, test split)
     seeds:        {centre|best: {runs, test_f1: [..], test_f1_mean, test_f1_sd, validation_f1_sd}}
     tests[]:      name, a, b, split, delta_f1, delta_f1_ci, p_value (permutation, its resamples), delta_exact_match,
                   exact_match_p_value (McNemar; sign flips for the main-effect contrasts), p_holm, significant,
                   seed_screen (sqrt(2) x the centre's seed sd), survives_seed_sd; the main-effect contrasts first
-    final:        run (the committed final: the headline), test (full dev), baseline_full_dev, comparison, checkpoint,
-                  selection_moved, current_selection_final (the final of the resolved selection, another run if moved)
+    prompted_baselines: rule, runs [{run_id, name, few_shot, chat_template, max_length, validation, test}] (the
+                  untuned model's prompts on the same questions as `baseline`, zero-shot included, best first),
+                  best_run, best_name, best_prompt {few_shot, chat_template}, full_dev_run (the best prompt on all
+                  of dev, or null)
+    final:        run (the committed final: the headline), test (full dev), baseline_full_dev, comparison (final -
+                  zero-shot baseline, all of dev), prompted_baseline_run, prompted_baseline_full_dev,
+                  prompted_baseline_evaluation, prompted_comparison (final - best prompted baseline, all of dev),
+                  checkpoint, selection_moved, current_selection_final (the final of the resolved selection, another
+                  run if moved)
     pending:      runs of the spec not finished yet
 """
 from __future__ import annotations
@@ -39,7 +46,8 @@ from scipy.stats import spearmanr
 
 from ..evaluation.stats import (PERMUTATION_RESAMPLES, bootstrap_ci, holm, paired_comparison,
                                 paired_permutation_pvalue)
-from ..files import run_metadata, write_json_atomic
+from ..data.assets import hub_name
+from ..files import run_metadata, write_json_atomic, write_text_atomic
 from .selection import SD_MULTIPLE, divergence, without_seed
 from .spec import load_spec
 from .sweep import plan_study
@@ -70,7 +78,7 @@ def _group(name: str, kind: str, train: bool) -> str:
     if kind == "seed":  # a seed the selection's ties asked for
         return "seed"
     for prefix, group in (("centre_seed", "seed"), ("best_seed", "seed"), ("fixed_alpha", "alpha"),
-                          ("full_ft", "full_ft"), ("final", "final")):
+                          ("full_ft", "full_ft"), ("final", "final"), ("budget_", "budget")):
         if name.startswith(prefix):
             return group
     return "ablation"
@@ -164,9 +172,23 @@ def _level(value):
     return value if not isinstance(value, dict) else ",".join(f"{k}={v}" for k, v in value.items())
 
 
+def name_base_portably(export_dir: Path) -> None:
+    """Write the adapter's base model as its hub name (`data/smollm2-135m` -> HuggingFaceTB/SmolLM2-135M-Instruct,
+    which `loraqa fetch` places in the Hugging Face cache), so that plain
+    `AutoPeftModelForCausalLM.from_pretrained(export_dir)` loads it from any directory; PEFT's own format kept."""
+    path = export_dir / "adapter_config.json"
+    config = _read_json(path)
+    if config is None or not config.get("base_model_name_or_path"):
+        return
+    portable = hub_name(config["base_model_name_or_path"])
+    if portable != config["base_model_name_or_path"]:
+        write_text_atomic(path, json.dumps({**config, "base_model_name_or_path": portable}, indent=2, sort_keys=True))
+
+
 def export_checkpoint(run_dir: Path, destination: Path) -> bool:
     """Copy a run's adapter (or full model), run_config.json and tokenizer to `destination`, staged then moved
-    in whole; False when the run's weights are not on this machine (they are not kept in git)."""
+    in whole, the adapter's base named portably; False when the run's weights are not on this machine (they are
+    not kept in git)."""
     files = [p for p in run_dir.iterdir() if p.is_file() and (
         p.name.startswith(("adapter_", "model", "tokenizer", "special_tokens", "chat_template"))
         or p.name in ("config.json", "generation_config.json", "run_config.json"))]
@@ -177,19 +199,22 @@ def export_checkpoint(run_dir: Path, destination: Path) -> bool:
     staging.mkdir(parents=True)
     for p in files:
         shutil.copy2(p, staging / p.name)
+    name_base_portably(staging)
     shutil.rmtree(destination, ignore_errors=True)
     staging.rename(destination)
     return True
 
 
-def _export_grid_best(run_dir: Path, destination: Path) -> str | None:
-    """The selected grid run's adapter, so that the submission has a loadable model before the final one
-    exists; an earlier export of a run that is no longer the best is removed rather than left mislabelled."""
+def _export(run_dir: Path, destination: Path) -> str | None:
+    """A run's export at `destination`: made now when the run's weights are on this machine, else the export an
+    earlier collect made of this run (a fresh clone's run directories hold no weights, the committed export is
+    the run's) kept, its base named portably; an export of another run is removed rather than left mislabelled."""
     if export_checkpoint(run_dir, destination):
         return str(destination)
     exported = _read_json(destination / "run_config.json") or {}
     if Path((exported.get("training") or {}).get("output_dir") or "").name == run_dir.name:
-        return str(destination)  # exported by an earlier collect, on a machine that had the weights
+        name_base_portably(destination)
+        return str(destination)
     shutil.rmtree(destination, ignore_errors=True)
     return None
 
@@ -277,6 +302,54 @@ def main_effect_contrasts(spec: dict, grid: list[dict], split: str, select_on: s
     return tests
 
 
+def _prompt(evaluation: dict) -> dict:
+    """The prompt an evaluation used; files written before the prompt flags existed are zero-shot, no template."""
+    args = evaluation.get("evaluate_args") or {}
+    return {"few_shot": args.get("few_shot") or 0, "chat_template": bool(args.get("chat_template"))}
+
+
+PROMPT_RULE = ("the highest validation F1 among the untuned model's prompts (zero-shot included); a tie goes to "
+               "the shorter prompt (the smaller evaluation max_length: the cut plus the examples' and template's tokens)")
+
+
+def prompted_baselines(entries: list[dict], select_on: str, split: str) -> dict | None:
+    """The untuned model's prompts (zero-shot `baseline`, chat template, worked examples) and the best of them by
+    the rule the spec states before running them (PROMPT_RULE). Candidates are the untrained runs scored on
+    `select_on` and on exactly `baseline`'s `split` questions; the untrained run with the best's prompt on more
+    `split` questions (the most) is its full-dev run. None before `baseline` is scored."""
+    untrained = [e for e in entries if e["group"] == "baseline" and select_on in e["_evaluations"]
+                 and split in e["_evaluations"]]
+    reference = next((e for e in untrained if e["name"] == "baseline"), None)
+    if reference is None:
+        return None
+    questions = set(reference["_evaluations"][split]["per_question"])
+    candidates = sorted((e for e in untrained if set(e["_evaluations"][split]["per_question"]) == questions),
+                        key=lambda e: (-e["scores"][select_on]["f1"], e["_evaluations"][select_on].get("max_length") or 0))
+    runs = [{"run_id": e["run_id"], "name": e["name"], **_prompt(e["_evaluations"][select_on]),
+             "max_length": e["_evaluations"][select_on].get("max_length"),
+             select_on: e["scores"][select_on], split: e["scores"][split]} for e in candidates]
+    best = candidates[0]
+    prompt = _prompt(best["_evaluations"][split])
+    full_dev = [e for e in untrained if _prompt(e["_evaluations"][split]) == prompt
+                and len(e["_evaluations"][split]["per_question"]) > len(questions)]
+    full_dev_run = max(full_dev, key=lambda e: len(e["_evaluations"][split]["per_question"]))["run_id"] if full_dev else None
+    return {"rule": PROMPT_RULE, "runs": runs, "best_run": best["run_id"], "best_name": best["name"],
+            "best_prompt": prompt, "full_dev_run": full_dev_run}
+
+
+def _final_comparison(base: dict, final: dict, split: str) -> dict | None:
+    """Final - base on the questions both answered: paragraph sign flips (F1), McNemar (EM), bootstrap CIs."""
+    comparison = _paired(base, final, split)
+    if comparison is None:
+        return None
+    return {"n": comparison["n_common"], "delta_f1": comparison["f1"]["delta"], "delta_f1_ci": comparison["f1"]["delta_ci"],
+            "p_value": comparison["f1"]["permutation_p_value"],
+            "permutation_resamples": comparison["f1"]["permutation_resamples"],
+            "delta_exact_match": comparison["exact_match"]["delta"],
+            "exact_match_p_value": comparison["exact_match"]["mcnemar"]["p_value"],
+            "delta_exact_match_ci": comparison["exact_match"]["delta_ci"]}
+
+
 def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
             checkpoints: str | None = None) -> dict:
     """Build the study's results file from the sweep's run directories (see the module docstring); with
@@ -314,7 +387,7 @@ def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
                  "agreement": selection_agreement(grid, select_on, split)}
 
     if checkpoints and best_entry:
-        selection["checkpoint"] = _export_grid_best(out / best_entry["run_id"], Path(checkpoints) / "grid_best")
+        selection["checkpoint"] = _export(out / best_entry["run_id"], Path(checkpoints) / "grid_best")
 
     main_effects = {}
     for axis in (spec.get("grid") or {}):
@@ -361,21 +434,34 @@ def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
                 comparisons.append((label, centre, by_name[name]))
         for name in sorted(by_name):
             if name.startswith("fixed_alpha"):
-                r = by_name[name]["settings"].get("lora_r")
-                scaled = next((e for e in grid if e["settings"].get("lora_r") == r
-                               and all(e["grid_point"].get(k) == v for k, v in centre_point.items() if k != "rank")),
-                              None)
+                fixed = by_name[name]["settings"]
+                # the grid run of the same rank, rate and targets: alpha = 2r against the fixed alpha
+                scaled = next((e for e in grid if all(e["settings"].get(k) == fixed.get(k)
+                                                      for k in ("lora_r", "learning_rate", "target_modules"))), None)
                 if scaled:
-                    comparisons.append((f"alpha=2r vs alpha=32 at r={r}", scaled, by_name[name]))
+                    at = f"r={fixed['lora_r']}"
+                    if fixed.get("learning_rate") != centre["settings"].get("learning_rate"):
+                        at += f", lr={fixed['learning_rate']:g}"
+                    comparisons.append((f"alpha=2r vs alpha={fixed.get('lora_alpha')} at {at}", scaled, by_name[name]))
     lora = best_entry or centre
     if lora and best_full_ft:
         comparisons.append(("LoRA (best) vs full fine-tuning", lora, best_full_ft))
     if lora and "baseline" in by_name:
         comparisons.append(("baseline vs LoRA (best)", by_name["baseline"], lora))
-    if best_entry and "final" in by_name:  # what the larger budget buys, on the questions both answered
-        sizes = [e["settings"].get("max_train_samples") for e in (best_entry, by_name["final"])]
+    final = by_name.get("final")
+    # what the larger budget buys, on the questions both answered: the final model against the grid run of its own
+    # configuration (the selection may have moved since the final was trained: then the best is another run)
+    source = final and next((e for e in grid if _same_configuration(e["settings"], final["settings"])), None)
+    if source:
+        sizes = [e["settings"].get("max_train_samples") for e in (source, final)]
         if all(isinstance(size, int) for size in sizes):
-            comparisons.append((f"LoRA (best) on {sizes[0]:,} vs {sizes[1]:,} questions", best_entry, by_name["final"]))
+            comparisons.append((f"LoRA (best) on {sizes[0]:,} vs {sizes[1]:,} questions", source, final))
+
+    # LoRA against full fine-tuning at the shared budget (both on the same questions, scored on all of dev)
+    if "budget_lora" in by_name and "budget_full_ft" in by_name:
+        pair = by_name["budget_full_ft"], by_name["budget_lora"]
+        size = pair[1]["settings"].get("max_train_samples")
+        comparisons.append((f"full fine-tuning vs LoRA (best) on {size:,} questions", *pair))
 
     tests = []
     tests += main_effect_contrasts(spec, grid, split, select_on)
@@ -398,24 +484,26 @@ def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
         test["seed_screen"] = None if sd is None else SD_MULTIPLE * sd
         test["survives_seed_sd"] = None if sd is None else bool(abs(test["delta_f1"]) > SD_MULTIPLE * sd)  # JSON: not numpy
 
+    prompted = prompted_baselines(list(entries.values()), select_on, split)
     final = None
     if "final" in by_name:
         f = by_name["final"]
         final = {"run": f["run_id"], "test": f["scores"].get(split), "evaluation": str(out / f["run_id"] / f"eval_{split}.json")}
-        if checkpoints and export_checkpoint(out / f["run_id"], Path(checkpoints) / "final"):
-            final["checkpoint"] = str(Path(checkpoints) / "final")
+        if checkpoints and (checkpoint := _export(out / f["run_id"], Path(checkpoints) / "final")):
+            final["checkpoint"] = checkpoint
         if "baseline_full_dev" in by_name:
             base = by_name["baseline_full_dev"]
             final["baseline_full_dev"] = base["scores"].get(split)
             final["baseline_evaluation"] = str(out / base["run_id"] / f"eval_{split}.json")
-            comparison = _paired(base, f, split)
-            if comparison:
-                final["comparison"] = {"delta_f1": comparison["f1"]["delta"], "delta_f1_ci": comparison["f1"]["delta_ci"],
-                                       "p_value": comparison["f1"]["permutation_p_value"],
-                                       "permutation_resamples": comparison["f1"]["permutation_resamples"],
-                                       "delta_exact_match": comparison["exact_match"]["delta"],
-                                       "exact_match_p_value": comparison["exact_match"]["mcnemar"]["p_value"],
-                                       "delta_exact_match_ci": comparison["exact_match"]["delta_ci"]}
+            if comparison := _final_comparison(base, f, split):
+                final["comparison"] = comparison
+        if prompted and prompted["full_dev_run"]:  # the headline gain is quoted against the best prompt
+            base = entries[prompted["full_dev_run"]]
+            final["prompted_baseline_run"] = base["run_id"]
+            final["prompted_baseline_full_dev"] = base["scores"].get(split)
+            final["prompted_baseline_evaluation"] = str(out / base["run_id"] / f"eval_{split}.json")
+            if comparison := _final_comparison(base, f, split):
+                final["prompted_comparison"] = comparison
 
     if final is not None and chosen.resolved:
         # the committed final stays the headline; a moved selection's final is another run (`final-<grid run>`)
@@ -440,7 +528,7 @@ def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
                                               "combinations present at both levels; rates ranked on validation F1",
                      "heldout_titles": (validation_eval or {}).get("heldout_titles")},
         "runs": runs, "selection": selection, "main_effects": main_effects, "seeds": seeds, "tests": tests,
-        "final": final, "pending": [r.run_id for r in planned if r.run_id not in finished],
+        "prompted_baselines": prompted, "final": final, "pending": [r.run_id for r in planned if r.run_id not in finished],
         **run_metadata(),
     }
     write_json_atomic(output, result)
@@ -459,12 +547,13 @@ def settings_text(run: dict) -> str:
     s = run["settings"]
     if run["group"] == "baseline":
         return "-"
-    if s.get("full_finetune"):
-        return f"full FT, lr {s['learning_rate']:g}"
+    lr = f"{s['learning_rate']:g}" if s.get("learning_rate") is not None else "default"
     extra = "".join(f", {key} {s[key]}" for key, default in (("max_length", 512), ("train_on_prompt", False),
                                                                ("seed", 0), ("max_train_samples", 2000))
                     if key in s and s[key] != default)
-    return f"r {s.get('lora_r')}, alpha {s.get('lora_alpha')}, lr {s['learning_rate']:g}, {s.get('target_modules')}{extra}"
+    if s.get("full_finetune"):
+        return f"full FT, lr {lr}{extra}"
+    return f"r {s.get('lora_r')}, alpha {s.get('lora_alpha')}, lr {lr}, {s.get('target_modules')}{extra}"
 
 
 def main_table(results: dict) -> str:
@@ -483,6 +572,8 @@ def main_table(results: dict) -> str:
     picked += [("final model (all of dev)", next((r for r in results["runs"] if r["name"] == "final"), None)),
                ("untuned baseline (all of dev)", next((r for r in results["runs"] if r["name"] == "baseline_full_dev"),
                                                       None))]
+    picked += [(f"{label} at the shared budget (all of dev)", next((r for r in results["runs"] if r["name"] == name), None))
+               for label, name in (("LoRA (best)", "budget_lora"), ("full fine-tuning", "budget_full_ft"))]
     lines = ["| run | settings | trainable params | test EM | test F1 | validation F1 | s/step | peak MB |",
              "|---|---|---|---|---|---|---|---|"]
     for label, run in picked:
@@ -538,6 +629,15 @@ def update_readme(readme: str | Path, table: str) -> bool:
 
 
 PRELIMINARY_EVALUATIONS = ("results/eval_finetuned_500.json", "results/eval_baseline_500.json")
+
+
+NOT_CONFIGURATION = ("max_train_samples", "eval_steps", "save_steps", "seed")
+
+
+def _same_configuration(a: dict, b: dict) -> bool:
+    """Two runs' settings equal but for the training budget, its checkpoint cadence and the seed (a final model and
+    the grid run of its configuration)."""
+    return all(a.get(k) == b.get(k) for k in set(a) | set(b) if k not in NOT_CONFIGURATION)
 
 
 def final_evaluations(results: str | Path = "results/evaluation_results.json") -> tuple[str, ...]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import GenerationSettings, ModelArguments
+from ..config import EvaluateArguments, GenerationSettings, ModelArguments
 from ..evaluation.analysis import compare
-from ..evaluation.evaluate import EvaluateArguments, evaluate
+from ..evaluation.evaluate import evaluate
 from ..files import write_json_atomic
 
 # `loraqa run`'s own defaults (flags and --config override them): a 12-minute training budget on 3,000 questions
@@ -17,12 +17,14 @@ EVAL_QUESTIONS = 300
 
 
 def evaluate_run(run_dir: str | Path, model_args: ModelArguments, *, max_samples: int = EVAL_QUESTIONS) -> dict:
-    """Baseline and fine-tuned scores on the same `max_samples` dev questions, and their comparison; writes
-    eval_baseline.json, eval_finetuned.json and comparison.json into the run directory."""
+    """Baseline and fine-tuned scores on the same `max_samples` dev questions of the run's `validation_file`,
+    and their comparison; writes eval_baseline.json, eval_finetuned.json and comparison.json into the run
+    directory. One process only (rank 0 of a torchrun launch: see `cli._run`)."""
     out = Path(run_dir)
     summary = json.loads((out / "summary.json").read_text())
+    data = json.loads((out / "run_config.json").read_text())["data"]["validation_file"]
     model = ModelArguments(summary["model_resolved"], model_args.cache_dir)
-    evaluations = {name: evaluate(model, EvaluateArguments(adapter=adapter, max_samples=max_samples,
+    evaluations = {name: evaluate(model, EvaluateArguments(data=data, adapter=adapter, max_samples=max_samples,
                                                            output=str(out / f"eval_{name}.json")), GenerationSettings())
                    for name, adapter in (("baseline", None), ("finetuned", str(out)))}
     comparison = compare(str(out / "eval_baseline.json"), str(out / "eval_finetuned.json"))
@@ -37,12 +39,15 @@ def trained(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     training = json.loads((run_dir / "run_config.json").read_text())["training"]
-    per_step = training["per_device_train_batch_size"] * training["gradient_accumulation_steps"]
+    # summaries written before `examples_per_step` was recorded come from one process
+    per_step = summary.get("examples_per_step") or (training["per_device_train_batch_size"]
+                                                    * training["gradient_accumulation_steps"])
     budget = summary.get("budget") or {}
     steps = summary["global_steps"]
-    epochs = training["num_train_epochs"] if training.get("max_steps", -1) <= 0 else float("inf")
-    return {"steps": steps, "planned_steps": budget.get("steps_without_budget") or steps,
-            "questions": min(steps * per_step, int(summary["train_examples"] * epochs)),
+    questions = steps * per_step
+    if training.get("max_steps", -1) <= 0:  # the epochs end the schedule: the last batch of each may be short
+        questions = min(questions, int(summary["train_examples"] * training["num_train_epochs"]))
+    return {"steps": steps, "planned_steps": budget.get("steps_without_budget") or steps, "questions": questions,
             "questions_available": summary["train_examples"], "max_train_minutes": budget.get("max_train_minutes"),
             "cut_by_budget": bool(budget.get("limited")), "stopped_at_deadline": budget.get("stopped_at_deadline")}
 

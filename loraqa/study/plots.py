@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import math
+import textwrap
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,16 +25,24 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.patches import Rectangle
+from matplotlib.patches import Patch, Rectangle
+from matplotlib.textpath import TextPath
 from matplotlib.ticker import EngFormatter, FuncFormatter
 
 logger = logging.getLogger(__name__)
 
-# One style for every figure: small multiples read at README width and in a two-column report.
-STYLE = {"font.size": 9, "axes.titlesize": 9, "axes.labelsize": 9, "legend.fontsize": 8, "xtick.labelsize": 8,
-         "ytick.labelsize": 8, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
-         "axes.spines.right": False, "lines.linewidth": 1.4, "lines.markersize": 4, "errorbar.capsize": 2,
-         "savefig.dpi": 200, "savefig.bbox": "tight", "pdf.fonttype": 42, "image.cmap": "viridis"}
+# The report prints a figure at one IEEE column or across both (100% of either): drawn at that width, a point
+# here is a point on paper, so 7 pt is the smallest text and the layout is the one that is read.
+COLUMN_WIDTH, PAGE_WIDTH = 3.5, 7.16
+STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "figure.titlesize": 7, "legend.fontsize": 7,
+         "xtick.labelsize": 7, "ytick.labelsize": 7, "axes.grid": True, "grid.alpha": 0.3, "grid.linewidth": 0.5,
+         "axes.linewidth": 0.6, "xtick.major.width": 0.6, "ytick.major.width": 0.6, "xtick.minor.width": 0.4,
+         "ytick.minor.width": 0.4, "xtick.major.size": 2.5, "ytick.major.size": 2.5, "xtick.minor.size": 1.5,
+         "ytick.minor.size": 1.5, "axes.spines.top": False, "axes.spines.right": False, "lines.linewidth": 1.0,
+         "lines.markersize": 3, "errorbar.capsize": 1.5, "legend.handlelength": 1.8, "legend.columnspacing": 1.2,
+         "legend.borderpad": 0.3, "legend.labelspacing": 0.3, "figure.constrained_layout.w_pad": 0.02,
+         "figure.constrained_layout.h_pad": 0.02, "savefig.dpi": 300, "savefig.bbox": "standard",
+         "pdf.fonttype": 42, "image.cmap": "viridis"}
 PALETTE = [matplotlib.colormaps["tab10"](i) for i in range(10)]
 MARKERS = "os^Dv<>p"
 
@@ -47,16 +56,25 @@ def _styled(plot):
     return wrapper
 
 
-def _figure(ncols: int = 1, nrows: int = 1, *, width: float = 3.2, height: float = 2.6, **kwargs):
-    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+def _figure(width: float, height: float, nrows: int = 1, ncols: int = 1, **kwargs):
+    """A figure of the printed size (`COLUMN_WIDTH` or `PAGE_WIDTH` wide, in inches) and its axes grid."""
+    fig = Figure(figsize=(width, height), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False, **kwargs)
     return fig, axes
 
 
-def _plain_log(axis) -> None:
-    """Log-scale ticks as plain numbers (300, not 3x10^2), minor ones at 2 and 5: these axes span about a decade."""
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:e}"[0] in "25" else ""))
+def _wrap(text: str, width: float, fontsize: float) -> str:
+    """`text` broken into lines that fit `width` inches at `fontsize` points (a note above a narrow figure)."""
+    chars = int(width * 72 / (0.55 * fontsize))  # DejaVu Sans averages about 0.55 em a character
+    return "\n".join(textwrap.fill(line, chars) for line in text.split("\n"))
+
+
+def _plain_log(axis, formatter=None) -> None:
+    """Log-scale ticks as plain numbers (300, not 3x10^2; or `formatter`'s), minor ones labelled at 2 and 5 only:
+    these axes span one or two decades, where matplotlib's own minor labels collide."""
+    formatter = formatter or FuncFormatter(lambda v, _: f"{v:g}")
+    axis.set_major_formatter(formatter)
+    axis.set_minor_formatter(FuncFormatter(lambda v, pos: formatter(v, pos) if f"{v:e}"[0] in "25" else ""))
 
 
 def _skip(plot: str, reason: str) -> None:
@@ -123,8 +141,10 @@ def _full_ft(results: dict, n: int | None) -> dict | None:
 
 @_styled
 def plot_loss_curves(results: dict) -> Figure | None:
-    """Training (solid) and validation (dashed, markers) loss of the grid runs: rows learning rate, columns
-    target modules, one colour per rank, so each panel isolates rank at a fixed step size and target set."""
+    """Training (thin, light) and validation (dashed, markers) loss of the grid runs: rows learning rate (named
+    on the right), columns target modules (named on top), one colour per rank, so each panel isolates rank at a
+    fixed step size and target set. Log loss: the curves' end, where ranks differ, gets the height. Each axes'
+    label is 'lr <rate> · <target>' (not drawn), for whoever reads the figure back."""
     runs = [r for r in _runs(results, "grid") if (r.get("curves") or {}).get("train") or
             (r.get("curves") or {}).get("validation")]
     if not runs:
@@ -133,29 +153,36 @@ def plot_loss_curves(results: dict) -> Figure | None:
     rates, targets = _present(results, "learning_rate", runs), _present(results, "target_modules", runs)
     ranks = _sorted_levels(results, "lora_r")
     colours = {rank: matplotlib.colormaps["viridis"](i / max(1, len(ranks) - 1) * 0.9) for i, rank in enumerate(ranks)}
-    fig, axes = _figure(len(targets), len(rates), sharex=True, sharey=True)
+    fig, axes = _figure(COLUMN_WIDTH, 0.55 + 1.2 * len(rates), len(rates), len(targets), sharex=True, sharey=True)
     for i, rate in enumerate(rates):
         for j, target in enumerate(targets):
             ax = axes[i][j]
-            ax.set_title(f"lr {_fmt(rate)} · {target}")
+            ax.set_label(f"lr {_fmt(rate)} · {target}")
+            if i == 0:
+                ax.set_title(target)
+            if j == len(targets) - 1:
+                ax.yaxis.set_label_position("right")
+                ax.set_ylabel(f"lr {_fmt(rate)}", rotation=270, labelpad=9)
             panel = [r for r in runs if r["settings"].get("learning_rate") == rate
                      and r["settings"].get("target_modules") == target]
             for run in sorted(panel, key=lambda r: r["settings"]["lora_r"]):
                 rank, curves = run["settings"]["lora_r"], run["curves"]
                 if curves.get("train"):
                     x, y = zip(*curves["train"])
-                    ax.plot(x, y, color=colours[rank], label=f"r={rank} train")
+                    ax.plot(x, y, color=colours[rank], linewidth=0.6, alpha=0.5, label=f"r={rank} train")
                 if curves.get("validation"):
                     x, y = zip(*curves["validation"])
-                    ax.plot(x, y, color=colours[rank], linestyle="--", marker="o", label=f"r={rank} validation")
+                    ax.plot(x, y, color=colours[rank], linestyle="--", marker="o", markersize=2.2,
+                            label=f"r={rank} validation")
+            ax.set_yscale("log")
+            _plain_log(ax.yaxis)
             if i == len(rates) - 1:
                 ax.set_xlabel("step")
-            if j == 0:
-                ax.set_ylabel("answer loss")
+    fig.supylabel("answer loss (log scale)", fontsize=8)
     handles = [Line2D([], [], color=colours[r], label=f"r={r}") for r in _present(results, "lora_r", runs)]
-    handles += [Line2D([], [], color="grey", label="train"),
-                Line2D([], [], color="grey", linestyle="--", marker="o", label="validation")]
-    fig.legend(handles=handles, loc="outside right center")
+    handles += [Line2D([], [], color="grey", linewidth=0.6, alpha=0.5, label="train"),
+                Line2D([], [], color="grey", linestyle="--", marker="o", markersize=2.2, label="validation")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=math.ceil(len(handles) / 2))
     return fig
 
 
@@ -172,7 +199,7 @@ def plot_params_vs_f1(results: dict) -> Figure | None:
     runs = [r for r in runs if _test(r)["n"] == n]
     targets = _present(results, "target_modules", runs)
     rates = _sorted_levels(results, "learning_rate")
-    fig, axes = _figure(width=5.2, height=3.4)
+    fig, axes = _figure(COLUMN_WIDTH, 3.1)
     ax = axes[0][0]
     for i, target in enumerate(targets):
         for k, rate in enumerate(rates):
@@ -201,10 +228,21 @@ def plot_params_vs_f1(results: dict) -> Figure | None:
         ax.axhline(score["f1"], color=colour, linestyle="--", label=f"{name}{lr}")
         ax.axhspan(*score["f1_ci"], color=colour, alpha=0.12, linewidth=0, label=f"_{name} CI")
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(EngFormatter())
+    _plain_log(ax.xaxis, EngFormatter())
     ax.set_xlabel("trainable parameters")
-    ax.set_ylabel(f"test F1 ({n} dev questions, 95% CI)")
-    fig.legend(loc="outside lower center", ncols=3, fontsize=7, labelspacing=0.9, markerscale=0.8)  # inside, it hid the baseline
+    ax.set_ylabel(f"test F1 ({n} questions, 95% CI)")
+    # the legend names colours and markers once each (not every pair), so it fits a column; inside, it hid the
+    # baseline. Two columns: target sets and controls, then learning rates.
+    handles = [Patch(color=PALETTE[i], label=target) for i, target in enumerate(targets)]
+    handles += [line for line in ax.get_lines() if line.get_label() == "baseline (untuned)"
+                or line.get_label().startswith("full fine-tuning")]
+    handles += [Line2D([], [], color="grey", marker=MARKERS[k % len(MARKERS)], linestyle="none",
+                       label=f"lr {_fmt(rate)}")
+                for k, rate in enumerate(rates) if any(r["settings"].get("learning_rate") == rate for r in runs)]
+    if any(r.get("diverged") for r in runs):
+        handles.append(Line2D([], [], color="grey", marker="o", markerfacecolor="none", linestyle="none",
+                              label="diverged"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=2)
     return fig
 
 
@@ -243,8 +281,9 @@ def plot_f1_heatmaps(results: dict) -> Figure | None:
     low, high = values.min(), values.max()
     if high - low < 1.0:  # one run, or all alike: a one-point scale would colour by rounding noise
         low, high = (low + high) / 2 - 0.5, (low + high) / 2 + 0.5
-    fig, axes = _figure(len(targets), width=3.0, height=2.8)
-    for ax, target in zip(axes[0], targets):
+    # one panel above the other: each gets the column's width, room for a written value in every cell
+    fig, axes = _figure(COLUMN_WIDTH, 0.45 + 1.25 * len(targets), len(targets), 1, sharex=True)
+    for ax, target in zip(axes[:, 0], targets):
         ranks, rates, matrix = matrices[target]
         image = ax.imshow(np.ma.masked_invalid(matrix), vmin=low, vmax=high, aspect="auto", origin="lower")
         ax.grid(False)
@@ -252,17 +291,16 @@ def plot_f1_heatmaps(results: dict) -> Figure | None:
         for (i, j), value in np.ndenumerate(matrix):
             if np.isfinite(value):
                 ax.text(j, i, f"{value:.1f}" + ("\ndiv." if (i, j) in diverged else ""), ha="center", va="center",
-                        fontsize=8 if (i, j) not in diverged else 6.5,
-                        color="white" if value < (low + high) / 2 else "black")
+                        fontsize=7, color="white" if value < (low + high) / 2 else "black")
         for i, j in diverged:
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", edgecolor="red", linewidth=0))
         spec_rates = ((results.get("protocol") or {}).get("grid") or {}).get("learning_rate") or rates
         ax.set_xticks(range(len(rates)), [_fmt(r) + ("" if r in spec_rates else "+") for r in rates])
         ax.set_yticks(range(len(ranks)), [str(r) for r in ranks])
-        ax.set_xlabel("learning rate")
         ax.set_ylabel("rank r")
         ax.set_title(target)
-    fig.colorbar(image, ax=list(axes[0]), label="test F1")
+    axes[-1][0].set_xlabel("learning rate")
+    fig.colorbar(image, ax=list(axes[:, 0]), label="test F1", aspect=30)
     return fig
 
 
@@ -291,7 +329,7 @@ def plot_cost(study: dict) -> Figure | None:
     targets = list(dict.fromkeys(c["target_modules"] for c in configs if c["method"] == "lora"))
     full = next((c for c in configs if c["method"] == "full_finetune"), None)
     ranks = sorted({c["lora_r"] for c in configs if c["method"] == "lora"})
-    fig, axes = _figure(len(COST_METRICS), width=3.0, height=2.6)
+    fig, axes = _figure(PAGE_WIDTH, 2.1, 1, len(COST_METRICS))
     for ax, (metric, label, scale) in zip(axes[0], COST_METRICS):
         for i, target in enumerate(targets):
             x, y = cost_series(study, metric, target)
@@ -309,9 +347,10 @@ def plot_cost(study: dict) -> Figure | None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=len(labels))
     machine = study.get("machine") or {}
-    fig.suptitle(f"{study.get('model', '')}, batch of {max(study.get('batches') or [0])} questions, the same "
-                 f"batches for every configuration; measured on {machine.get('cuda') or machine.get('cpu_model', '?')}, "
-                 f"{_threads(machine)}", fontsize=8)
+    model = _model_name(study.get("model", ""))
+    fig.suptitle(_wrap(f"{model}, batch of {max(study.get('batches') or [0])} questions, the same "
+                       f"batches for every configuration; measured on "
+                       f"{machine.get('cuda') or machine.get('cpu_model', '?')}, {_threads(machine)}", PAGE_WIDTH, 7))
     return fig
 
 
@@ -322,7 +361,7 @@ def plot_strategies(evaluations: Iterable[dict]) -> Figure | None:
     """F1 against how often a question's answer changes with the seed, for each decoding strategy, the
     seeds' standard deviation as error bars: what sampling trades in accuracy for variety (greedy sits at 0).
     One colour per evaluation file."""
-    fig, axes = _figure(width=5.0, height=3.4)
+    fig, axes = _figure(COLUMN_WIDTH, 2.7)
     ax, drawn, labels = axes[0][0], [], []
     for i, evaluation in enumerate(evaluations):
         rows = [r for r in evaluation.get("strategies") or []
@@ -373,27 +412,34 @@ def _spread(wanted: list[float], gap: float) -> list[float]:
 
 def _label_points(ax, labels: list[tuple[str, float, float]], fontsize: float = 7) -> None:
     """Name each point: labels that would overlap are spread vertically, each starts right of every point
-    near its height (so no label covers a marker of a crowd), and a thin leader line joins a moved label to
-    its point. Works in display units, after the layout."""
+    near its height (so no label covers a marker of a crowd), or ends left of them where the axes have no room
+    on the right, and a thin leader line joins a moved label to its point. Works in display units, after the
+    layout, which the labels then leave alone (they stay inside the axes)."""
     ax.figure.draw_without_rendering()  # the layout first: it decides where the points land on the page
     points = [ax.transData.transform((x, y)) for _, x, y in labels]
     points_per_pixel = 72 / ax.figure.dpi
     gap = fontsize * 1.25 / points_per_pixel
     placed = _spread([py for _, py in points], gap)
     for (text, x, y), (px, py), ly in zip(labels, points, placed):
-        right = max(qx for qx, qy in points if abs(qy - ly) < 1.5 * gap or (qx, qy) == (px, py))
-        dx, dy = (right - px) * points_per_pixel + 6, (ly - py) * points_per_pixel
+        near = [qx for qx, qy in points if abs(qy - ly) < 1.5 * gap or (qx, qy) == (px, py)]
+        width = TextPath((0, 0), text, size=fontsize).get_extents().width / points_per_pixel
+        right = max(near) + 6 / points_per_pixel
+        side = "left" if right + width <= ax.bbox.x1 else "right"  # the side of the label its anchor is on
+        start = right if side == "left" else min(near) - 6 / points_per_pixel
+        dx, dy = (start - px) * points_per_pixel, (ly - py) * points_per_pixel
         ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize, va="center",
-                    arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5", shrinkA=0, shrinkB=2)
-                    if abs(dy) > 2 or dx > 8 else None)
+                    ha=side, annotation_clip=False, in_layout=False,
+                    arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5", shrinkA=1, shrinkB=2, patchA=None,
+                                    relpos=(0, 0.5) if side == "left" else (1, 0.5))  # from the label's start
+                    if abs(dy) > 2 or abs(dx) > 8 else None)
 
 
 # ---------------------------------------------------------------------------------------------- 6: padding
 
 PADDING_METRICS = (("padded_share", "padded share of tokens (%)"),
-                   ("tokens_per_question", "tokens computed per question"),
-                   ("step_seconds", "step time (s, forward+backward)"),
-                   ("peak_memory_mb", "peak memory over the model (MiB)"))
+                   ("tokens_per_question", "tokens per question"),
+                   ("step_seconds", "step time (s)"),
+                   ("peak_memory_mb", "peak memory (MiB)"))
 
 
 def padding_series(study: dict, strategy: str, metric: str) -> tuple[list[int], list[float]]:
@@ -411,6 +457,14 @@ def padding_series(study: dict, strategy: str, metric: str) -> tuple[list[int], 
     return xs, ys
 
 
+MODEL_NAMES = {"smollm2-135m": "SmolLM2-135M", "gpt2": "GPT-2"}
+
+
+def _model_name(name: str) -> str:
+    """The model as a reader knows it, not loraqa's short name for it."""
+    return MODEL_NAMES.get(name, name)
+
+
 def _threads(machine: dict) -> str:
     n = machine.get("torch_threads")
     return f"{n} thread{'' if n == 1 else 's'}"
@@ -423,7 +477,7 @@ def _untimed(study: dict) -> str:
         if "timing" not in cell:
             skipped.setdefault(cell["strategy"].replace("_", " "), []).append(str(cell["batch_size"]))
     listed = "; ".join(f"{s} at {', '.join(sizes)}" for s, sizes in skipped.items())
-    return f"\nnot timed (over {study.get('settings', {}).get('max_step_tokens', 'the')} tokens a step): {listed}" \
+    return f"; not timed (over {study.get('settings', {}).get('max_step_tokens', 'the')} tokens a step): {listed}" \
         if skipped else ""
 
 
@@ -434,7 +488,7 @@ def plot_padding(study: dict) -> Figure | None:
     if not study.get("cells"):
         _skip("padding_study", "the padding study has no cells")
         return None
-    fig, axes = _figure(2, 2, width=3.4, height=2.6)
+    fig, axes = _figure(COLUMN_WIDTH, 4.0, 2, 2)
     for ax, (metric, label) in zip(axes.flat, PADDING_METRICS):
         for i, strategy in enumerate(study["strategies"]):
             xs, ys = padding_series(study, strategy, metric)
@@ -447,17 +501,18 @@ def plot_padding(study: dict) -> Figure | None:
         if metric in ("step_seconds", "peak_memory_mb", "tokens_per_question"):
             ax.set_yscale("log")
             _plain_log(ax.yaxis)
-        ax.set_xlabel("batch size (questions)")
         ax.set_title(label)
+        if ax in axes[-1]:
+            ax.set_xlabel("batch size (questions)")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels))
+    fig.legend(handles, labels, loc="outside lower center", ncols=math.ceil(len(labels) / 2))
     machine = study.get("machine") or {}
     on_cpu = any((c.get("timing") or {}).get("step_cpu_seconds_median") for c in study["cells"])
-    fig.suptitle(f"{study.get('model', '')} + LoRA r={(study.get('lora') or {}).get('lora_r')}, "
-                 f"{(study.get('pool') or {}).get('questions', '?')} SQuAD questions; timed on "
-                 f"{machine.get('cuda') or machine.get('cpu_model', '?')}"
-                 + (f", {_threads(machine)}, CPU seconds of the step" if on_cpu else "")
-                 + _untimed(study), fontsize=8)
+    fig.suptitle(_wrap(f"{_model_name(study.get('model', ''))} + LoRA r={(study.get('lora') or {}).get('lora_r')}, "
+                       f"{(study.get('pool') or {}).get('questions', '?')} SQuAD questions; step: forward and backward "
+                       f"on {machine.get('cuda') or machine.get('cpu_model', '?')}"
+                       + (f", {_threads(machine)}, CPU seconds" if on_cpu else "")
+                       + "; memory: peak over the model's own" + _untimed(study), COLUMN_WIDTH, 7))
     return fig
 
 

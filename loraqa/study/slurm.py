@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,8 @@ class RunJob:
         run_dir = Path(self.run_dir)
         holder = this_holder(self.token, environment.job_id if environment.cluster == "slurm" else None)
         holder["running"] = True
+        # Slurm counts the job's requeues: with it the follower reports a restart it polled too slowly to see
+        holder["restarts"] = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
         other = acquire_claim(run_dir, holder)
         if other is not None:
             print(f"{self.run.run_id}: held by {describe_holder(other)}; not run", flush=True)
@@ -249,7 +252,7 @@ def _follow(following: dict[str, _Followed], out: Path, runs, finished, statuses
             run_dir = out / run_id
             claim = read_claim(run_dir) or {}
             if claim.get("running") and claim.get("since") != followed.seen_since:
-                again = followed.seen_since is not None
+                again = followed.seen_since is not None or claim.get("restarts", 0) > 0
                 followed.seen_since, followed.started = claim["since"], time.time()
                 estimate = estimated_seconds(followed.run, rates, run_dir)
                 print(f"[{len(finished) + 1}/{len(runs)}] {run_id}: {'restarted' if again else 'started'} "

@@ -8,9 +8,8 @@ import dataclasses
 from argparse import ArgumentTypeError
 from pathlib import Path
 
-from ..config import ConfigError, DataArguments, GenerationSettings, LoraArguments, ModelArguments
+from ..config import ConfigError, DataArguments, EvaluateArguments, GenerationSettings, LoraArguments, ModelArguments
 from ..files import read_yaml
-from ..training.arguments import LoraQATrainingArguments
 
 
 SPEC_KEYS = {"base", "grid", "centre", "runs", "first", "evaluations", "select_on", "extend", "ties", "slurm"}
@@ -21,12 +20,13 @@ def _fields(*types) -> set[str]:
     return {f.name for t in types for f in dataclasses.fields(t)}
 
 
-TRAIN_SETTINGS = _fields(ModelArguments, LoraArguments, DataArguments, LoraQATrainingArguments)
+def _train_settings() -> set[str]:
+    from ..training.arguments import LoraQATrainingArguments  # transformers: once a spec has been read
+
+    return _fields(ModelArguments, LoraArguments, DataArguments, LoraQATrainingArguments)
 
 
 def _evaluate_settings() -> set[str]:
-    from ..evaluation.evaluate import EvaluateArguments
-
     return _fields(ModelArguments, EvaluateArguments, GenerationSettings) - {"output", "adapter"}
 
 
@@ -38,7 +38,7 @@ def load_spec(path: str | Path) -> dict:
     unknown = set(spec) - SPEC_KEYS
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
-    evaluate_settings = _evaluate_settings()
+    evaluate_settings, train_settings = _evaluate_settings(), _train_settings()
 
     def check_settings(where: str, settings, allowed: set[str]):
         if not isinstance(settings, dict):
@@ -47,18 +47,18 @@ def load_spec(path: str | Path) -> dict:
         if bad:
             raise ConfigError(f"{path}: {where}: unknown setting(s) {', '.join(sorted(bad))}")
 
-    check_settings("base", spec.get("base", {}), TRAIN_SETTINGS)
+    check_settings("base", spec.get("base", {}), train_settings)
     for axis, values in (spec.get("grid") or {}).items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{path}: grid.{axis}: expected a non-empty list of values")
         for value in values:  # a value is a setting's value, or a mapping of tied settings ({lora_r, lora_alpha})
-            check_settings(f"grid.{axis}", value if isinstance(value, dict) else {axis: value}, TRAIN_SETTINGS)
+            check_settings(f"grid.{axis}", value if isinstance(value, dict) else {axis: value}, train_settings)
     check_settings("centre", spec.get("centre", {}), set(spec.get("grid") or {}))
     for axis, value in (spec.get("centre") or {}).items():
         if value not in spec["grid"][axis]:
             raise ConfigError(f"{path}: centre.{axis}: {value!r} is not one of the grid's values")
     for name, run in (spec.get("runs") or {}).items():
-        check_settings(f"runs.{name}", run, TRAIN_SETTINGS | RUN_KEYS)
+        check_settings(f"runs.{name}", run, train_settings | RUN_KEYS)
         if run.get("from") not in (None, "best"):
             raise ConfigError(f"{path}: runs.{name}.from: only 'best' is supported")
         for evaluation, overrides in (run.get("evaluate") or {}).items():
@@ -96,7 +96,7 @@ def check_values(path, spec: dict) -> None:
     wrong type, outside a setting's choices, a list or mapping where one value goes, or `null` (a flag cannot
     say 'none', so the command would run with its default while the run's identity said null) is one line
     naming the file and the key, before anything runs."""
-    from ..evaluation.evaluate import EvaluateArguments
+    from ..training.arguments import LoraQATrainingArguments
 
     train = _flag_types(ModelArguments, LoraArguments, DataArguments, LoraQATrainingArguments)
     evaluate = _flag_types(ModelArguments, EvaluateArguments, GenerationSettings)
@@ -155,7 +155,7 @@ def _check_selection_keys(path, spec: dict) -> None:
             raise ConfigError(f"{path}: extend.{key}: not a grid axis, so a series: expected runs (a list of "
                               "named runs) and one setting with its next values")
         axis = settings[0]
-        if axis not in TRAIN_SETTINGS or not isinstance(rule[axis], list) or not rule[axis]:
+        if axis not in _train_settings() or not isinstance(rule[axis], list) or not rule[axis]:
             raise ConfigError(f"{path}: extend.{key}.{axis}: expected a `loraqa train` setting with a list of values")
         for name in rule["runs"]:
             if name not in runs or runs[name].get("from") == "best" or axis not in runs[name]:

@@ -30,6 +30,9 @@ the run with one line naming the holder) and takes over one whose holder is gone
 directory never train the same run. `done.json` records the git revision the run was made at and whether the
 package's code differed from it. A spec's optional `slurm:` mapping (partition, gpus_per_run, ...) is read by
 `--executor slurm` only and is no part of any run's identity.
+
+Why one file of ~430 lines: planning, running one run and resuming share the run's identity and directory rules;
+the spec's checks (`spec`), the selection (`selection`), claims (`claims`) and collecting (`collect`) live apart.
 """
 from __future__ import annotations
 

@@ -39,13 +39,21 @@ def answer_loss_sum(model, batch: dict[str, torch.Tensor], *, answer_only: bool 
     else:
         keep = torch.arange(targets.shape[1], device=labels.device)
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "paragraph_spans")}
-    if inputs["attention_mask"].dim() == 4:  # the shared-context block mask is additive, in the model's dtype
-        inputs["attention_mask"] = inputs["attention_mask"].to(next(model.parameters()).dtype)
-    core = getattr(model, "module", model)  # inside DistributedDataParallel
-    if "paragraph_spans" in batch and core.config._attn_implementation == PARAGRAPH_ATTENTION:
+    attention = getattr(model, "module", model).config._attn_implementation  # `module`: inside DDP
+    if inputs["attention_mask"].dim() == 4:
+        inputs["attention_mask"] = block_mask_for(inputs["attention_mask"], attention, next(model.parameters()).dtype)
+    if "paragraph_spans" in batch and attention == PARAGRAPH_ATTENTION:
         inputs["paragraph_spans"] = batch["paragraph_spans"].tolist()
     logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (B, K, V)
     picked = targets[:, keep]  # (B, K)
     total = F.cross_entropy(logits.flatten(0, 1).float(), picked.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     return total, (picked != IGNORE_INDEX).sum()
 
+
+def block_mask_for(mask: torch.Tensor, attention: str, dtype: torch.dtype) -> torch.Tensor:
+    """The shared-context block mask (boolean, (1, 1, T, T)) as the attention kernel takes it: as it is for sdpa,
+    whole-row or per paragraph; additive in the weights' dtype (0 or the dtype's minimum) for kernels that add
+    it to their scores (eager)."""
+    if attention in ("sdpa", PARAGRAPH_ATTENTION):
+        return mask
+    return torch.full(mask.shape, torch.finfo(dtype).min, dtype=dtype, device=mask.device).masked_fill_(mask, 0.0)

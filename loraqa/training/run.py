@@ -298,6 +298,7 @@ def fit(run: TrainingSetup) -> TrainResult:
         "method": "full_finetune" if run.lora_args.full_finetune else "lora",
         **run.parameters,
         "train_examples": len(trainer.train_dataset), "global_steps": output.global_step,
+        "processes": args.world_size, "examples_per_step": examples_per_step,
         "resumed_from_step": first_step, "steps_timed": steps_timed,
         "seconds_per_step": runtime / steps_timed if steps_timed else None,
         "train_runtime_s": runtime, "train_examples_per_s": examples,
