@@ -202,6 +202,6 @@ def test_wait_reports_a_restart_it_polled_too_slowly_to_see(tmp_path, tiny_gpt2_
     acquire_claim(run_dir, {**this_holder(slurm_job_id="7_0"), "running": True, "restarts": restarts})
     (run_dir / "done.json").write_text("{}")
     statuses = {}
-    _follow({run.run_id: _Followed(run, "7_0")}, tmp_path / "out", [run], [], statuses, poll_s=0)
+    _follow({run.run_id: _Followed(run, "7_0")}, tmp_path / "out", [run], {}, statuses, poll_s=0)
     out = capsys.readouterr().out
     assert f"{run.run_id}: {said} " in out and statuses[run.run_id] == "done"
