@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 LORAQA := $(VENV)/bin/loraqa
 export LORAQA_CACHE ?= $(CURDIR)/data
 
-.PHONY: install fetch test screenshots run bench results study collect report browser-test slurm-test gpu-check decoding-full-dev
+.PHONY: install fetch test screenshots run bench results study collect report browser-test slurm-test gpu-check decoding-full-dev decoding-speed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -98,6 +98,12 @@ decoding-full-dev: results/strategies_final_500.json
 		--output results/eval_final_span_full_dev.json
 	greedy=$$($(PY) -c "from loraqa.study.collect import final_evaluations; print(final_evaluations()[0])"); \
 	$(LORAQA) compare $$greedy results/eval_final_span_full_dev.json --output results/compare_final_span_full_dev.json
+
+# Questions/s of every strategy of the final model's grid against greedy, each decoded alone in interleaved rounds
+# (the grid's own timings are the whole pass's): needs an otherwise idle CPU, so not part of `collect`
+decoding-speed: fetch
+	$(LORAQA) decoding-speed --adapter results/model_checkpoints/final --questions 100 --repeats 3 \
+		--output results/decoding_speed.json
 
 # The report (issue 14): report.pdf at the root, built from the files in results/ alone (Typst from PyPI, no TeX,
 # no network once installed); the filled Typst source goes to report/build/, PNG pages to report/build/pages/.

@@ -348,6 +348,18 @@ def _cost_study(argv):
     print(f"written: {study_args.output} ({result['wall_seconds']:.0f} s)")
 
 
+def _decoding_speed(argv):
+    from .config import GenerationSettings, ModelArguments
+    from .args import parse_config
+    from .measure.decoding_speed import DecodingSpeedArguments, run_decoding_speed, summary_lines
+
+    model_args, speed_args, settings = parse_config((ModelArguments, DecodingSpeedArguments, GenerationSettings),
+                                                    ["--model", "smollm2-135m"] + argv)
+    result = run_decoding_speed(model_args, speed_args, settings)
+    print("\n".join(summary_lines(result)))
+    print(f"written: {speed_args.output} ({result['wall_seconds']:.0f} s)")
+
+
 def _report(argv):
     parser = ArgumentParser(prog="loraqa report", description="Build the technical report (Typst -> PDF) from "
                                      "the result files alone; what is not measured yet is printed as pending.")
@@ -453,7 +465,8 @@ def _input_errors() -> tuple[type, ...]:
 
 COMMANDS = {"fetch": _fetch, "data-stats": _data_stats, "score": _score, "train": _train, "evaluate": _evaluate,
             "compare": _compare, "failures": _failures, "ask": _ask, "demo": _demo, "bench": _bench, "run": _run, "sweep": _sweep,
-            "plots": _plots, "padding-study": _padding_study, "cost-study": _cost_study, "report": _report,
+            "plots": _plots, "padding-study": _padding_study, "cost-study": _cost_study,
+            "decoding-speed": _decoding_speed, "report": _report,
             "param-counts": _param_counts}
 
 

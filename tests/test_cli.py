@@ -271,7 +271,7 @@ def test_run_summary_says_what_the_budget_trained(tmp_path):
 
 @pytest.mark.parametrize("command", ["fetch", "data-stats", "score", "train", "evaluate", "compare", "failures", "ask",
                                      "bench", "run", "sweep", "plots", "padding-study", "cost-study", "param-counts",
-                                     "report", "demo"])
+                                     "report", "demo", "decoding-speed"])
 def test_every_subcommand_answers_help(command, capsys):
     try:
         code = main([command, "--help"])

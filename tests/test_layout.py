@@ -80,7 +80,7 @@ LIGHT_ANSWERS = [
     (["--help"], 0, "usage: loraqa"),
     *[([command, "--help"], 0, "usage:") for command in ("fetch", "data-stats", "score", "evaluate", "compare",
                                                          "failures", "ask", "demo", "sweep", "plots", "report",
-                                                         "param-counts")],
+                                                         "param-counts", "decoding-speed")],
     (["evaluate", "--modle", "x"], 2, "unknown flag --modle (did you mean --model?)"),
     (["evaluate", "--max_samples", "many"], 2, "--max_samples"),
     (["ask", "--dtype", "float8"], 2, "invalid choice"),

@@ -845,6 +845,27 @@ def test_decoding_names_strategies_in_words_and_says_what_the_span_strategies_do
     assert "The paired test of greedy, span-constrained against greedy on all of dev is pending" in pending
 
 
+def test_decoding_speed_is_a_column_only_when_every_strategy_was_timed_alone(tmp_path):
+    """The grid's own questions/s is the whole pass's, so the table's speed comes from `loraqa decoding-speed`
+    (each strategy alone, relative to greedy in the same round) and appears only when it covers every row."""
+    results = _copy_fixture(tmp_path)
+    names = [r["strategy"] for r in json.loads((results / "strategies_final_500.json").read_text())["strategies"]]
+    assert "Speed" not in report_values(results).fields["table_strategies"]
+    rows = [{"strategy": name, "vs_greedy_median": 1.0 - 0.05 * i} for i, name in enumerate(names)]
+    speed = {"n": 120, "repeats": 3, "strategies": rows[:-1]}
+    (results / "decoding_speed.json").write_text(json.dumps(speed))
+    values = report_values(results)
+    assert values.fields["has_decoding_speed"] == "false" and "Speed" not in values.fields["table_strategies"]
+    speed["strategies"] = rows[::-1]  # matched by name, not by position
+    (results / "decoding_speed.json").write_text(json.dumps(speed))
+    values = report_values(results)
+    table = values.fields["table_strategies"]
+    assert values.fields["has_decoding_speed"] == "true" and "Speed" in table
+    assert (values.fields["speed_n"], values.fields["speed_repeats"]) == ("120", "3")
+    assert "1.00×" in table and f"{1.0 - 0.05 * (len(names) - 1):.2f}×" in table
+    assert table.index("1.00×") < table.index("0.95×")  # in the grid's order
+
+
 def test_a_holm_p_from_a_p_at_the_permutation_floor_is_written_as_a_bound():
     """k x floor is an upper bound when the raw p is at the floor (no resample reached the difference): '≤ 0.002',
     in the table and in the sentence; a p above the floor stays '= ...'."""

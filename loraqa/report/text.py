@@ -31,7 +31,7 @@ def _power(x: float, digits: int = 1) -> str:
 
 FORMATS = {
     "score": lambda x: f"{x:.1f}", "signed": _signed, "int": lambda x: f"{round(x):,}",
-    "x": lambda x: f"{x:.1f}×" if x < 20 else f"{x:.0f}×",
+    "x": lambda x: f"{x:.1f}×" if x < 20 else f"{x:.0f}×", "x2": lambda x: f"{x:.2f}×",
     "pct": lambda x: f"{x:.1f}%", "pct0": lambda x: f"{x:.0f}%",
     "1": lambda x: f"{x:.1f}", "2": lambda x: f"{x:.2f}", "3": lambda x: f"{x:.3f}", "g": lambda x: f"{x:g}",
     "millions": lambda x: f"{x / 1e6:.2f}M", "lr": lambda x: _power(x, 0) if x < 0.01 else f"{x:g}",

@@ -873,11 +873,13 @@ def _adapter_name(v: Values, adapter: str | None) -> str:
 
 
 SPAN_FULL_DEV = "compare_final_span_full_dev.json"  # `make decoding-full-dev`: greedy (a) vs the best span-aware (b)
+DECODING_SPEED = "decoding_speed.json"  # `loraqa decoding-speed`: each strategy alone, against greedy in each round
 
 
 def _strategies(v: Values) -> None:
-    """The decoding grid's table and claims. Only F1, answer length and agreement are compared: the grid decodes
-    greedy and the sampled strategies in one pass (their questions/s is the whole pass's) and beams alone."""
+    """The decoding grid's table and claims. Speed comes from `loraqa decoding-speed` (each strategy decoded
+    alone), never from the grid, which decodes greedy and the sampled strategies in one pass (their questions/s
+    is the whole pass's); its column appears once that measurement covers every row of the grid."""
     name = FINAL_STRATEGIES if v.inputs.json(FINAL_STRATEGIES) is not None else STRATEGIES
     data, S = v.inputs.json(name), f"{name}#"
     rows = (data or {}).get("strategies") or []
@@ -889,6 +891,11 @@ def _strategies(v: Values) -> None:
     v.text("strat_adapter", _adapter_name(v, data.get("adapter")))
     adapter = str(data.get("adapter") or "")
     v.flag("has_strategies_on_final", _adapter_name(v, adapter) == "the final")
+    speed = {r.get("strategy"): k for k, r in enumerate((v.inputs.json(DECODING_SPEED) or {}).get("strategies") or [])}
+    timed = v.flag("has_decoding_speed", all(r["strategy"] in speed for r in rows))
+    if timed:
+        v.put("speed_n", "int", f"{DECODING_SPEED}#/n")
+        v.put("speed_repeats", "int", f"{DECODING_SPEED}#/repeats")
     body, f1s = [], []
     for j, row in enumerate(rows):
         base = f"{S}/strategies/{j}"
@@ -898,11 +905,14 @@ def _strategies(v: Values) -> None:
                                                               ("distinct_2", "2"), ("seed_disagreement", "2"))]
         if j not in sampled:  # one answer per question: agreement between seeds measures nothing
             cells[-1] = None
+        if timed:
+            cells.append(v.number("x2", f"{DECODING_SPEED}#/strategies/{speed[row['strategy']]}/vs_greedy_median"))
         body.append([strategy_label(row["strategy"]), em.text, f"{f1.text} ± {sd.text}" if sd else f1.text,
                      *(c.text if c else "–" for c in cells)])
         f1s.append((strategy_label(row["strategy"]), f1, j))
-    v.text("table_strategies", table(["Strategy", "EM", "F1 (± sd)", "Verb.", "Words", "Dist-2", "Seeds ≠"], body,
-                                     "lrrrrrr"))
+    header = ["Strategy", "EM", "F1 (± sd)", "Verb.", "Words", "Dist-2", "Seeds ≠"] + \
+        (["Speed"] if timed else [])
+    v.text("table_strategies", table(header, body, "l" + "r" * (len(header) - 1)))
     v.text("claim_decoding", claim_best_strategy([(label, f1) for label, f1, _ in f1s]))
     if sampled:
         worst = min((f1s[j] for j in sampled), key=lambda s: s[1].value)
