@@ -850,6 +850,7 @@ def test_decoding_speed_is_a_column_only_when_every_strategy_was_timed_alone(tmp
     (each strategy alone, relative to greedy in the same round) and appears only when it covers every row."""
     results = _copy_fixture(tmp_path)
     names = [r["strategy"] for r in json.loads((results / "strategies_final_500.json").read_text())["strategies"]]
+    (results / "decoding_speed.json").unlink()
     assert "Speed" not in report_values(results).fields["table_strategies"]
     rows = [{"strategy": name, "vs_greedy_median": 1.0 - 0.05 * i} for i, name in enumerate(names)]
     speed = {"n": 120, "repeats": 3, "strategies": rows[:-1]}

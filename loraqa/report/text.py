@@ -340,8 +340,7 @@ def claim_bf16(identical: Number, n: Number) -> str:
 
 FAILURE_MEANINGS = {
     "wrong span of the context": "a span of the right paragraph with no word in common with the gold answer, often "
-                                 "the answer to a neighbouring question: the model has learnt the format and to "
-                                 "copy, and fails at choosing the span",
+                                 "the answer to a neighbouring question",
     "partial overlap": "an answer that shares words with the gold span but starts or ends elsewhere: the "
                        "boundaries, not the location, are wrong",
     "answer not in context": "an answer that is not copied from the paragraph: the model paraphrases or "

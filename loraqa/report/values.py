@@ -896,13 +896,16 @@ def _strategies(v: Values) -> None:
     if timed:
         v.put("speed_n", "int", f"{DECODING_SPEED}#/n")
         v.put("speed_repeats", "int", f"{DECODING_SPEED}#/repeats")
+    else:  # the caption's clause is left out: nothing to fill
+        v.text("speed_n", "")
+        v.text("speed_repeats", "")
     body, f1s = [], []
     for j, row in enumerate(rows):
         base = f"{S}/strategies/{j}"
         em, f1 = v.number("score", f"{base}/exact_match"), v.number("score", f"{base}/f1")
         sd = v.number("1", f"{base}/f1_sd") if j in sampled else None
         cells = [v.number(fmt, f"{base}/{k}") for k, fmt in (("verbatim_in_context", "2"), ("mean_answer_words", "1"),
-                                                              ("distinct_2", "2"), ("seed_disagreement", "2"))]
+                                                              ("seed_disagreement", "2"))]
         if j not in sampled:  # one answer per question: agreement between seeds measures nothing
             cells[-1] = None
         if timed:
@@ -910,7 +913,7 @@ def _strategies(v: Values) -> None:
         body.append([strategy_label(row["strategy"]), em.text, f"{f1.text} ± {sd.text}" if sd else f1.text,
                      *(c.text if c else "–" for c in cells)])
         f1s.append((strategy_label(row["strategy"]), f1, j))
-    header = ["Strategy", "EM", "F1 (± sd)", "Verb.", "Words", "Dist-2", "Seeds ≠"] + \
+    header = ["Strategy", "EM", "F1 (± sd)", "Verb.", "Words", "Seeds ≠"] + \
         (["Speed"] if timed else [])
     v.text("table_strategies", table(header, body, "l" + "r" * (len(header) - 1)))
     v.text("claim_decoding", claim_best_strategy([(label, f1) for label, f1, _ in f1s]))
