@@ -263,9 +263,14 @@ def test_the_study_spec_still_names_every_committed_run():
     done = {p.parent.name: json.loads(p.read_text()) for p in (root / "results" / "sweep").glob("*/done.json")}
     runs, selection = plan_study(spec, done)
     planned = {r.run_id for r in runs}
-    # runs `from: best` are held (not planned at all) while the selection is unresolved (tests/test_selection.py)
-    held = set() if selection.resolved else {i for i, r in done.items() if spec["runs"].get(r["name"], {}).get("from")}
+    # runs `from: best` are held (not planned at all) while the selection is unresolved (tests/test_selection.py);
+    # once resolved they are planned for today's selection: one from an earlier selection keeps its directory, not
+    # its plan (a new final gets a new name)
+    settings = {r.name: r.settings for r in runs}
+    held = {i for i, r in done.items() if spec["runs"].get(r["name"], {}).get("from")
+            and not (selection.resolved and settings.get(r["name"]) == r["settings"])}
     assert set(done) - held <= planned, sorted(set(done) - held - planned)
+    assert len(held) <= 3  # the earlier selection's final model and its two seeds
     grid = [r for r in runs if r.kind == "grid"]
     assert len(grid) >= 32 and all(r.settings["lora_alpha"] == 2 * r.settings["lora_r"] for r in grid)
 
