@@ -6,8 +6,8 @@ decodes each strategy alone (one seed), on the same questions with the same mode
 untimed warm-up pass, in interleaved rounds (`common.interleaved`) so that a disturbed moment does not land on
 one strategy only. Each strategy's questions/s is the median of its repetitions with their spread, and its speed
 relative to greedy the median of the per-round ratios (greedy timed in the same round) with their spread.
-Output: `results/decoding_speed.json`, read by the report's decoding table. Its flags parse without torch (imported when it runs), so
-`loraqa decoding-speed --help` answers at once.
+Output: `results/decoding_speed.json`, read by the report's decoding table. Its flags parse without torch
+(imported when it runs), so `loraqa decoding-speed --help` answers at once.
 """
 from __future__ import annotations
 
@@ -71,8 +71,8 @@ def run_decoding_speed(model_args: ModelArguments, args: DecodingSpeedArguments,
              **repeated("questions_per_s", rates[u]),
              **repeated("vs_greedy", [rate / greedy for rate, greedy in zip(rates[u], rates[0])])}
             for u, strategy in enumerate(strategies)]
-    result = {**run_metadata(), "model": model_args.model, "model_resolved": resolved, "adapter": args.adapter, "data": data_path,
-              "n": len(records), "repeats": args.repeats, "max_length": max_length,
+    result = {**run_metadata(), "model": model_args.model, "model_resolved": resolved, "adapter": args.adapter,
+              "data": data_path, "n": len(records), "repeats": args.repeats, "max_length": max_length,
               "measure": "each strategy decoded alone (one seed), one untimed warm-up pass, interleaved rounds; "
                          "vs_greedy: the per-round ratio to greedy's questions/s",
               "machine": {**machine, **load_at_end(machine)}, "strategies": rows,
