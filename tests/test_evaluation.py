@@ -142,6 +142,8 @@ def test_strategy_grid(tmp_path, tiny_gpt2_dir, squad_file):
         assert row["verbatim_in_context"] == 1.0 or "in_context" not in row["strategy"]
     for row in result["strategies"]:
         assert 0.0 <= row["distinct_1"] <= 1.0 and 0.0 <= row["seed_disagreement"] <= 1.0
+        assert "questions_per_s" not in row  # the rows decode together: only the whole pass has a speed
+    assert result["grid_questions_per_s"] == pytest.approx(len(result["paragraphs"]) / result["grid_seconds"])
     greedy = _evaluate(tiny_gpt2_dir, squad_file, tmp_path / "greedy.json")
     assert result["strategies"][0]["runs"][0]["predictions"] == greedy["predictions"]  # shared prefill, same answers
 

@@ -201,6 +201,31 @@ def test_the_final_model_before_its_full_dev_baseline_stands_alone(tmp_path):
     assert built.values.fields["has_final_baseline"] == "false"
 
 
+def test_lora_and_full_fine_tuning_at_the_shared_budget_are_quoted_with_their_paired_test(built, tmp_path):
+    """Both budget runs' full-dev F1 and training time, the paired test's claim (full fine-tuning is A, LoRA B) and
+    the seed sd beside it; until LoRA's budget run lands, the comparison is said to be pending."""
+    study = json.loads((FIXTURE / "evaluation_results.json").read_text())
+    lora, full = (next(r for r in study["runs"] if r["name"] == name) for name in ("budget_lora", "budget_full_ft"))
+    test = next(t for t in study["tests"] if t["name"].startswith("full fine-tuning vs LoRA (best) on "))
+    text = " ".join(_rendered_paragraphs(built.source_dir))
+    assert (f"Trained on the same 8,000 questions (1,000 steps, the same schedule) and scored on all 10,570 dev "
+            f"questions, LoRA reaches F1 {lora['scores']['test']['f1']:.1f} [{lora['scores']['test']['f1_ci'][0]:.1f}, "
+            f"{lora['scores']['test']['f1_ci'][1]:.1f}] in {round(lora['train_time_s'] / 60)} min and full fine-tuning "
+            f"{full['scores']['test']['f1']:.1f}") in text
+    assert test["delta_f1"] < 0 and test["p_holm"] < 0.05  # the fixture's full fine-tuning wins
+    assert f"full fine-tuning beats LoRA by {-test['delta_f1']:.1f} F1 points" in text
+    assert f"against a seed standard deviation of {study['seeds']['centre']['test_f1_sd']:.2f} points" in text
+
+    results = _copy_fixture(tmp_path)
+    study["runs"] = [r for r in study["runs"] if r["name"] != "budget_lora"]
+    study["tests"] = [t for t in study["tests"] if t is not test and t["name"] != test["name"]]
+    study["pending"] = [lora["run_id"]]
+    (results / "evaluation_results.json").write_text(json.dumps(study))
+    built = build_report(results, tmp_path / "r.pdf", source_dir=tmp_path / "source")
+    text = " ".join(_rendered_paragraphs(built.source_dir))
+    assert "The comparison at a shared larger budget is pending." in text and "Trained on the same" not in text
+
+
 def test_partial_results_render_and_say_what_is_pending(tmp_path, monkeypatch):
     results = _copy_fixture(tmp_path)
     study = json.loads((results / "evaluation_results.json").read_text())
@@ -735,6 +760,7 @@ def test_repeated_cost_timings_are_quoted_as_medians_with_their_ranges(tmp_path)
     (results / "cost_study.json").write_text(json.dumps({**cost, "configs": single}))
     fields = report_values(results).fields
     assert fields["has_cost_spread"] == "false" and fields["cost_spread"] == ""
+    assert fields["cost_rank_spread"] == fields["cost_mlp_spread"] == ""
     for k, config in enumerate(cost["configs"]):
         for key in ("step_cpu_seconds", "update_cpu_seconds"):
             repetitions = [config[f"{key}_mean"] * f for f in (0.9, 1.0, 1.3 + k / 10, 1.1, 0.95)]
@@ -750,6 +776,19 @@ def test_repeated_cost_timings_are_quoted_as_medians_with_their_ranges(tmp_path)
     (f_lo, f_hi), (l_lo, l_hi) = full["step_cpu_seconds_spread"], lora["step_cpu_seconds_spread"]
     assert values.fields["has_cost_spread"] == "true" and values.fields["cost_spread"] == \
         f"medians of 5 repetitions, ranges {f_lo:.2f}–{f_hi:.2f} and {l_lo:.2f}–{l_hi:.2f} s"
+    # the rank's and the MLP's ratios too, saying whether the two ranges overlap
+    mlp = next(c for c in cost["configs"] if c.get("target_modules") == "attention+mlp" and c.get("lora_r") == 16)
+    (m_lo, m_hi) = mlp["step_cpu_seconds_spread"]
+    overlap = ", which overlap" if m_lo <= l_hi and l_lo <= m_hi else ""
+    assert values.fields["cost_mlp_spread"] == f" (ranges {m_lo:.2f}–{m_hi:.2f} and {l_lo:.2f}–{l_hi:.2f} s{overlap})"
+    top = max((c for c in cost["configs"] if c.get("target_modules") == "attention"), key=lambda c: c["lora_r"])
+    top["step_cpu_seconds_spread"] = [l_hi + 1.0, l_hi + 2.0]  # apart from the smallest rank's: no overlap
+    low = min((c for c in cost["configs"] if c.get("target_modules") == "attention"), key=lambda c: c["lora_r"])
+    (results / "cost_study.json").write_text(json.dumps(cost))
+    lo_lo, lo_hi = low["step_cpu_seconds_spread"]
+    assert low["step_cpu_seconds_spread"][1] < l_hi + 1.0
+    assert report_values(results).fields["cost_rank_spread"] == \
+        f" (ranges {l_hi + 1.0:.2f}–{l_hi + 2.0:.2f} and {lo_lo:.2f}–{lo_hi:.2f} s)"
 
 
 def test_full_fine_tuning_at_some_learning_rates_is_listed_as_pending(tmp_path):
@@ -777,7 +816,7 @@ def test_the_lora_versus_full_fine_tuning_text_states_each_search(tmp_path):
     lora, full = len(study["selection"]["candidates"]), len(study["selection"]["full_ft_candidates"])
     assert lora > full
     assert f"LoRA among {lora} grid configurations and full fine-tuning among {full} learning rates." in text
-    assert "larger search" not in text and "the comparison at a shared larger budget is pending" in text
+    assert "larger search" not in text and "comparison at a shared larger budget is pending" not in text
     assert f"at {study['protocol']['base']['max_train_samples']:,} training questions, " in text
 
 

@@ -509,6 +509,7 @@ def _study(v: Values) -> None:
     _alpha_series(v, runs)
     _seeds(v, study)
     _full_ft(v, study, runs, best)
+    _budget_pair(v, runs)
 
 
 def _main_table(v: Values) -> None:
@@ -645,6 +646,7 @@ CLAIMS = {r"^centre vs target_modules=": ("claim_targets", "attention only", "at
           r"^answer-only loss": ("claim_masking", "answer-only loss", "loss on the whole sequence"),
           r"^max_length 512 vs 256": ("claim_max_length", "maximum length 512", "maximum length 256"),
           r"^LoRA \(best\) vs full": ("claim_full_ft", "LoRA", "full fine-tuning"),
+          r"^full fine-tuning vs LoRA \(best\) on": ("claim_budget_full_ft", "full fine-tuning", "LoRA"),
           r"^baseline vs LoRA": ("claim_baseline", "the untuned model", "LoRA"),
           r"^LoRA \(best\) on \S+ vs \S+ questions": ("claim_budget", "its configuration on the grid’s budget",
                                            "the final model")}
@@ -807,13 +809,26 @@ def _cost(v: Values) -> None:
         v.put("cost_rank_high", "int", f"{C}/configs/{high}/lora_r")
         ratio = v.put("cost_rank_step_ratio", "2", f"{C}/configs/{high}{step}", f"{C}/configs/{low}{step}",
                       op="ratio")
+        v.text("cost_rank_spread", _ranges_side_by_side(v, f"{C}/configs/{high}", f"{C}/configs/{low}"), C)
         v.text("claim_rank_cost", None if ratio is None else
                "the frozen model's forward and backward dominate the step" if ratio.value < 1.25 else
                "the adapters' own products are a visible share of the step")
     v.flag("has_cost_mlp", mlp is not None)
     if mlp is not None:
         v.put("cost_mlp_step_ratio", "2", f"{C}/configs/{mlp}{step}", L + step, op="ratio")
+        v.text("cost_mlp_spread", _ranges_side_by_side(v, f"{C}/configs/{mlp}", L), C)
         v.put("cost_mlp_mem_ratio", "2", f"{C}/configs/{mlp}/peak_rss_mb", L + "/peak_rss_mb", op="ratio")
+
+
+def _ranges_side_by_side(v: Values, a: str, b: str) -> str:
+    """' (ranges 2.70–3.67 and 2.65–3.69 s, which overlap)' for two repeated configurations' step times; '' for
+    single repetitions: a ratio of two medians says little when their repetitions overlap."""
+    ranges = [[v.number("2", f"{path}/step_cpu_seconds_spread/{i}") for i in (0, 1)] for path in (a, b)]
+    if None in ranges[0] + ranges[1]:
+        return ""
+    (a_lo, a_hi), (b_lo, b_hi) = ranges
+    overlap = a_lo.value <= b_hi.value and b_lo.value <= a_hi.value
+    return f" (ranges {a_lo.text}–{a_hi.text} and {b_lo.text}–{b_hi.text} s{', which overlap' if overlap else ''})"
 
 
 def _cost_spread(v: Values, full: str, lora: str) -> str | None:
@@ -848,6 +863,24 @@ def _full_ft(v: Values, study: dict, runs: list[dict], best: int | None) -> None
     v.put("full_ft_candidates", "int", f"{R}/selection/full_ft_candidates", op="len")
     v.text("table_lora_full", table(["Method", "Trainable", "Test F1", "CPU s/step", "Peak GiB", "Weights MiB"],
                                     rows, "lrrrrr"))
+
+
+def _budget_pair(v: Values, runs: list[dict]) -> None:
+    """LoRA and full fine-tuning trained on the same larger budget, each scored on all of dev: their sizes, scores
+    and training times beside the paired test's claim (`_tests`), and the seed sd that the difference meets."""
+    lora, full = (_run_index(v.inputs, name=name) for name in ("budget_lora", "budget_full_ft"))
+    if not v.flag("has_budget_pair", None not in (lora, full) and "claim_budget_full_ft" in v.fields
+                  and "seeds_centre_sd" in v.fields):
+        return
+    R = f"{STUDY}#/runs"
+    v.put("budget_questions", "int", f"{R}/{lora}/settings/max_train_samples")
+    v.put("budget_steps", "int", f"{R}/{lora}/settings/max_train_samples",
+          f"{R}/{lora}/settings/per_device_train_batch_size", op="ratio")
+    v.put("budget_n", "int", f"{R}/{lora}/scores/test/n")
+    for label, k in (("lora", lora), ("full", full)):
+        v.put(f"budget_{label}_f1", "score", f"{R}/{k}/scores/test/f1")
+        v.ci(f"{R}/{k}/scores/test/f1_ci", f"budget_{label}_f1_ci")
+        v.put(f"budget_{label}_minutes", "int", f"{R}/{k}/train_time_s", scale=1 / 60)
 
 
 def _adapter_name(v: Values, adapter: str | None) -> str:
