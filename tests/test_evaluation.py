@@ -225,3 +225,17 @@ def test_the_best_span_strategy_is_scored_on_all_of_dev_with_its_own_flags():
         assert to_dict(parsed) == chosen["generation"]
     with pytest.raises(ConfigError, match="no span-aware strategy"):
         best_span_strategy({"strategies": grid["strategies"][:2]})
+
+
+def test_evaluations_record_which_run_their_adapter_was(tmp_path):
+    """An export at a fixed path (results/model_checkpoints/final) is replaced when the selection moves: each
+    evaluation records the run its adapter came from, so results of the earlier export are never taken for it."""
+    from loraqa.evaluation.evaluate import adapter_run
+
+    export = tmp_path / "final"
+    export.mkdir()
+    assert adapter_run(str(export)) is None and adapter_run(None) is None  # no run_config.json: not a loraqa run
+    (export / "run_config.json").write_text(json.dumps({"training": {"output_dir": "results/sweep/final-24333e66"}}))
+    assert adapter_run(str(export)) == "final-24333e66"
+    (export / "run_config.json").write_text("{not json")
+    assert adapter_run(str(export)) is None

@@ -723,6 +723,18 @@ def test_the_final_models_decoding_grid_replaces_the_earlier_one(tmp_path):
     (results / "strategies_final_500.json").write_text(json.dumps(grid))
     values = report_values(results)
     assert values.fields["has_strategies_on_final"] == "false" and values.fields["strat_adapter"] == "the grid’s selected"
+    # a moved selection's final is the headline: the export's grid is the final's only if it records that run
+    study = json.loads((results / "evaluation_results.json").read_text())
+    earlier = next(r for r in study["runs"] if r["name"] == "final")
+    study["final"]["earlier"] = [{"run": earlier["run_id"], "settings": earlier["settings"], "test": None}]
+    study["final"]["run"] = "final-attention-r8-0123abcd"
+    (results / "evaluation_results.json").write_text(json.dumps(study))
+    grid["adapter"] = "results/model_checkpoints/final"
+    for recorded, said in ((None, "the earlier selection’s final"), (earlier["run_id"], "the earlier selection’s final"),
+                           ("final-attention-r8-0123abcd", "the final")):
+        grid["adapter_run"] = recorded  # None: written before evaluations recorded their adapter's run
+        (results / "strategies_final_500.json").write_text(json.dumps(grid))
+        assert report_values(results).fields["strat_adapter"] == said, recorded
 
 
 def test_cost_claims_follow_the_side_by_side_measurement(tmp_path):

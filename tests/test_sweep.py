@@ -432,3 +432,20 @@ def test_the_budget_comparison_pairs_the_final_model_with_its_own_grid_configura
     runs = {r["run_id"]: r for r in study["runs"]}
     budget = [t for t in study["tests"] if t["name"].startswith("LoRA (best) on ")]
     assert len(budget) == 1 and _same_configuration(runs[budget[0]["a"]]["settings"], runs[budget[0]["b"]]["settings"])
+
+
+def test_a_moved_selections_final_is_the_headline_once_it_has_finished():
+    """Until the new final (`final-<grid run>`) has finished, the committed `final` stays the headline; then the
+    new one is, and the committed one is the earlier selection's."""
+    from loraqa.study.collect import _finals
+
+    entries = {"final-aaaa": {"run_id": "final-aaaa", "name": "final", "group": "final"},
+               "attention-r8-bbbb": {"run_id": "attention-r8-bbbb", "name": "attention-r8", "group": "grid"}}
+    planned = [Run("attention-r8", {"lora_r": 8}, {}), Run("final-attention-r8", {"lora_r": 8, "seed": 0}, {})]
+    headline, earlier = _finals(planned, entries)
+    assert headline is entries["final-aaaa"] and earlier == []  # the new final is still pending
+    new = planned[1].run_id
+    entries[new] = {"run_id": new, "name": "final-attention-r8", "group": "final"}
+    headline, earlier = _finals(planned, entries)
+    assert headline is entries[new] and earlier == [entries["final-aaaa"]]
+

@@ -83,6 +83,17 @@ def training_max_length(adapter: str | None) -> int:
     return DataArguments.max_length
 
 
+def adapter_run(adapter: str | None) -> str | None:
+    """The run an adapter was trained as (its run_config.json's output folder name: a sweep's run id), recorded
+    with every evaluation so that results of an earlier export at the same path are never taken for this one's."""
+    try:
+        config = json.loads((Path(adapter) / "run_config.json").read_text()) if adapter else {}
+    except (OSError, json.JSONDecodeError):
+        return None
+    output_dir = (config.get("training") or {}).get("output_dir") if isinstance(config, dict) else None
+    return Path(output_dir).name if output_dir else None
+
+
 def check_heldout_unseen(adapter: str | None, heldout_articles: int, subset_seed: int) -> None:
     """Scoring a trained model on the training file's held-out articles is honest only if it never trained on
     them: the adapter must have held out at least as many articles by the same seed (`heldout_split` takes the
@@ -172,6 +183,7 @@ def evaluate(model_args: ModelArguments, eval_args: EvaluateArguments, settings:
     weights = next(model.parameters())
     paragraphs = {r["id"]: paragraph_key(r["context"]) for r in records}
     header = {"model": model_args.model, "model_resolved": resolved, "adapter": eval_args.adapter,
+              "adapter_run": adapter_run(eval_args.adapter),
               "device": str(weights.device), "dtype": str(weights.dtype).removeprefix("torch."),
               "data": data_path, "data_hash": data_fingerprint(dataset), "subset_seed": eval_args.subset_seed,
               "max_length": max_length, "evaluate_args": to_dict(eval_args), "prompt": prompt.describe(),

@@ -43,7 +43,7 @@ def run_decoding_speed(model_args: ModelArguments, args: DecodingSpeedArguments,
     from ..files import run_metadata, write_json_atomic
     from ..data.assets import squad_file
     from ..data.squad import load_squad, take_subset
-    from ..evaluation.evaluate import grid_strategies, load_model_for_eval, training_max_length
+    from ..evaluation.evaluate import adapter_run, grid_strategies, load_model_for_eval, training_max_length
     from ..generation.decode import generate_answers
     from .common import interleaved, load_at_end, machine_info, repeated
 
@@ -72,6 +72,7 @@ def run_decoding_speed(model_args: ModelArguments, args: DecodingSpeedArguments,
              **repeated("vs_greedy", [rate / greedy for rate, greedy in zip(rates[u], rates[0])])}
             for u, strategy in enumerate(strategies)]
     result = {**run_metadata(), "model": model_args.model, "model_resolved": resolved, "adapter": args.adapter,
+              "adapter_run": adapter_run(args.adapter),
               "data": data_path, "n": len(records), "repeats": args.repeats, "max_length": max_length,
               "measure": "each strategy decoded alone (one seed), one untimed warm-up pass, interleaved rounds; "
                          "vs_greedy: the per-round ratio to greedy's questions/s",

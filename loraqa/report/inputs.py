@@ -115,7 +115,7 @@ def failure_examples(eval_path: str, data_path: str | None = None, *, per_catego
                              "prediction": prediction, "exact_match": score["exact_match"], "f1": score["f1"],
                              **excerpt(context, gold, predicted)})
     return {"evaluation": str(eval_path), "model": result.get("model"), "adapter": result.get("adapter"),
-            "n": len(result["per_question"]), "counts": counts,
+            "adapter_run": result.get("adapter_run"), "n": len(result["per_question"]), "counts": counts,
             "by_question_type": scores_by_question_type({q: records[q]["question"] for q in result["per_question"]},
                                                         result["per_question"]),
             "examples": examples}

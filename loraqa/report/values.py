@@ -499,7 +499,7 @@ def _study(v: Values) -> None:
         v.put("centre_tokens_per_s", "int", f"{R}/runs/{centre}/train_tokens_per_s")
         v.put("centre_peak_gib", "1", f"{R}/runs/{centre}/peak_memory_mb", scale=1 / 1024)
         _curve_claim(v, runs, centre, "claim_curve")
-    final = _run_index(v.inputs, name="final")
+    final = _run_index(v.inputs, run_id=(study.get("final") or {}).get("run"))
     if final is not None:
         _curve_claim(v, runs, final, "claim_final_curve", after=v.fields.get("claim_curve"))
     v.flag("has_curve", "claim_curve" in v.fields)
@@ -883,12 +883,17 @@ def _budget_pair(v: Values, runs: list[dict]) -> None:
         v.put(f"budget_{label}_minutes", "int", f"{R}/{k}/train_time_s", scale=1 / 60)
 
 
-def _adapter_name(v: Values, adapter: str | None) -> str:
-    """Which adapter an evaluation used, in words: 'the final', 'the grid’s selected', 'the preliminary', a grid
-    run's settings or 'a separately trained' (never a folder name)."""
+def _adapter_name(v: Values, adapter: str | None, trained_as: str | None = None) -> str:
+    """Which adapter an evaluation used, in words: 'the final', 'the earlier selection’s final', 'the grid’s
+    selected', 'the preliminary', a grid run's settings or 'a separately trained' (never a folder name).
+    `trained_as`: the run the evaluation recorded its adapter was (`adapter_run`); an evaluation of the final
+    export that records none predates it, so once a moved selection's final is the headline it is the earlier one's."""
     adapter = str(adapter or "")
     study = v.inputs.json(STUDY) or {}
     final = (study.get("final") or {}).get("run")
+    if final and "model_checkpoints/final" in adapter and trained_as != final \
+            and (trained_as or (study.get("final") or {}).get("earlier")):
+        return "the earlier selection’s final"
     selected = (study.get("selection") or {}).get("best_run")
     # the preliminary adapter is `make run`'s output (runs/main, copied to results/main_run/)
     preliminary = ((v.inputs.json(PRE_CONFIG) or {}).get("training") or {}).get("output_dir") or \
@@ -921,9 +926,8 @@ def _strategies(v: Values) -> None:
     v.put("strat_n", "int", S + "/n")
     sampled = [j for j, r in enumerate(rows) if (r.get("generation") or {}).get("do_sample", j > 0)]
     v.put("strat_seeds", "int", f"{S}/strategies/{sampled[0] if sampled else 0}/seeds", op="len")
-    v.text("strat_adapter", _adapter_name(v, data.get("adapter")))
-    adapter = str(data.get("adapter") or "")
-    v.flag("has_strategies_on_final", _adapter_name(v, adapter) == "the final")
+    v.text("strat_adapter", _adapter_name(v, data.get("adapter"), data.get("adapter_run")))
+    v.flag("has_strategies_on_final", v.fields["strat_adapter"] == "the final")
     speed = {r.get("strategy"): k for k, r in enumerate((v.inputs.json(DECODING_SPEED) or {}).get("strategies") or [])}
     timed = v.flag("has_decoding_speed", all(r["strategy"] in speed for r in rows))
     if timed:
@@ -984,7 +988,7 @@ def _failures(v: Values) -> None:
     if not v.flag("has_failures", bool(data and data.get("counts"))):
         return
     v.put("fail_n", "int", F + "/n")
-    v.text("fail_adapter", _adapter_name(v, data.get("adapter")))
+    v.text("fail_adapter", _adapter_name(v, data.get("adapter"), data.get("adapter_run")))
     counts = data["counts"]
     wrong = [(c, n) for c, n in counts.items() if c != "correct"]
     ranked = sorted(wrong, key=lambda cn: -cn[1])
@@ -1231,7 +1235,7 @@ def _dynamics(v: Values) -> None:
     v.text("dyn_reach", "; ".join(reach))
     v.text("dyn_flat", ", ".join(flat))
     v.text("dyn_gap", ", ".join(gaps))
-    final = _run_index(v.inputs, name="final")
+    final = _run_index(v.inputs, run_id=((v.inputs.json(STUDY) or {}).get("final") or {}).get("run"))
     curve = ((runs[final].get("curves") or {}) if final is not None else {}).get("validation") or []
     if v.flag("has_dynamics_final", len(curve) >= 2 and bool(runs[final]["curves"].get("train"))):
         F = f"{R}/{final}/curves"

@@ -27,11 +27,11 @@ Schema (all scores in percentage points):
                   untuned model's prompts on the same questions as `baseline`, zero-shot included, best first),
                   best_run, best_name, best_prompt {few_shot, chat_template}, full_dev_run (the best prompt on all
                   of dev, or null)
-    final:        run (the committed final: the headline), test (full dev), baseline_full_dev, comparison (final -
+    final:        run (the headline: the resolved selection's final once finished, until then the committed one), test (full dev), baseline_full_dev, comparison (final -
                   zero-shot baseline, all of dev), prompted_baseline_run, prompted_baseline_full_dev,
                   prompted_baseline_evaluation, prompted_comparison (final - best prompted baseline, all of dev),
                   checkpoint, selection_moved, current_selection_final (the final of the resolved selection, another
-                  run if moved)
+                  run if moved), earlier [{run, settings, test}] (finished finals of an earlier selection)
     pending:      runs of the spec not finished yet
 """
 from __future__ import annotations
@@ -337,6 +337,15 @@ def prompted_baselines(entries: list[dict], select_on: str, split: str) -> dict 
             "best_prompt": prompt, "full_dev_run": full_dev_run}
 
 
+def _finals(planned: list, entries: dict[str, dict]) -> tuple[dict | None, list[dict]]:
+    """(the headline final model, the other finished finals): the resolved selection's final once it has
+    finished, else the finished final the spec names `final` (trained from an earlier selection)."""
+    finals = [e for e in entries.values() if e["group"] == "final"]
+    current = next((r.run_id for r in planned if r.name == "final" or r.name.startswith("final-")), None)
+    headline = entries.get(current) or next((e for e in finals if e["name"] == "final"), None)
+    return headline, [e for e in finals if e is not headline]
+
+
 def _final_comparison(base: dict, final: dict, split: str) -> dict | None:
     """Final - base on the questions both answered: paragraph sign flips (F1), McNemar (EM), bootstrap CIs."""
     comparison = _paired(base, final, split)
@@ -448,7 +457,7 @@ def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
         comparisons.append(("LoRA (best) vs full fine-tuning", lora, best_full_ft))
     if lora and "baseline" in by_name:
         comparisons.append(("baseline vs LoRA (best)", by_name["baseline"], lora))
-    final = by_name.get("final")
+    final, earlier_finals = _finals(planned, entries)
     # what the larger budget buys, on the questions both answered: the final model against the grid run of its own
     # configuration (the selection may have moved since the final was trained: then the best is another run)
     source = final and next((e for e in grid if _same_configuration(e["settings"], final["settings"])), None)
@@ -485,9 +494,8 @@ def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
         test["survives_seed_sd"] = None if sd is None else bool(abs(test["delta_f1"]) > SD_MULTIPLE * sd)  # JSON: not numpy
 
     prompted = prompted_baselines(list(entries.values()), select_on, split)
-    final = None
-    if "final" in by_name:
-        f = by_name["final"]
+    f, final = final, None
+    if f is not None:
         final = {"run": f["run_id"], "test": f["scores"].get(split), "evaluation": str(out / f["run_id"] / f"eval_{split}.json")}
         if checkpoints and (checkpoint := _export(out / f["run_id"], Path(checkpoints) / "final")):
             final["checkpoint"] = checkpoint
@@ -506,10 +514,13 @@ def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
                 final["prompted_comparison"] = comparison
 
     if final is not None and chosen.resolved:
-        # the committed final stays the headline; a moved selection's final is another run (`final-<grid run>`)
+        # until a moved selection's final (`final-<grid run>`) has run, the earlier selection's stays the headline
         current = next((r.run_id for r in planned if r.name == "final" or r.name.startswith("final-")), None)
         final["selection_moved"] = current != final["run"]
         final["current_selection_final"] = current
+    if final is not None:
+        final["earlier"] = [{"run": e["run_id"], "settings": e["settings"], "test": e["scores"].get(split)}
+                            for e in earlier_finals]
 
     runs = [{k: v for k, v in e.items() if not k.startswith("_")} for e in entries.values()]
     order = {r.run_id: i for i, r in enumerate(planned)}
@@ -569,8 +580,10 @@ def main_table(results: dict) -> str:
               ("LoRA, grid centre", runs.get(selection.get("centre_run"))),
               ("full fine-tuning (best lr)", runs.get(selection.get("best_full_ft_run")))]
     picked += [(f"ablation: {r['name']}", r) for r in results["runs"] if r["group"] in ("ablation", "alpha")]
-    picked += [("final model (all of dev)", next((r for r in results["runs"] if r["name"] == "final"), None)),
-               ("untuned baseline (all of dev)", next((r for r in results["runs"] if r["name"] == "baseline_full_dev"),
+    final = results.get("final") or {}
+    picked += [("final model (all of dev)", runs.get(final.get("run")))]
+    picked += [("earlier selection's final model (all of dev)", runs.get(e["run"])) for e in final.get("earlier", [])]
+    picked += [("untuned baseline (all of dev)", next((r for r in results["runs"] if r["name"] == "baseline_full_dev"),
                                                       None))]
     picked += [(f"{label} at the shared budget (all of dev)", next((r for r in results["runs"] if r["name"] == name), None))
                for label, name in (("LoRA (best)", "budget_lora"), ("full fine-tuning", "budget_full_ft"))]

@@ -16,9 +16,10 @@ Three rules the sweep's planner (`sweep.plan`) applies to the finished runs' don
 
 The final model and the best configuration's seeds (`from: best` runs) follow the resolved selection. If it
 picks the configuration they were trained on, they are the same runs (same settings, same run ids: nothing is
-retrained). If it moves, the new final is a new run, `final-<selected grid run>`, and the committed `final`
-stays what collect reports as the headline (`final.selection_moved` and `final.current_selection_final` say so);
-the best seeds of a moved selection are its tie seeds, already run.
+retrained). If it moves, the new final is a new run, `final-<selected grid run>`; until it has finished, the
+committed `final` stays what collect reports as the headline (`final.selection_moved` and
+`final.current_selection_final` say so), and once it has, it is the headline and the committed one is listed as
+the earlier selection's (`final.earlier`). The best seeds of a moved selection are its tie seeds, already run.
 """
 from __future__ import annotations
 
