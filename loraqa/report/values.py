@@ -880,7 +880,10 @@ def _budget_pair(v: Values, runs: list[dict]) -> None:
     for label, k in (("lora", lora), ("full", full)):
         v.put(f"budget_{label}_f1", "score", f"{R}/{k}/scores/test/f1")
         v.ci(f"{R}/{k}/scores/test/f1_ci", f"budget_{label}_f1_ci")
-        v.put(f"budget_{label}_minutes", "int", f"{R}/{k}/train_time_s", scale=1 / 60)
+    # one seed per method: a difference below sqrt(2) x one run's seed sd could be the seeds' alone
+    test = next(t for t in (v.inputs.json(STUDY) or {}).get("tests") or []
+                if re.search(r"^full fine-tuning vs LoRA \(best\) on", t["name"]))
+    v.text("budget_seed_clause", "more than" if test.get("survives_seed_sd") else "less than")
 
 
 def _adapter_name(v: Values, adapter: str | None, trained_as: str | None = None) -> str:
@@ -1014,12 +1017,19 @@ def _failures(v: Values) -> None:
     for j, example in enumerate(data.get("examples") or []):
         em = v.number("score", f"{F}/examples/{j}/f1", scale=100)
         rows.append([literal(example["category"]), literal(example["question"]), _excerpt(example),
-                     " / ".join(literal(g) for g in dict.fromkeys(example["gold"])),
+                     _golds(example["gold"]),
                      f"{literal(example['prediction'])} ({em.text if em else '–'})"])
     v.flag("has_fail_examples", bool(rows))
     if rows:
         v.text("table_failures", table(["Category", "Question", "Context excerpt", "Gold", "Prediction (F1)"], rows,
-                                       "lllll", widths="(auto, 1.3fr, 2.6fr, 0.8fr, 0.9fr)", size="7pt"))
+                                       "lllll", widths="(auto, 1.1fr, 2.5fr, 0.95fr, 1.05fr)", size="7pt"))
+
+
+def _golds(golds: list[str], shown: int = 2) -> str:
+    """The first distinct gold answers and how many more the annotators gave (the table's rows stay short)."""
+    distinct = list(dict.fromkeys(golds))
+    more = len(distinct) - shown
+    return " / ".join(literal(g) for g in distinct[:shown]) + (f" (+{more})" if more > 0 else "")
 
 
 def _excerpt(example: dict) -> str:
