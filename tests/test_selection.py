@@ -114,8 +114,11 @@ def test_when_the_selection_stays_the_committed_final_and_seeds_are_kept(study):
     assert selection.resolved and selection.picked.run_id == top
     assert "picked" in selection.reason and selection.record()["tied"][0] == top
     assert COMMITTED_FROM_BEST <= {r.run_id for r in runs}
-    # nothing left to train but the new work that waits for the selection: the budget pair's LoRA run
-    assert [r.name for r in runs if r.run_id not in finished] == ["budget_lora"]
+    # nothing left to train but the new work that waits for the selection: the budget pair's LoRA run (under a new
+    # name: the committed budget_lora trained the selection this hypothetical study did not keep)
+    left = [r for r in runs if r.run_id not in finished]
+    assert [r.name for r in left] == [f"budget_lora-{selection.picked.name}"]
+    assert left[0].settings["lora_r"] == selection.picked.settings["lora_r"]
 
 
 def test_a_moved_selection_trains_a_new_final_under_a_new_name(study):
@@ -135,8 +138,9 @@ def test_a_moved_selection_trains_a_new_final_under_a_new_name(study):
     assert final.settings["max_train_samples"] == 16000
     # the new selection's seeds exist already (its tie seeds): best_seed1/2 are those runs, not new ones
     pending = [r for r in runs if r.run_id not in finished]
-    assert [r.run_id for r in pending] == [final.run_id, next(r.run_id for r in runs if r.name == "budget_lora")]
-    assert pending[1].settings["learning_rate"] == runner_up.settings["learning_rate"]  # the pair follows the selection
+    budget = next(r for r in pending if r.name.startswith("budget_lora"))
+    assert {r.run_id for r in pending} == {final.run_id, budget.run_id}
+    assert budget.settings["learning_rate"] == runner_up.settings["learning_rate"]  # the pair follows the selection
 
 
 # ---------------------------------------------------------------------------------------------- small specs
