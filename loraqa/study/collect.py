@@ -5,7 +5,7 @@ Everything is recomputed from the files each run wrote (`done.json`, `run_config
 `metrics.jsonl`, `eval_*.json`), so the table can be rebuilt at any moment from whatever runs exist, and a
 run that is still missing shows up as pending instead of being guessed. Confidence intervals resample
 paragraphs (questions on one paragraph are not independent); paired tests flip signs per paragraph.
-Why one file of ~660 lines: the result's parts (runs, selection, effects, seeds, tests, prompted baselines, final)
+Why one file of ~670 lines: the result's parts (runs, selection, effects, seeds, tests, prompted baselines, final)
 read each other's entries and are built in that order by `collect`.
 
 Schema (all scores in percentage points):
