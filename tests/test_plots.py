@@ -104,6 +104,22 @@ def test_params_vs_f1_points_and_ci_bars_and_control_lines(results):
         assert [band.get_y(), band.get_y() + band.get_height()] == pytest.approx(run["scores"]["test"]["f1_ci"])
 
 
+def test_params_vs_f1_shows_the_untuned_models_best_prompt_beside_zero_shot(results):
+    """With prompted baselines the untuned model has two lines: zero-shot (the run named `baseline`, whatever
+    the order of the runs) and the prompt the study chose on validation, which the headline gain is quoted against."""
+    prompted = copy.deepcopy(results)
+    zero_shot = next(r for r in prompted["runs"] if r["name"] == "baseline")
+    shot = copy.deepcopy(zero_shot)
+    shot.update(run_id="baseline_3shot-x", name="baseline_3shot")
+    shot["scores"]["test"].update(f1=zero_shot["scores"]["test"]["f1"] + 13.0)
+    prompted["runs"].insert(0, shot)  # before zero-shot: picked by name, not by position
+    prompted["prompted_baselines"] = {"best_run": "baseline_3shot-x", "best_name": "baseline_3shot"}
+    ax = plots.plot_params_vs_f1(prompted).axes[0]
+    assert list(_line(ax, "untuned, zero-shot").get_ydata()) == [zero_shot["scores"]["test"]["f1"]] * 2
+    best = _line(ax, "untuned, best prompt")
+    assert list(best.get_ydata()) == [shot["scores"]["test"]["f1"]] * 2 and best.get_linestyle() == ":"
+
+
 def _by(runs: list[dict], *keys: str) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
@@ -135,12 +151,19 @@ def test_f1_heatmaps_cells_equal_test_f1_and_missing_runs_are_blank(results):
     assert any(np.ma.getmaskarray(ax.images[0].get_array()).any() for ax in fig.axes if ax.images), "pending cell"
 
 
-def test_cost_lines_are_the_cost_studys_numbers_and_full_ft_is_a_line():
+@pytest.mark.parametrize("repeated", [False, True])
+def test_cost_lines_are_the_cost_studys_numbers_and_full_ft_is_a_line(repeated):
+    """One repetition: the mean step time; repeated steps: the median, the number the report's text quotes."""
     study = _load("cost_study.json")
+    if repeated:
+        for c in study["configs"]:
+            c["step_cpu_seconds_median"] = c["step_cpu_seconds_mean"] - 0.25
     fig = plots.plot_cost(study)
     lora = [c for c in study["configs"] if c["method"] == "lora"]
     full = next(c for c in study["configs"] if c["method"] == "full_finetune")
-    for metric, title, scale in plots.COST_METRICS:
+    metrics = plots.cost_metrics(study)
+    assert metrics[0][0] == ("step_cpu_seconds_median" if repeated else "step_cpu_seconds_mean")
+    for metric, title, scale in metrics:
         ax = _axis(fig, title)
         for target in ("attention", "attention+mlp"):
             line = _line(ax, f"LoRA {target}")
@@ -174,6 +197,7 @@ def test_padding_plot_a_line_per_strategy_and_untimed_cells_left_out():
     fig = plots.plot_padding(study)
     for metric, title in plots.PADDING_METRICS:
         ax = _axis(fig, title)
+        assert ax.get_xlabel() == "batch size (questions)"  # every panel, so no title reads as the one above's label
         for strategy in study["strategies"]:
             line = _line(ax, strategy.replace("_", " "))
             cells = sorted((c for c in study["cells"] if c["strategy"] == strategy), key=lambda c: c["batch_size"])

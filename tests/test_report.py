@@ -83,11 +83,14 @@ def test_fixture_report_builds_offline_with_every_figure_and_no_placeholder(buil
     assert {Path(p).stem for p in images} == set(FIGURES.values())
     assert all((built.source_dir / p.lstrip("/")).exists() for p in images)
     fields = built.values.fields
-    for name in OURS:  # the complete fixture fills every placeholder of the sections, and every flag is on
+    # the complete fixture fills every placeholder of the sections, and every flag is on but the trends over the
+    # main effects' levels: its row extension leaves the levels unequal mixes of the other factors
+    unbalanced = {"has_claim_rank", "has_claim_learning_rate"}
+    for name in OURS:
         for placeholder in _placeholders(SECTIONS / f"{name}.typ"):
             assert placeholder in fields, f"{name}.typ: {{{{{placeholder}}}}} has no value on the complete fixture"
             if placeholder.startswith("has_"):
-                assert fields[placeholder] == "true", placeholder
+                assert fields[placeholder] == ("false" if placeholder in unbalanced else "true"), placeholder
     rendered = " ".join(_rendered_paragraphs(built.source_dir))
     assert "else [" not in rendered and "else[" not in rendered  # a Typst `else` must follow its `]` on one line
     assert "[Pending:" not in rendered and "still running" not in rendered  # nothing is pending on a complete study
@@ -634,9 +637,14 @@ def test_count_and_equality_claims_go_both_ways():
 def test_claims_in_the_report_are_regenerated_from_the_results(tmp_path):
     values = report_values(FIXTURE)
     assert values.fields["claim_targets"].startswith("attention+MLP beats attention only")
-    assert values.fields["claim_rank"].startswith("mean test F1 rises")
+    # the fixture's row extension gives rank 8 one run more: no trend is read off unequal mixes
+    assert values.fields["has_claim_rank"] == "false" and values.fields["claim_rank"] == ""
     results = _copy_fixture(tmp_path)
     study = json.loads((results / "evaluation_results.json").read_text())
+    for level in study["main_effects"]["rank"]:
+        level["runs"] = 4  # as on a grid without extensions
+    (results / "evaluation_results.json").write_text(json.dumps(study))
+    assert report_values(results).fields["claim_rank"].startswith("mean test F1 rises")
     test = next(t for t in study["tests"] if t["name"].startswith("centre vs target_modules="))
     test.update(delta_f1=-test["delta_f1"], delta_f1_ci=[-test["delta_f1_ci"][1], -test["delta_f1_ci"][0]])
     study["main_effects"]["rank"].reverse()
@@ -798,6 +806,10 @@ def test_repeated_cost_timings_are_quoted_as_medians_with_their_ranges(tmp_path)
     (m_lo, m_hi) = mlp["step_cpu_seconds_spread"]
     overlap = ", which overlap" if m_lo <= l_hi and l_lo <= m_hi else ""
     assert values.fields["cost_mlp_spread"] == f" (ranges {m_lo:.2f}–{m_hi:.2f} and {l_lo:.2f}–{l_hi:.2f} s{overlap})"
+    # and the MLP's step against full fine-tuning's, with both ranges
+    assert values.fields["cost_mlp_vs_full"] == f"{mlp['step_cpu_seconds_median'] / full['step_cpu_seconds_median']:.2f}"
+    overlap = ", which overlap" if m_lo <= f_hi and f_lo <= m_hi else ""
+    assert values.fields["cost_mlp_full_spread"] == f" (ranges {m_lo:.2f}–{m_hi:.2f} and {f_lo:.2f}–{f_hi:.2f} s{overlap})"
     top = max((c for c in cost["configs"] if c.get("target_modules") == "attention"), key=lambda c: c["lora_r"])
     top["step_cpu_seconds_spread"] = [l_hi + 1.0, l_hi + 2.0]  # apart from the smallest rank's: no overlap
     low = min((c for c in cost["configs"] if c.get("target_modules") == "attention"), key=lambda c: c["lora_r"])
@@ -924,12 +936,15 @@ def test_decoding_speed_is_a_column_only_when_every_strategy_was_timed_alone(tmp
 
 
 def test_a_holm_p_from_a_p_at_the_permutation_floor_is_written_as_a_bound():
-    """k x floor is an upper bound when the raw p is at the floor (no resample reached the difference): '≤ 0.002',
-    in the table and in the sentence; a p above the floor stays '= ...'."""
+    """k x floor is an upper bound when the raw p is at the floor (no resample reached the difference): '≤ 0.0021'
+    for 21 x 1/10,001 (rounded up, never down below the bound), in the table and in the sentence; a p above the
+    floor stays '= ...'."""
     from loraqa.report.text import Number, claim_difference, holm_bound
 
     floor = {"p_value": 1 / 10_001, "permutation_resamples": 10_000}
     above = {"p_value": 0.004, "permutation_resamples": 10_000}
+    assert holm_bound(Number(21 / 10_001, "0.002"), floor).text == "≤ 0.0021"
+    assert holm_bound(Number(0.05 / 2, "0.025"), floor).text == "≤ 0.025"
     p = Number(0.002, "0.002")
     assert holm_bound(p, floor).text == "≤ 0.002" and holm_bound(p, above).text == "0.002"
     delta = Number(11.9, "+11.9")
@@ -957,3 +972,21 @@ def test_best_edge_claim_reads_the_rates_of_the_selected_runs_own_row(tmp_path):
     study["runs"].append(extension)
     (results / "evaluation_results.json").write_text(json.dumps(study))
     assert "learning rate" not in (report_values(results).fields.get("claim_best_edge") or "")
+
+
+def test_the_methodology_states_the_learning_rate_extensions_cap_from_the_collected_spec(tmp_path):
+    """The extension rule's cap comes from the spec as collected (it was raised once, from 4e-3 to 8e-3, so
+    that every row could end inside its rates); without an `extend` rule the clause is left out."""
+    results = tmp_path / "results"
+    shutil.copytree(FIXTURE, results)
+    study = json.loads((results / "evaluation_results.json").read_text())
+    study["protocol"].pop("extend", None)
+    (results / "evaluation_results.json").write_text(json.dumps(study))
+    fields = report_values(results).fields
+    assert fields["has_lr_cap"] == "false" and fields["lr_cap"] == ""
+    study["protocol"]["extend"] = {"learning_rate": {"factor": 2, "max": 8.0e-3}}
+    (results / "evaluation_results.json").write_text(json.dumps(study))
+    fields = report_values(results).fields
+    assert fields["has_lr_cap"] == "true" and fields["lr_cap"] == "8×10#super[−3];"
+    template = (Path(__file__).parents[1] / "report/sections/methodology.typ").read_text()
+    assert "#if {{has_lr_cap}} [, up to {{lr_cap}}]" in template

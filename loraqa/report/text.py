@@ -208,10 +208,15 @@ def _unsigned(number: Number) -> str:
 
 
 def holm_bound(p_holm: Number, test: dict) -> Number:
-    """Holm's p of a test whose permutation p is at the floor is itself a bound (k x floor at most): '≤ 0.002'."""
+    """Holm's p of a test whose permutation p is at the floor is itself a bound (k x floor at most), written
+    rounded up to two significant digits so that it stays a bound: 21/10,001 is '≤ 0.0021', not '≤ 0.002'."""
     resamples = test.get("permutation_resamples")
     at_floor = bool(resamples) and test["p_value"] * (resamples + 1) <= 1 + 1e-9
-    return dataclasses.replace(p_holm, text=f"≤ {p_holm.text}") if at_floor else p_holm
+    if not at_floor or p_holm.value <= 0:
+        return p_holm
+    decimals = max(0, 1 - math.floor(math.log10(p_holm.value)))
+    bound = math.ceil(p_holm.value * 10 ** decimals - 1e-9) / 10 ** decimals
+    return dataclasses.replace(p_holm, text="≤ " + f"{bound:.{decimals}f}".rstrip("0").rstrip("."))
 
 
 def p_relation(p: Number) -> str:
@@ -230,7 +235,8 @@ def claim_difference(a: str, b: str, delta: Number, ci: str, p_holm: Number, *, 
         interval = f"95% CI {flipped_ci}" if flipped_ci else f"95% CI of {b} − {a}: {ci}"
         return f"{a} beats {b} by {_unsigned(delta)} F1 points ({interval}, " \
                f"Holm-adjusted _p_ {p_relation(p_holm)})"
-    return f"{b} and {a} do not differ significantly ({delta.text} F1 for {b}, 95% CI {ci}, " \
+    # the CI is per comparison (unadjusted), so it may exclude 0 where Holm's correction does not reject
+    return f"{b} and {a} do not differ significantly ({delta.text} F1 for {b}, unadjusted 95% CI {ci}, " \
            f"Holm-adjusted _p_ {p_relation(p_holm)})"
 
 

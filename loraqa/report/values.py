@@ -418,7 +418,10 @@ def _study(v: Values) -> None:
     v.flag("has_grid_spread", bool(grid_done and grid_done.value >= 2))
     v.flag("has_complete_study", not study.get("pending"))
     base = R + "/protocol/base"
-    v.put("grid_size", "int", R + "/protocol/grid", op="grid_size")
+    size = v.put("grid_size", "int", R + "/protocol/grid", op="grid_size")
+    extra = int(grid_done.value - size.value) if grid_done and size else 0  # runs the row extensions added
+    v.flag("has_grid_extensions", extra > 0)
+    v.text("grid_extensions", str(max(extra, 0)))
     for key, name in (("max_train_samples", "train_questions"), ("per_device_train_batch_size", "batch_size"),
                       ("eval_steps", "eval_steps"), ("max_eval_samples", "val_loss_questions"),
                       ("heldout_articles", "heldout_articles")):
@@ -429,6 +432,9 @@ def _study(v: Values) -> None:
     v.text("grid_ranks", ", ".join(str(r) for r in ranks) or None, R + "/protocol/grid/rank")
     v.text("grid_lrs", ", ".join(_lr(x) for x in grid.get("learning_rate", [])) or None,
            R + "/protocol/grid/learning_rate")
+    cap = (((study.get("protocol") or {}).get("extend") or {}).get("learning_rate") or {}).get("max")
+    v.flag("has_lr_cap", cap is not None)  # the learning-rate extension's largest rate
+    v.text("lr_cap", _lr(cap) if cap else "")
     v.text("grid_targets", " and ".join(targets_in_words(t) for t in grid.get("target_modules", [])) or None,
            R + "/protocol/grid/target_modules")
     v.text("centre_settings", describe((study.get("protocol") or {}).get("centre") or {}) or None,
@@ -621,7 +627,8 @@ def _effects(v: Values, study: dict) -> None:
         if axis in ("rank", "learning_rate") and len(trend) > 1 and balanced:
             v.text(f"claim_{axis}", claim_trend(trend, "rank" if axis == "rank" else "learning rate"))
     for axis in ("rank", "learning_rate"):
-        v.flag(f"has_claim_{axis}", f"claim_{axis}" in v.fields)
+        if not v.flag(f"has_claim_{axis}", f"claim_{axis}" in v.fields):
+            v.text(f"claim_{axis}", "")  # no trend over unequal mixes (row extensions): the paired contrasts say it
     v.flag("has_effects", any(len(levels or []) >= 2 for levels in effects.values()))
     if rows:
         v.text("table_effects", table(["Level", "Runs", "Test F1 [95% CI]", "Val. F1"], rows, "lrrr"))
@@ -648,7 +655,7 @@ CLAIMS = {r"^centre vs target_modules=": ("claim_targets", "attention only", "at
           r"^max_length 512 vs 256": ("claim_max_length", "maximum length 512", "maximum length 256"),
           r"^LoRA \(best\) vs full": ("claim_full_ft", "LoRA", "full fine-tuning"),
           BUDGET_TEST: ("claim_budget_full_ft", "full fine-tuning", "LoRA"),
-          r"^baseline vs LoRA": ("claim_baseline", "the untuned model", "LoRA"),
+          r"^baseline vs LoRA": ("claim_baseline", "the untuned model prompted zero-shot", "LoRA"),
           r"^LoRA \(best\) on \S+ vs \S+ questions": ("claim_budget", "its configuration on the grid’s budget",
                                            "the final model")}
 
@@ -819,6 +826,9 @@ def _cost(v: Values) -> None:
         v.put("cost_mlp_step_ratio", "2", f"{C}/configs/{mlp}{step}", L + step, op="ratio")
         v.text("cost_mlp_spread", _ranges_side_by_side(v, f"{C}/configs/{mlp}", L), C)
         v.put("cost_mlp_mem_ratio", "2", f"{C}/configs/{mlp}/peak_rss_mb", L + "/peak_rss_mb", op="ratio")
+        # on a CPU the adapters' products on every MLP matrix can cost as much as full fine-tuning's AdamW update
+        v.put("cost_mlp_vs_full", "2", f"{C}/configs/{mlp}{step}", F + step, op="ratio")
+        v.text("cost_mlp_full_spread", _ranges_side_by_side(v, f"{C}/configs/{mlp}", F), C)
 
 
 def _ranges_side_by_side(v: Values, a: str, b: str) -> str:

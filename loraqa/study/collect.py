@@ -530,7 +530,7 @@ def collect(spec_path: str, sweep_dir: str, output: str, *, split: str = "test",
                             if select_on in e["_evaluations"]), None)
     result = {
         "spec": str(spec_path), "sweep_dir": str(sweep_dir), "model": model, "stand_in": STAND_IN,
-        "protocol": {"base": spec.get("base"), "grid": spec.get("grid"), "centre": centre_point,
+        "protocol": {"base": spec.get("base"), "grid": spec.get("grid"), "extend": spec.get("extend"), "centre": centre_point,
                      "evaluations": spec.get("evaluations"), "select_on": select_on, "test_split": split,
                      "confidence": 0.95, "ci_method": "percentile bootstrap over paragraphs",
                      "paired_test": "sign flips per paragraph (F1), McNemar (EM); Holm across the family",

@@ -125,7 +125,16 @@ def _grid_n(results: dict) -> int | None:
 
 
 def _baseline(results: dict, n: int | None) -> dict | None:
-    return next((r for r in _runs(results, "baseline") if _test(r) and _test(r)["n"] == n), None)
+    """The untuned model prompted zero-shot (the run named `baseline` where there is one) on `n` questions."""
+    scored = [r for r in _runs(results, "baseline") if _test(r) and _test(r)["n"] == n]
+    return next((r for r in scored if r.get("name") == "baseline"), None) or next(iter(scored), None)
+
+
+def _best_prompt(results: dict, n: int | None) -> dict | None:
+    """The untuned model with its best prompt (chosen on validation by the study), when it is not zero-shot."""
+    best = (results.get("prompted_baselines") or {}).get("best_run")
+    return next((r for r in _runs(results, "baseline") if r["run_id"] == best and r.get("name") != "baseline"
+                 and _test(r) and _test(r)["n"] == n), None)
 
 
 def _full_ft(results: dict, n: int | None) -> dict | None:
@@ -218,15 +227,19 @@ def plot_params_vs_f1(results: dict) -> Figure | None:
                 ax.errorbar(x, y, yerr=[low, high], color=PALETTE[i], marker=MARKERS[k % len(MARKERS)], linestyle="none",
                             markerfacecolor="none" if diverged else PALETTE[i],
                             label=f"{target}, lr {_fmt(rate)}" + (" (diverged)" if diverged else ""))
-    for name, run, colour in (("full fine-tuning", _full_ft(results, n), "black"),
-                              ("baseline (untuned)", _baseline(results, n), "grey")):
+    best_prompt = _best_prompt(results, n)
+    for name, run, colour, style in (("full fine-tuning", _full_ft(results, n), "black", "--"),
+                                     ("baseline (untuned)", _baseline(results, n), "grey", "--"),
+                                     ("untuned, best prompt", best_prompt, "grey", ":")):
         if run is None:
-            _skip("params_vs_f1", f"no {name} run scored on the grid's {n} test questions yet")
+            if name != "untuned, best prompt":  # a study without prompted baselines has no such line to miss
+                _skip("params_vs_f1", f"no {name} run scored on the grid's {n} test questions yet")
             continue
         score = _test(run)
         lr = f", lr {_fmt(run['settings']['learning_rate'])}" if name.startswith("full") else ""
-        ax.axhline(score["f1"], color=colour, linestyle="--", label=f"{name}{lr}")
-        ax.axhspan(*score["f1_ci"], color=colour, alpha=0.12, linewidth=0, label=f"_{name} CI")
+        label = "untuned, zero-shot" if name == "baseline (untuned)" and best_prompt else name
+        ax.axhline(score["f1"], color=colour, linestyle=style, label=f"{label}{lr}")
+        ax.axhspan(*score["f1_ci"], color=colour, alpha=0.12, linewidth=0, label=f"_{label} CI")
     ax.set_xscale("log")
     _plain_log(ax.xaxis, EngFormatter())
     ax.set_xlabel("trainable parameters")
@@ -234,8 +247,7 @@ def plot_params_vs_f1(results: dict) -> Figure | None:
     # the legend names colours and markers once each (not every pair), so it fits a column; inside, it hid the
     # baseline. Two columns: target sets and controls, then learning rates.
     handles = [Patch(color=PALETTE[i], label=target) for i, target in enumerate(targets)]
-    handles += [line for line in ax.get_lines() if line.get_label() == "baseline (untuned)"
-                or line.get_label().startswith("full fine-tuning")]
+    handles += [line for line in ax.get_lines() if line.get_label().startswith(("baseline", "untuned", "full"))]
     handles += [Line2D([], [], color="grey", marker=MARKERS[k % len(MARKERS)], linestyle="none",
                        label=f"lr {_fmt(rate)}")
                 for k, rate in enumerate(rates) if any(r["settings"].get("learning_rate") == rate for r in runs)]
@@ -308,9 +320,17 @@ COST_METRICS = (("step_cpu_seconds_mean", "CPU seconds per step", 1.0), ("peak_r
                 ("checkpoint_bytes", "checkpoint size (MiB)", 1 / 2**20))
 
 
+def cost_metrics(study: dict) -> tuple[tuple[str, str, float], ...]:
+    """COST_METRICS, with the step time's median where the study repeated its steps (`--repeats`): the
+    report's text quotes medians, so the figure shows the same numbers."""
+    if not all(c.get("step_cpu_seconds_median") is not None for c in study.get("configs") or [{}]):
+        return COST_METRICS
+    return (("step_cpu_seconds_median", "CPU seconds per step (median)", 1.0),) + COST_METRICS[1:]
+
+
 def cost_series(study: dict, metric: str, target: str) -> tuple[list[int], list[float]]:
     """(ranks, `metric` at each rank) of the cost study's LoRA configurations on one target set."""
-    scale = dict((m, s) for m, _, s in COST_METRICS)[metric]
+    scale = dict((m, s) for m, _, s in cost_metrics(study) + COST_METRICS)[metric]
     points = sorted((c["lora_r"], c[metric] * scale) for c in study["configs"]
                     if c["method"] == "lora" and c["target_modules"] == target and c.get(metric) is not None)
     return [r for r, _ in points], [v for _, v in points]
@@ -329,8 +349,9 @@ def plot_cost(study: dict) -> Figure | None:
     targets = list(dict.fromkeys(c["target_modules"] for c in configs if c["method"] == "lora"))
     full = next((c for c in configs if c["method"] == "full_finetune"), None)
     ranks = sorted({c["lora_r"] for c in configs if c["method"] == "lora"})
-    fig, axes = _figure(PAGE_WIDTH, 2.1, 1, len(COST_METRICS))
-    for ax, (metric, label, scale) in zip(axes[0], COST_METRICS):
+    metrics = cost_metrics(study)
+    fig, axes = _figure(PAGE_WIDTH, 2.1, 1, len(metrics))
+    for ax, (metric, label, scale) in zip(axes[0], metrics):
         for i, target in enumerate(targets):
             x, y = cost_series(study, metric, target)
             ax.plot(x, y, color=PALETTE[i], marker=MARKERS[i], label=f"LoRA {target}")
@@ -502,8 +523,7 @@ def plot_padding(study: dict) -> Figure | None:
             ax.set_yscale("log")
             _plain_log(ax.yaxis)
         ax.set_title(label)
-        if ax in axes[-1]:
-            ax.set_xlabel("batch size (questions)")
+        ax.set_xlabel("batch size (questions)")  # on both rows: the lower row's titles are not the upper's labels
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=math.ceil(len(labels) / 2))
     machine = study.get("machine") or {}
