@@ -903,7 +903,16 @@ def test_decoding_names_strategies_in_words_and_says_what_the_span_strategies_do
     assert "greedy, span-constrained has the highest F1" in text
     compare = json.loads((FIXTURE / "compare_final_span_full_dev.json").read_text())
     assert (f"On all {compare['n_common']:,} dev questions, greedy, span-constrained changes F1 against greedy by "
-            f"{FORMATS['signed'](compare['f1']['delta'])}") in text
+            f"{FORMATS['signed2'](compare['f1']['delta'])} (95% CI [+0.20, +0.60]") in text
+    assert f"and EM by {FORMATS['signed2'](compare['exact_match']['delta'])} (McNemar p = 2.1×10" in text
+    assert "a gain that holds on all of dev" in text  # the F1 interval is above 0
+    for ci, verdict in (([-0.85, -0.03], ": on all of dev it is worse than greedy"),
+                        ([-0.2, 0.6], ", no difference all of dev can show")):
+        results = _copy_fixture(tmp_path / verdict[-5:])
+        worse = json.loads(json.dumps(compare))
+        worse["f1"]["delta_ci"] = ci
+        (results / "compare_final_span_full_dev.json").write_text(json.dumps(worse))
+        assert report_values(results).fields["span_full_verdict"] == verdict
     decoding = next(p for p in _rendered_paragraphs(built.source_dir) if "span-constrained has the highest" in p)
     assert "questions/s" not in decoding and "faster" not in decoding  # the grid's timings are not comparable
     results = _copy_fixture(tmp_path)
@@ -933,6 +942,11 @@ def test_decoding_speed_is_a_column_only_when_every_strategy_was_timed_alone(tmp
     assert (values.fields["speed_n"], values.fields["speed_repeats"]) == ("120", "3")
     assert "1.00×" in table and f"{1.0 - 0.05 * (len(names) - 1):.2f}×" in table
     assert table.index("1.00×") < table.index("0.95×")  # in the grid's order
+    assert values.fields["speed_spread"] == ""  # rows without their rounds' ranges: no span to quote
+    for i, row in enumerate(rows):
+        row["vs_greedy_spread"] = [row["vs_greedy_median"] - 0.01, row["vs_greedy_median"] + 0.01 * (1 + (i == 2))]
+    (results / "decoding_speed.json").write_text(json.dumps(speed))
+    assert report_values(results).fields["speed_spread"] == ", whose ratios span at most 0.03"
 
 
 def test_a_holm_p_from_a_p_at_the_permutation_floor_is_written_as_a_bound():

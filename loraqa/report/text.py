@@ -30,7 +30,7 @@ def _power(x: float, digits: int = 1) -> str:
 
 
 FORMATS = {
-    "score": lambda x: f"{x:.1f}", "signed": _signed, "int": lambda x: f"{round(x):,}",
+    "score": lambda x: f"{x:.1f}", "signed": _signed, "signed2": lambda x: _signed(x, 2), "int": lambda x: f"{round(x):,}",
     "x": lambda x: f"{x:.1f}×" if x < 20 else f"{x:.0f}×", "x2": lambda x: f"{x:.2f}×",
     "pct": lambda x: f"{x:.1f}%", "pct0": lambda x: f"{x:.0f}%",
     "1": lambda x: f"{x:.1f}", "2": lambda x: f"{x:.2f}", "3": lambda x: f"{x:.3f}", "g": lambda x: f"{x:g}",
@@ -39,6 +39,7 @@ FORMATS = {
     # a permutation p-value in a sentence ('= 0.042', '< 1×10^−4' at its floor) or a table cell; McNemar's exact p
     "p_is": lambda x: format_p(x, number=FORMATS["p"]), "p_cell": lambda x: format_p(x, number=FORMATS["p"], relation=False),
     "p_exact": lambda x: format_p(x, resamples=None, number=FORMATS["p"], relation=False),
+    "p_exact_is": lambda x: format_p(x, resamples=None, number=FORMATS["p"]),
 }
 OPS = {  # how a printed number is computed from the values at its sources
     "value": lambda x: x, "ratio": lambda a, b: a / b, "diff": lambda a, b: a - b, "sum": lambda a, b: a + b,

@@ -948,9 +948,15 @@ def _strategies(v: Values) -> None:
     if timed:
         v.put("speed_n", "int", f"{DECODING_SPEED}#/n")
         v.put("speed_repeats", "int", f"{DECODING_SPEED}#/repeats")
+        # the widest range of one strategy's per-round ratios: how far apart two cells must be to differ
+        spans = [hi - lo for r in v.inputs.json(DECODING_SPEED)["strategies"] for lo, hi in [r["vs_greedy_spread"]]
+                 if r["strategy"] in {row["strategy"] for row in rows}] if all(
+            "vs_greedy_spread" in r for r in v.inputs.json(DECODING_SPEED)["strategies"]) else []
+        v.text("speed_spread", f", whose ratios span at most {max(spans):.2f}" if spans else "")
     else:  # the caption's clause is left out: nothing to fill
         v.text("speed_n", "")
         v.text("speed_repeats", "")
+        v.text("speed_spread", "")
     body, f1s = [], []
     for j, row in enumerate(rows):
         base = f"{S}/strategies/{j}"
@@ -993,9 +999,18 @@ def _strategies(v: Values) -> None:
     if v.flag("has_span_aware", bool(aware)):
         v.text("span_best", f1s[max(aware, key=lambda j: rows[j]["f1"])][0])
     C = f"{SPAN_FULL_DEV}#"
-    found = [v.put("span_full_n", "int", C + "/n_common"), v.put("span_full_delta", "signed", C + "/f1/delta"),
-             v.ci(C + "/f1/delta_ci", "span_full_ci"), v.put("span_full_p", "p_is", C + "/f1/permutation_p_value")]
-    v.flag("has_span_full_dev", bool(aware) and None not in found)
+    # two decimals: the difference over 10,570 questions is small, and a bound must not print as "−0.0"
+    lo, hi = (v.number("signed2", f"{C}/f1/delta_ci/{end}") for end in (0, 1))
+    v.text("span_full_ci", f"[{lo.text}, {hi.text}]" if lo and hi else None, C + "/f1/delta_ci")
+    found = [v.put("span_full_n", "int", C + "/n_common"), v.put("span_full_delta", "signed2", C + "/f1/delta"),
+             lo, hi, v.put("span_full_p", "p_is", C + "/f1/permutation_p_value"),
+             v.put("span_full_em_delta", "signed2", C + "/exact_match/delta"),
+             v.put("span_full_em_p", "p_exact_is", C + "/exact_match/mcnemar/p_value")]
+    if v.flag("has_span_full_dev", bool(aware) and None not in found):
+        v.text("span_full_verdict", ": on all of dev it is worse than greedy" if hi.value < 0 else
+               ", a gain that holds on all of dev" if lo.value > 0 else ", no difference all of dev can show")
+    else:
+        v.text("span_full_verdict", "")
 
 
 def _failures(v: Values) -> None:
