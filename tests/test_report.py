@@ -808,8 +808,6 @@ def test_repeated_cost_timings_are_quoted_as_medians_with_their_ranges(tmp_path)
     assert values.fields["cost_mlp_spread"] == f" (ranges {m_lo:.2f}–{m_hi:.2f} and {l_lo:.2f}–{l_hi:.2f} s{overlap})"
     # and the MLP's step against full fine-tuning's, with both ranges
     assert values.fields["cost_mlp_vs_full"] == f"{mlp['step_cpu_seconds_median'] / full['step_cpu_seconds_median']:.2f}"
-    overlap = ", which overlap" if m_lo <= f_hi and f_lo <= m_hi else ""
-    assert values.fields["cost_mlp_full_spread"] == f" (ranges {m_lo:.2f}–{m_hi:.2f} and {f_lo:.2f}–{f_hi:.2f} s{overlap})"
     top = max((c for c in cost["configs"] if c.get("target_modules") == "attention"), key=lambda c: c["lora_r"])
     top["step_cpu_seconds_spread"] = [l_hi + 1.0, l_hi + 2.0]  # apart from the smallest rank's: no overlap
     low = min((c for c in cost["configs"] if c.get("target_modules") == "attention"), key=lambda c: c["lora_r"])

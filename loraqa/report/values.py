@@ -828,7 +828,6 @@ def _cost(v: Values) -> None:
         v.put("cost_mlp_mem_ratio", "2", f"{C}/configs/{mlp}/peak_rss_mb", L + "/peak_rss_mb", op="ratio")
         # on a CPU the adapters' products on every MLP matrix can cost as much as full fine-tuning's AdamW update
         v.put("cost_mlp_vs_full", "2", f"{C}/configs/{mlp}{step}", F + step, op="ratio")
-        v.text("cost_mlp_full_spread", _ranges_side_by_side(v, f"{C}/configs/{mlp}", F), C)
 
 
 def _ranges_side_by_side(v: Values, a: str, b: str) -> str:
@@ -861,19 +860,22 @@ def _full_ft(v: Values, study: dict, runs: list[dict], best: int | None) -> None
     if not v.flag("has_full_ft", full is not None and lora is not None):
         return
     rows = []
-    for label, k, settings in (("LoRA, grid best" if best is not None else "LoRA, grid centre", lora, runs[lora]["settings"]),
-                               (f"Full FT (lr = {_lr(runs[full]['settings'].get('learning_rate', 0))})", full, None)):
+    configs = (v.inputs.json(COST) or {}).get("configs") or []
+    # the statistic the text quotes: medians over repetitions where the cost study repeated its steps
+    stat = "median" if configs and all(c.get("step_cpu_seconds_median") is not None for c in configs) else "mean"
+    for label, k, settings in (("LoRA, best" if best is not None else "LoRA, centre", lora, runs[lora]["settings"]),
+                               (f"Full FT, {_lr(runs[full]['settings'].get('learning_rate', 0))}", full, None)):
         cost = _cost_index(v, settings)
         C = f"{COST}#/configs/{cost}"
         cells = [v.number("int", f"{R}/runs/{k}/trainable_params"), v.number("score", f"{R}/runs/{k}/scores/test/f1")]
         if cost is not None:
-            cells += [v.number("2", f"{C}/step_cpu_seconds_mean"), v.number("1", f"{C}/peak_rss_mb", scale=1 / 1024),
+            cells += [v.number("2", f"{C}/step_cpu_seconds_{stat}"), v.number("1", f"{C}/peak_rss_mb", scale=1 / 1024),
                       v.number("1", f"{C}/checkpoint_bytes", scale=1 / 2 ** 20)]
         rows.append([label, *(c.text if c else "–" for c in cells), *(["–"] * (5 - len(cells)))])
     v.put("lora_candidates", "int", f"{R}/selection/candidates", op="len")
     v.put("full_ft_candidates", "int", f"{R}/selection/full_ft_candidates", op="len")
     v.text("table_lora_full", table(["Method", "Trainable", "Test F1", "CPU s/step", "Peak GiB", "Weights MiB"],
-                                    rows, "lrrrrr"))
+                                    rows, "lrrrrr", size="7pt"))
 
 
 def _budget_pair(v: Values, runs: list[dict]) -> None:
@@ -1237,6 +1239,15 @@ def _eval_cut(v: Values) -> None:
     v.flag("has_eval_cut", None not in found)
 
 
+def _value_range(values: list[tuple[Number, str]]) -> str:
+    """'125 (lr = 1e-4) to 200 (lr = 4e-3)': the smallest and largest of one number over the learning rates
+    (the first rate that has each), or the one value when all are equal."""
+    low, high = min(values, key=lambda e: e[0].value), max(values, key=lambda e: e[0].value)
+    if low[0].text == high[0].text:
+        return f"{low[0].text} at every rate"
+    return f"{low[0].text} ({low[1]}) to {high[0].text} ({high[1]})"
+
+
 def _dynamics(v: Values) -> None:
     """The training-dynamics paragraph from the loss curves of the grid runs and the final model: how many runs
     of each learning rate reach the centre's final validation loss and when, where the curves flatten (90% of
@@ -1265,13 +1276,13 @@ def _dynamics(v: Values) -> None:
         else:
             who = (("both runs" if of == 2 else f"all {of} runs") if count.value == of else f"{count.text} of {of} runs")
             reach.append(f"{who} at {lr} (median step {step.text})")
-        flat.append(f"{v.number('int', *curves, op='median_step_90').text} at {lr}")
+        flat.append((v.number("int", *curves, op="median_step_90"), lr))
         pairs = [p for k in ks for p in (f"{R}/{k}/curves/train", f"{R}/{k}/curves/validation")]
-        gaps.append(f"{v.number('2', *pairs, op='mean_gap').text} at {lr}")
+        gaps.append((v.number("2", *pairs, op="mean_gap"), lr))
     v.put("dyn_total_steps", "int", f"{R}/{centre}/curves/validation/{last}/0")
     v.text("dyn_reach", "; ".join(reach))
-    v.text("dyn_flat", ", ".join(flat))
-    v.text("dyn_gap", ", ".join(gaps))
+    v.text("dyn_flat", _value_range(flat))
+    v.text("dyn_gap", _value_range(gaps))
     final = _run_index(v.inputs, run_id=((v.inputs.json(STUDY) or {}).get("final") or {}).get("run"))
     curve = ((runs[final].get("curves") or {}) if final is not None else {}).get("validation") or []
     if v.flag("has_dynamics_final", len(curve) >= 2 and bool(runs[final]["curves"].get("train"))):

@@ -162,7 +162,8 @@ def plot_loss_curves(results: dict) -> Figure | None:
     rates, targets = _present(results, "learning_rate", runs), _present(results, "target_modules", runs)
     ranks = _sorted_levels(results, "lora_r")
     colours = {rank: matplotlib.colormaps["viridis"](i / max(1, len(ranks) - 1) * 0.9) for i, rank in enumerate(ranks)}
-    fig, axes = _figure(COLUMN_WIDTH, 0.55 + 1.2 * len(rates), len(rates), len(targets), sharex=True, sharey=True)
+    fig, axes = _figure(COLUMN_WIDTH, 0.55 + min(1.2, 7.0 / len(rates)) * len(rates), len(rates), len(targets),
+                        sharex=True, sharey=True)  # at most about 7.5 in: one column of the page
     for i, rate in enumerate(rates):
         for j, target in enumerate(targets):
             ax = axes[i][j]
@@ -350,7 +351,7 @@ def plot_cost(study: dict) -> Figure | None:
     full = next((c for c in configs if c["method"] == "full_finetune"), None)
     ranks = sorted({c["lora_r"] for c in configs if c["method"] == "lora"})
     metrics = cost_metrics(study)
-    fig, axes = _figure(PAGE_WIDTH, 2.1, 1, len(metrics))
+    fig, axes = _figure(PAGE_WIDTH, 1.9, 1, len(metrics))
     for ax, (metric, label, scale) in zip(axes[0], metrics):
         for i, target in enumerate(targets):
             x, y = cost_series(study, metric, target)
