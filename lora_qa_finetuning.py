@@ -107,7 +107,8 @@ def decoding_strategy_experiment(model: str, output: str, *, adapter: str | None
     """Task 8, the decoding-strategy experiment: greedy, top-k (10/25/50), top-p (0.8/0.9/0.95), temperature
     (0.7/1.0/1.3), greedy within the context's spans and beams (2, 4) on the same questions from one
     prefill per batch, each sampled strategy over `grid_seeds` seeds; writes and returns the evaluation with
-    a row per strategy (EM/F1 with CIs, answer length, distinct-n, questions/s).
+    a row per strategy (EM/F1 with CIs, answer length, distinct-n, share verbatim in the context; each
+    strategy's own questions/s is `loraqa decoding-speed`'s, since the grid decodes them in one pass).
     Implementation: `loraqa.evaluation.evaluate.evaluate` with `strategy_grid`."""
     from loraqa.config import EvaluateArguments
     from loraqa.evaluation.evaluate import evaluate
