@@ -572,12 +572,15 @@ def test_alpha_series_claim_compares_the_spread_over_rank_at_both_scalings(tmp_p
     by_name["fixed_alpha_r8"]["scores"]["test"]["f1"] = fixed_r8
     two_r = [by_name[f"attention-lr0.0002-r{r}-alpha{2 * r}"]["scores"]["test"]["f1"] for r in (8, 16)]
     (results / "evaluation_results.json").write_text(json.dumps(study))
-    claim = report_values(results).fields["claim_alpha_series"]
+    fields = report_values(results).fields
+    claim = fields["claim_alpha_series"]
     fixed = sorted([fixed_r8, two_r[1]])  # r 16 at alpha 32 is the centre, in both series
     assert claim.startswith(f"at lr = {FORMATS['lr'](2e-4)}, with $alpha$ fixed at 32 test F1 stays between {fixed[0]:.1f} and {fixed[1]:.1f} "
                             f"over _r_ = 8, 16 (a spread of {fixed[1] - fixed[0]:.1f} points), against "
                             f"{min(two_r):.1f} to {max(two_r):.1f} ({max(two_r) - min(two_r):.1f} points)")
-    assert claim.endswith("rather than with capacity") == conclusion
+    assert ("rather than with capacity" in claim) == conclusion
+    # one seed per point: the claim says so, with the seeds' deviation
+    assert claim.endswith(f" (one seed per run, whose deviation over seeds is {fields['seeds_centre_sd']} points)")
 
 
 def test_alpha_series_claim_has_one_clause_per_learning_rate_the_fixed_series_ran_at(tmp_path):
@@ -600,7 +603,7 @@ def test_alpha_series_claim_has_one_clause_per_learning_rate_the_fixed_series_ra
     assert first.startswith(f"at lr = {FORMATS['lr'](2e-4)}, with $alpha$ fixed at 32")
     assert second.startswith(f"at lr = {FORMATS['lr'](1e-3)}, with $alpha$ fixed at 32 test F1 stays between 63.5 and "
                              "65.0 over _r_ = 8, 16 (a spread of 1.5 points), against 61.0 to 65.0 (4.0 points)")
-    assert second.endswith("rather than with capacity")  # 1.5 < 4.0 / 2
+    assert "rather than with capacity (one seed per run" in second  # 1.5 < 4.0 / 2
 
 
 def test_padding_claim_times_steps_as_the_figure_does(tmp_path):

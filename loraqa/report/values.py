@@ -512,8 +512,8 @@ def _study(v: Values) -> None:
     v.flag("has_final_curve", "claim_final_curve" in v.fields)
     _effects(v, study)
     _tests(v, study)
-    _alpha_series(v, runs)
     _seeds(v, study)
+    _alpha_series(v, runs)  # after the seeds: its clause quotes their deviation
     _full_ft(v, study, runs, best)
     _budget_pair(v, runs)
 
@@ -696,6 +696,8 @@ def _alpha_series(v: Values, runs: list[dict]) -> None:
             text += (": at this rate most of the rise with rank at $alpha = 2r$ is consistent with its growing "
                      "update rather than with capacity")
         clauses.append(text)
+    if clauses and "seeds_centre_sd" in v.fields:  # every point is one seed: the spreads carry seed noise
+        clauses[-1] += f" (one seed per run, whose deviation over seeds is {v.fields['seeds_centre_sd']} points)"
     if v.flag("has_claim_alpha_series", bool(clauses)):
         v.text("claim_alpha_series", "; ".join(clauses))
 
