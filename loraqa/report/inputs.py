@@ -51,7 +51,7 @@ def _window(context: str, start: int, end: int, words: int) -> tuple[int, int]:
     return lo, hi
 
 
-def excerpt(context: str, gold: tuple[int, int] | None, predicted: tuple[int, int] | None, words: int = 10) -> dict:
+def excerpt(context: str, gold: tuple[int, int] | None, predicted: tuple[int, int] | None, words: int = 8) -> dict:
     """Windows of `context` around the gold span and the predicted span (merged when they overlap), joined
     by ' … ', with both spans' positions in the excerpt: {"excerpt", "spans": [[start, end, kind]]}. With
     neither span (an unanswerable question answered off the context) the excerpt is the context's start."""

@@ -667,7 +667,7 @@ def _alpha_series(v: Values, runs: list[dict]) -> None:
     fixed_runs = [r for r in runs if r.get("group") == "alpha" and "test" in r.get("scores", {})]
     keys = sorted({(r["settings"].get("lora_alpha"), r["settings"].get("learning_rate"),
                     r["settings"].get("target_modules")) for r in fixed_runs}, key=lambda key: key[1])
-    R, clauses = f"{STUDY}#/runs", []
+    R, clauses, concluded = f"{STUDY}#/runs", [], []
     for alpha, lr, targets in keys:
         series: dict[str, dict[int, int]] = {"fixed": {}, "2r": {}}
         for k, run in enumerate(runs):
@@ -692,10 +692,14 @@ def _alpha_series(v: Values, runs: list[dict]) -> None:
         text = (f"at lr = {_lr(lr)}, with $alpha$ fixed at {fixed_alpha.text} test F1 stays between {flo.text} and "
                 f"{fhi.text} over _r_ = {', '.join(map(str, ranks))} (a spread of {fspread.text} points), against "
                 f"{tlo.text} to {thi.text} ({tspread.text} points) with $alpha = 2r$")
-        if fspread.value < tspread.value / 2:
-            text += (": at this rate most of the rise with rank at $alpha = 2r$ is consistent with its growing "
-                     "update rather than with capacity")
+        concluded.append(fspread.value < tspread.value / 2)
         clauses.append(text)
+    conclusion = ("most of the rise with rank at $alpha = 2r$ is consistent with its growing update rather than "
+                  "with capacity")
+    if len(clauses) > 1 and all(concluded):  # said once for every rate
+        clauses[-1] += f": at {'both rates' if len(clauses) == 2 else 'every rate'} {conclusion}"
+    else:
+        clauses = [c + (f": at this rate {conclusion}" if c_ else "") for c, c_ in zip(clauses, concluded)]
     if clauses and "seeds_centre_sd" in v.fields:  # every point is one seed: the spreads carry seed noise
         clauses[-1] += f" (one seed per run, whose deviation over seeds is {v.fields['seeds_centre_sd']} points)"
     if v.flag("has_claim_alpha_series", bool(clauses)):
