@@ -5,7 +5,7 @@ study, decoding strategies, failures, plots, the theory's closed-form counts) an
 their sources through `loraqa.report.text.Values`; what does not exist yet is left missing and flagged
 pending, never guessed. Tables are Typst code built here from the same recorded numbers.
 
-Why one file of ~1,300 lines: the parts run in the report's section order, read one another's recorded values
+Why one file of ~1,340 lines: the parts run in the report's section order, read one another's recorded values
 (the abstract's and the conclusion's claims are the results' own) and share the `Values` recorder and the table
 helpers at the top; split by section, each module would import most of the others.
 """
@@ -779,6 +779,12 @@ def _cost_index(v: Values, settings: dict | None) -> int | None:
     return None
 
 
+def _cost_step_statistic(configs: list[dict]) -> str:
+    """'median' over the repetitions where the cost study repeated its steps (--repeats), else 'mean' (the
+    one repetition's); the text, Table VIII and the cost figure all show this one."""
+    return "median" if configs and all(c.get("step_cpu_seconds_median") is not None for c in configs) else "mean"
+
+
 def _cost(v: Values) -> None:
     """cost_study.json: full fine-tuning against LoRA at the centre (attention, r = 16), and what rank and
     the MLP targets add, all measured in one command on the same batches."""
@@ -793,8 +799,7 @@ def _cost(v: Values) -> None:
     v.put("cost_steps", "int", C + "/settings/steps")
     L, F = f"{C}/configs/{lora}", f"{C}/configs/{full}"
     v.put("cost_centre_rank", "int", L + "/lora_r")
-    # medians over repetitions where the study repeated its steps (--repeats), else the one repetition's means
-    stat = "median" if all(c.get("step_cpu_seconds_median") is not None for c in configs) else "mean"
+    stat = _cost_step_statistic(configs)
     step, update = f"/step_cpu_seconds_{stat}", f"/update_cpu_seconds_{stat}"
     v.put("cost_lora_s", "2", L + step)
     v.put("cost_full_s", "2", F + step)
@@ -866,9 +871,7 @@ def _full_ft(v: Values, study: dict, runs: list[dict], best: int | None) -> None
     if not v.flag("has_full_ft", full is not None and lora is not None):
         return
     rows = []
-    configs = (v.inputs.json(COST) or {}).get("configs") or []
-    # the statistic the text quotes: medians over repetitions where the cost study repeated its steps
-    stat = "median" if configs and all(c.get("step_cpu_seconds_median") is not None for c in configs) else "mean"
+    stat = _cost_step_statistic((v.inputs.json(COST) or {}).get("configs") or [])  # the one the text quotes
     for label, k, settings in (("LoRA, best" if best is not None else "LoRA, centre", lora, runs[lora]["settings"]),
                                (f"Full FT, {_lr(runs[full]['settings'].get('learning_rate', 0))}", full, None)):
         cost = _cost_index(v, settings)
@@ -957,10 +960,9 @@ def _strategies(v: Values) -> None:
         v.put("speed_n", "int", f"{DECODING_SPEED}#/n")
         v.put("speed_repeats", "int", f"{DECODING_SPEED}#/repeats")
         # the widest range of one strategy's per-round ratios: how far apart two cells must be to differ
-        spans = [hi - lo for r in v.inputs.json(DECODING_SPEED)["strategies"] for lo, hi in [r["vs_greedy_spread"]]
-                 if r["strategy"] in {row["strategy"] for row in rows}] if all(
-            "vs_greedy_spread" in r for r in v.inputs.json(DECODING_SPEED)["strategies"]) else []
-        v.text("speed_spread", f", whose ratios span at most {max(spans):.2f}" if spans else "")
+        ranges = [r.get("vs_greedy_spread") for r in v.inputs.json(DECODING_SPEED)["strategies"]]
+        widest = max((hi - lo for lo, hi in ranges), default=None) if None not in ranges else None
+        v.text("speed_spread", f", whose ratios span at most {widest:.2f}" if widest is not None else "")
     else:  # the caption's clause is left out: nothing to fill
         v.text("speed_n", "")
         v.text("speed_repeats", "")

@@ -8,7 +8,7 @@ Inputs: `results/evaluation_results.json` (`study.collect`'s schema), optionally
 The study fills its results file run by run, so every plot draws whatever runs exist and leaves out, with a
 logged note, what has no data yet; a plot with nothing to draw is not written. Each `plot_*` function takes
 the parsed JSON and returns the `Figure` (or None), so tests can read back what was drawn.
-Why one file of ~560 lines: one `plot_*` function per figure, each readable on its own, sharing one style.
+Why one file of ~580 lines: one `plot_*` function per figure, each readable on its own, sharing one style.
 """
 from __future__ import annotations
 
